@@ -1,0 +1,220 @@
+"""The `mupsweep` command line: thin. Each command composes a config, calls one library
+function and prints. Humans read stderr (rich); `--json` puts one document on stdout.
+
+Exit codes: 0 ok; 1 the work ran and failed its own check (coord check); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mupsweep.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="muP hyperparameter transfer for diffusion transformers.")
+err = Console(stderr=True)
+
+OVERRIDES = typer.Argument(None, help="Hydra overrides: model=dit-tiny model.width=128 optim.lr=2e-3")
+JSON = typer.Option(False, "--json", help="print one JSON document on stdout")
+CONFIG = typer.Option(None, "--config", help="a resolved YAML (from transfer or a run dir) as base")
+
+
+def _print_json(doc: object) -> None:
+    """The only writer to stdout, so pipelines get clean JSON. NaN/inf become null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    sys.stdout.write(json.dumps(clean(doc), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _compose(overrides: list[str] | None, config: Path | None = None):
+    from mupsweep.config import compose
+
+    return compose(overrides or [], config_file=str(config) if config else None)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON,
+          nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="DDP processes (torchrun)"),
+          nnodes: str = typer.Option("1", "--nnodes", help="torchrun --nnodes"),
+          rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="torchrun rendezvous host:port"),
+          node_rank: int = typer.Option(None, "--node-rank", help="torchrun --node-rank")) -> None:
+    """Train a model (a full run, or any config): checkpoints, metrics, samples, summary."""
+    cfg = _compose(overrides, config)  # validate here, before any process is started
+    if nproc_per_node > 1 or nnodes != "1":
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+                  f"--nnodes={nnodes}"]
+        if rdzv_endpoint:
+            launch += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        if node_rank is not None:
+            launch += [f"--node-rank={node_rank}"]
+        args = ["-m", "mupsweep.cli", "train", *(overrides or [])]
+        if config:
+            args += ["--config", str(config)]
+        if json_out:
+            args += ["--json"]
+        raise typer.Exit(subprocess.call(launch + args))
+
+    from mupsweep.train import train as run_train
+
+    result = run_train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    status = "diverged: " + result.reason if result.diverged else "done"
+    err.print(f"[bold]{status}[/]  validation loss {result.initial_validation_loss:.4f} -> "
+              f"{result.validation_loss:.4f} in {result.steps} steps, {result.wall_time_s:.1f} s; "
+              f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""))
+    if json_out:
+        _print_json(result.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# coord-check and inspect
+# --------------------------------------------------------------------------------------------
+
+
+@app.command("coord-check")
+def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
+                both: bool = typer.Option(False, "--both", help="also run SP, to show it fail")) -> None:
+    """Prove the parametrization is muP: activation size vs width over the first steps."""
+    from mupsweep.config import set_by_path
+    from mupsweep.coordcheck import coord_check as run_check
+
+    cfg = _compose(overrides)
+    parametrizations = [cfg.model.parametrization] + (["sp" if cfg.model.parametrization == "mup" else "mup"] if both else [])
+    results = []
+    for par in parametrizations:
+        set_by_path(cfg, "model.parametrization", par)
+        with err.status(f"coordinate check ({par}) at widths {cfg.coord.widths} ..."):
+            r = run_check(cfg, out_dir=cfg.coord.out_dir)
+        results.append(r)
+        _print_slopes(r)
+    if json_out:
+        _print_json([r.summary() for r in results])
+    # the verdict is the first (requested) parametrization's
+    raise typer.Exit(0 if results[0].passed else 1)
+
+
+def _print_slopes(r) -> None:
+    pivot = r.slopes.pivot(index="module", columns="step", values="slope")
+    table = Table(title=f"coordinate check [{r.parametrization}]: slope of log2 mean|act| vs log2 width",
+                  title_justify="left")
+    table.add_column("module")
+    for step in pivot.columns:
+        table.add_column(f"step {step}", justify="right")
+    for module, row in pivot.iterrows():
+        cells = []
+        for v in row.values:
+            if math.isnan(v):
+                cells.append("[dim]zero[/]")
+            else:
+                style = "red" if abs(v) > r.tolerance else "green"
+                cells.append(f"[{style}]{v:+.2f}[/]")
+        table.add_row(str(module), *cells)
+    err.print(table)
+    verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
+    err.print(f"{verdict} ({r.parametrization}): max |slope| {r.max_abs_slope:.2f} at {r.worst}, "
+              f"tolerance {r.tolerance}; plot {r.plot_path}")
+
+
+@app.command()
+def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
+    """Show each parameter's muP role, init std and the lr the optimizer really uses."""
+    from mupsweep.data import load_dataset
+    from mupsweep.parametrize import build_model, describe_parameters, make_optimizer
+    from mupsweep.train import data_spec_of
+
+    cfg = _compose(overrides, config)
+    model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
+    rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
+    table = Table(title=f"{cfg.model.arch} width {cfg.model.width} ({cfg.model.parametrization}, "
+                  f"base width {cfg.model.base_width}, lr {cfg.optim.lr:g})", title_justify="left")
+    for col in ("parameter", "shape", "role", "init", "init std", "lr", "lr x"):
+        table.add_column(col, justify="left" if col in ("parameter", "role", "init") else "right",
+                         no_wrap=col == "parameter")
+    for r in rows:
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"], r["init"],
+                      f"{r['init_std']:.4g}", f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}")
+    err.print(table)
+    n = sum(math.prod(r["shape"]) for r in rows)
+    err.print(f"{len(rows)} tensors, {n:,} parameters")
+    if json_out:
+        _print_json(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# demo: the main job on the built-in data
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where everything goes"),
+         json_out: bool = JSON) -> None:
+    """The whole workflow on built-in digits: coord-check (muP and SP), then train."""
+    from mupsweep.config import set_by_path
+    from mupsweep.coordcheck import coord_check as run_check
+    from mupsweep.train import train as run_train
+
+    summary: dict = {}
+    for par in ("mup", "sp"):
+        cfg = _compose([f"model.parametrization={par}", f"coord.out_dir={out_dir}/coord_check"])
+        with err.status(f"coordinate check ({par}) ..."):
+            r = run_check(cfg, out_dir=cfg.coord.out_dir)
+        _print_slopes(r)
+        summary[f"coord_check_{par}"] = {"passed": r.passed, "max_abs_slope": r.max_abs_slope,
+                                         "plot": r.plot_path}
+    cfg = _compose(["model.width=128", "train.steps=1500", "train.eval_every=250",
+                    "train.ema_decay=0.99", "train.samples=30", f"train.run_dir={out_dir}/train"])
+    set_by_path(cfg, "train.resume", False)
+    result = run_train(cfg)
+    err.print(f"train: validation loss {result.initial_validation_loss:.4f} -> "
+              f"{result.validation_loss:.4f} in {result.steps} steps ({result.wall_time_s:.0f} s); "
+              f"samples {result.samples_path}")
+    summary["train"] = result.to_dict()
+    if json_out:
+        _print_json(summary)
+    raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point: turn bad input into one line and exit code 2
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Typer handles usage errors (exit 2) and typer.Exit; a UserError from library code
+    becomes one line on stderr and exit 2, never a traceback."""
+    try:
+        app(args=argv)
+    except UserError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""DiT (Peebles & Xie 2023) in muP and SP: class-conditional, adaLN blocks.
+
+One class serves both parametrizations; the differences live in the role tags (which helper
+builds each layer) and `parametrize.init_weights`. muP follows the official DiT-muP code
+(Zheng et al. 2025): kaiming fan-in init everywhere incl. adaLN (not zero), label table N(0, 1),
+zero-init MuReadout, LayerNorms without affine, fixed sin-cos pos embed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mupsweep.config import ModelConfig
+from mupsweep.models.layers import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    attention_scale,
+    get_2d_sincos_pos_embed,
+    hidden_linear,
+    matmul_flops,
+    modulate,
+    readout,
+    unpatchify,
+)
+from mupsweep.models.registry import DataSpec, register
+
+
+class DiTBlock(nn.Module):
+    """adaLN block: shift/scale/gate for attention and MLP from the conditioning vector c."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, head_dim, attn_scale)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 6 * width, adaln=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=1)  # each (B, D)
+        )
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN norm then the readout: D -> p*p*C_out per token."""
+
+    def __init__(self, width: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = readout(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 2 * width, adaln=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer with adaLN conditioning on timestep + class label."""
+
+    def __init__(self, cfg: ModelConfig, data: DataSpec):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = data.channels
+        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
+        self.patch_size = cfg.patch_size
+        if data.image_size % cfg.patch_size:
+            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
+        D = cfg.width
+        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+
+        self.x_embedder = PatchEmbed(data.image_size, cfg.patch_size, data.channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(data.num_classes, D)
+        grid = data.image_size // cfg.patch_size
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
+        self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale) for _ in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy input, t: (B,) timesteps, cond["y"]: (B,) labels,
+        drop: (B,) bool, True where the label is replaced by the null class (CFG)."""
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(cond["y"], drop)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c)  # (B, N, p*p*C_out)
+        return unpatchify(x, self.out_channels, self.patch_size)  # (B, C_out, H, W)
+
+    def tracked_modules(self) -> dict[str, nn.Module]:
+        """Modules whose output sizes the coordinate check records."""
+        mods: dict[str, nn.Module] = {"x_embedder": self.x_embedder, "t_embedder": self.t_embedder}
+        for i, block in enumerate(self.blocks):
+            mods[f"blocks.{i}.attn"] = block.attn
+            mods[f"blocks.{i}.mlp"] = block.mlp
+            mods[f"blocks.{i}.adaLN"] = block.adaLN_modulation
+        mods["final_layer"] = self.final_layer.linear
+        return mods
+
+    def flops_per_image(self, data: DataSpec) -> int:
+        """Analytic forward FLOPs for one image (matmuls + attention); training is ~3x."""
+        D, N = self.cfg.width, (data.image_size // self.patch_size) ** 2
+        H = int(D * self.cfg.mlp_ratio)
+        per_block = (
+            matmul_flops(N, D, 3 * D) + matmul_flops(N, D, D)  # qkv, proj
+            + 2 * matmul_flops(N, D, N)  # q k^T and attn @ v (all heads together)
+            + matmul_flops(N, D, H) + matmul_flops(N, H, D)  # MLP
+            + matmul_flops(1, D, 6 * D)  # adaLN
+        )
+        patch = self.patch_size**2 * self.in_channels
+        return (
+            self.cfg.depth * per_block
+            + matmul_flops(N, patch, D)  # patch embed
+            + matmul_flops(1, 256, D) + matmul_flops(1, D, D)  # timestep MLP
+            + matmul_flops(1, D, 2 * D) + matmul_flops(N, D, self.patch_size**2 * self.out_channels)
+        )
+
+
+register("dit", DiT)

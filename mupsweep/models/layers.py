@@ -1,0 +1,209 @@
+"""Shared building blocks. Every layer with weights is made here, and each helper tags the muP
+role of its parameters (`parametrize.set_spec`), so a model file decides a layer's role by
+choosing the helper: `input_linear`, `hidden_linear`, `readout`, ...
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mup import MuReadout
+from torch import nn
+
+from mupsweep.parametrize import ParamSpec, Role, set_spec
+
+VECTOR_BIAS = ParamSpec(Role.VECTOR, mup_init="zero", sp_init="zero")
+VECTOR_GAIN = ParamSpec(Role.VECTOR, mup_init="one", sp_init="one")
+
+
+# --------------------------------------------------------------------------------------------
+#                                 Role-tagged layer helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _tag_linear(layer: nn.Module, weight_spec: ParamSpec) -> nn.Module:
+    set_spec(layer.weight, weight_spec)
+    if getattr(layer, "bias", None) is not None:
+        set_spec(layer.bias, VECTOR_BIAS)
+    return layer
+
+
+def input_linear(fan_in: int, width: int, bias: bool = True, sp_init: str = "xavier") -> nn.Linear:
+    """finite -> width (e.g. timestep frequencies 256 -> D). muP: input role."""
+    return _tag_linear(nn.Linear(fan_in, width, bias=bias), ParamSpec(Role.INPUT, sp_init=sp_init))
+
+
+def hidden_linear(fan_in: int, fan_out: int, bias: bool = True, sp_init: str = "xavier",
+                  adaln: bool = False) -> nn.Linear:
+    """width -> width (qkv, proj, MLP, adaLN modulation). muP: hidden role, lr / m."""
+    spec = ParamSpec(Role.HIDDEN, sp_init=sp_init, adaln=adaln)
+    return _tag_linear(nn.Linear(fan_in, fan_out, bias=bias), spec)
+
+
+def readout(width: int, fan_out: int, bias: bool = True) -> MuReadout:
+    """width -> finite output. muP: MuReadout (output x output_mult / m), zero init."""
+    layer = MuReadout(width, fan_out, bias=bias, readout_zero_init=True)
+    return _tag_linear(layer, ParamSpec(Role.OUTPUT, mup_init="zero", sp_init="zero"))
+
+
+def input_conv(in_channels: int, width: int, kernel: int, stride: int) -> nn.Conv2d:
+    """Patchify conv: C x p x p -> width. muP: input role."""
+    conv = nn.Conv2d(in_channels, width, kernel_size=kernel, stride=stride, bias=True)
+    return _tag_linear(conv, ParamSpec(Role.INPUT, sp_init="xavier"))
+
+
+def input_embedding(num: int, width: int, mup_std: float = 1.0, sp_std: float = 0.02) -> nn.Embedding:
+    """A lookup table (class labels). muP: input role, constant std (DiT-muP: N(0, 1))."""
+    table = nn.Embedding(num, width)
+    set_spec(table.weight, ParamSpec(Role.INPUT, mup_init="const", std=mup_std, sp_init="normal",
+                                     sp_std=sp_std))
+    return table
+
+
+def input_parameter(*shape: int, mup_std: float, sp_std: float) -> nn.Parameter:
+    """A free tensor whose last dim is the width (learned pos embed, scale_shift_table)."""
+    p = nn.Parameter(torch.zeros(*shape))
+    return set_spec(p, ParamSpec(Role.INPUT, mup_init="const", std=mup_std, sp_init="normal",
+                                 sp_std=sp_std))
+
+
+def gain(width: int) -> nn.Parameter:
+    """A norm gain (RMSNorm weight). Vector role, init 1."""
+    return set_spec(nn.Parameter(torch.ones(width)), VECTOR_GAIN)
+
+
+# --------------------------------------------------------------------------------------------
+#                                       Small modules
+# --------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def attention_scale(head_dim: int, base_head_dim: int, attn_mult: float, parametrization: str) -> float:
+    """muP: attn_mult * sqrt(base_head_dim) / head_dim (= 1/sqrt(head_dim) while head_dim is
+    fixed and width grows by heads, the paper's choice). SP: 1/sqrt(head_dim)."""
+    if parametrization == "mup":  # muP: 1/d attention, anchored at the base head_dim
+        return attn_mult * math.sqrt(base_head_dim) / head_dim
+    return attn_mult / math.sqrt(head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (fused kernels)."""
+
+    def __init__(self, width: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads = width // head_dim
+        self.head_dim = head_dim
+        self.scale = scale
+        self.qkv = hidden_linear(width, 3 * width)
+        self.proj = hidden_linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, both hidden."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = hidden_linear(width, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = hidden_linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D) with N = (H/p)^2."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, width: int):
+        super().__init__()
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = input_conv(in_channels, width, patch_size, patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> D: sinusoidal frequencies (256, finite) -> input linear -> hidden."""
+
+    def __init__(self, width: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            input_linear(frequency_size, width, sp_init="normal"),
+            nn.SiLU(),
+            hidden_linear(width, width, sp_init="normal"),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                               device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> D. Row `num_classes` is the null class for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, width: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = input_embedding(num_classes + 1, width)
+
+    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------
+#                            Sine/cosine positional embedding (fixed)
+# --------------------------------------------------------------------------------------------
+
+
+def get_2d_sincos_pos_embed(width: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, width) fixed 2D sin-cos embedding, as in DiT/MAE."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb_h = _1d_sincos(width // 2, grid[0])
+    emb_w = _1d_sincos(width // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def _1d_sincos(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def unpatchify(x: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W)."""
+    p = patch_size
+    h = w = int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+def matmul_flops(m: int, k: int, n: int) -> int:
+    """Forward FLOPs of an (m x k) @ (k x n) product."""
+    return 2 * m * k * n

@@ -1,0 +1,238 @@
+"""muP and SP: parameter roles, base shapes, initialization and optimizer groups.
+
+A parameter's muP role is decided once, where its layer is built (`models/layers.py` calls
+`set_spec`). Everything else reads that tag: `init_weights` (init std), `make_optimizer`
+(MuAdamW's per-role lr comes from `p.infshape`, which `check_roles` proves agrees with the
+tag), `describe_parameters` (the table `mupsweep inspect` prints) and the tests.
+
+Order, as muP needs it: build -> set_base_shapes -> init -> optimizer (`build_model` does the
+first three).
+
+| role   | muP init std                 | muP Adam lr | SP (original DiT)          |
+|--------|------------------------------|-------------|----------------------------|
+| input  | init_mult / sqrt(fan_in)     | lr          | xavier / N(0, 0.02)        |
+| hidden | init_mult / sqrt(fan_in)     | lr / m      | xavier (adaLN: zero)       |
+| output | 0 (MuReadout, x output_mult / m) | lr      | 0                          |
+| vector | 0 (bias) / 1 (gain)          | lr          | same                       |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from mup import MuAdamW, MuReadout, set_base_shapes
+from torch import nn
+
+from mupsweep.config import ModelConfig, OptimConfig
+from mupsweep.errors import UserError
+
+
+class Role(str, Enum):
+    INPUT = "input"  # one infinite dim (fan-out), finite fan-in: patch embed, label table
+    HIDDEN = "hidden"  # both dims infinite: qkv, proj, MLP, adaLN modulation
+    OUTPUT = "output"  # infinite fan-in, finite fan-out: the readout (a MuReadout)
+    VECTOR = "vector"  # biases and norm gains
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter is initialized, under muP and under SP."""
+
+    role: Role
+    mup_init: str = "fan_in"  # fan_in: N(0, mult/sqrt(fan_in)) | const: N(0, mult*std) | zero | one
+    std: float = 1.0  # for mup_init=const
+    sp_init: str = "xavier"  # xavier (uniform) | normal (N(0, sp_std)) | zero | one | fan_in
+    sp_std: float = 0.02
+    adaln: bool = False  # an adaLN modulation weight: zero when model.adaln_zero
+
+
+def set_spec(param: nn.Parameter, spec: ParamSpec) -> nn.Parameter:
+    param.mup_spec = spec
+    return param
+
+
+def get_spec(name: str, param: nn.Parameter) -> ParamSpec:
+    spec = getattr(param, "mup_spec", None)
+    if spec is None:
+        raise UserError(
+            f"parameter {name} has no muP role; build it with a helper from mupsweep.models.layers"
+        )
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Base shapes and role check
+# --------------------------------------------------------------------------------------------
+
+
+def infer_role(module_is_readout: bool, param: nn.Parameter) -> Role:
+    """The role mup's base shapes imply (ninf = number of dims that grow with width)."""
+    if param.ndim == 1:
+        return Role.VECTOR
+    if module_is_readout:
+        return Role.OUTPUT
+    ninf = param.infshape.ninf()
+    if ninf == 2:
+        return Role.HIDDEN
+    if ninf == 1:
+        return Role.INPUT
+    return Role.VECTOR  # nothing grows with width: behaves like a scalar/vector param
+
+
+def check_roles(model: nn.Module) -> None:
+    """Fail loudly if a layer's tagged role disagrees with what its base shapes imply."""
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            tagged = get_spec(name, p).role
+            implied = infer_role(isinstance(module, MuReadout) and p_name == "weight", p)
+            if tagged != implied:
+                raise RuntimeError(
+                    f"{name}: tagged {tagged.value} but its base shapes make it {implied.value} "
+                    f"(shape {tuple(p.shape)}); fix the helper used to build this layer"
+                )
+
+
+def resolve(cfg: ModelConfig) -> ModelConfig:
+    """Fill config defaults that depend on the parametrization."""
+    if cfg.adaln_zero is None:
+        cfg = dataclasses.replace(cfg, adaln_zero=cfg.parametrization == "sp")
+    return cfg
+
+
+def build_model(cfg: ModelConfig, data_spec, device: torch.device | str = "cpu") -> nn.Module:
+    """Build, set base shapes, initialize. The only way models are made in mupsweep."""
+    from mupsweep.models import get_model_class
+
+    cfg = resolve(cfg)
+    cls = get_model_class(cfg.arch)
+    model = cls(cfg, data_spec).to(device)
+    attach_base_shapes(model, cfg, data_spec)
+    init_weights(model, cfg)
+    return model
+
+
+def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec) -> None:
+    """muP: base shapes from models at base_width and delta_width (built on the meta device,
+    so no memory is spent). SP: every width multiplier is 1 (MuReadout is then a plain Linear
+    times output_mult, and MuAdamW would equal AdamW)."""
+    from mupsweep.models import get_model_class
+
+    if cfg.parametrization == "sp":
+        set_base_shapes(model, None, rescale_params=False)
+        return
+    cls = get_model_class(cfg.arch)
+    delta_width = cfg.delta_width or 2 * cfg.base_width
+    with torch.device("meta"):
+        base = cls(dataclasses.replace(cfg, width=cfg.base_width), data_spec)
+        delta = cls(dataclasses.replace(cfg, width=delta_width), data_spec)
+    set_base_shapes(model, base, delta=delta, rescale_params=False)
+    check_roles(model)
+
+
+def copy_base_shapes(src: nn.Module, dst: nn.Module) -> None:
+    """Give `dst` the infshapes of `src` (same architecture). deepcopy drops them; this doesn't."""
+    src_params = dict(src.named_parameters())
+    for name, p in dst.named_parameters():
+        p.infshape = src_params[name].infshape
+
+
+# --------------------------------------------------------------------------------------------
+# Initialization
+# --------------------------------------------------------------------------------------------
+
+
+def _fan_in(module: nn.Module, param: nn.Parameter) -> int:
+    if isinstance(module, nn.Embedding):
+        return 1  # a table lookup: each row is one input coordinate
+    if param.ndim >= 2:
+        return param[0].numel()
+    return 1
+
+
+def init_rule(module: nn.Module, param: nn.Parameter, spec: ParamSpec, cfg: ModelConfig) -> tuple[str, float]:
+    """(distribution, std) for one parameter: 'normal' | 'uniform' | 'const' (value in std)."""
+    fan_in = _fan_in(module, param)
+    if spec.adaln and cfg.adaln_zero:
+        return "const", 0.0
+    if cfg.parametrization == "mup":
+        kind = spec.mup_init
+        if kind == "fan_in":  # muP: kaiming fan-in, times the sigma_init HP
+            return "normal", cfg.init_mult / math.sqrt(fan_in)
+        if kind == "const":
+            return "normal", cfg.init_mult * spec.std
+    else:
+        kind = spec.sp_init
+        if kind == "xavier":
+            fan_out = param.shape[0]  # conv weights are treated as (out, in*k*k), as DiT does
+            return "uniform", cfg.init_mult * math.sqrt(2.0 / (fan_in + fan_out))
+        if kind == "normal":
+            return "normal", cfg.init_mult * spec.sp_std
+        if kind == "fan_in":
+            return "normal", cfg.init_mult / math.sqrt(fan_in)
+    if kind == "zero":
+        return "const", 0.0
+    if kind == "one":
+        return "const", 1.0
+    raise ValueError(f"unknown init kind {kind!r}")
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """(Re-)initialize every parameter from its tagged spec. Safe to call again."""
+    cfg = resolve(cfg)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            dist, std = init_rule(module, p, get_spec(name, p), cfg)
+            if dist == "normal":
+                p.normal_(0.0, std)
+            elif dist == "uniform":  # std of U(-a, a) is a / sqrt(3)
+                p.uniform_(-std * math.sqrt(3.0), std * math.sqrt(3.0))
+            else:
+                p.fill_(std)
+    for module in model.modules():
+        if isinstance(module, MuReadout):
+            module.output_mult = cfg.output_mult
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: ModelConfig, optim: OptimConfig) -> torch.optim.Optimizer:
+    """muP: MuAdamW (hidden weights get lr / m, decoupled wd x m). SP: plain AdamW."""
+    kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                  weight_decay=optim.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.parametrization == "mup":
+        return MuAdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def describe_parameters(model: nn.Module, cfg: ModelConfig, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """One row per parameter: role, init std and the lr the optimizer really uses for it."""
+    cfg = resolve(cfg)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    base_lr = optimizer.defaults["lr"]
+    rows = []
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            spec = get_spec(name, p)
+            dist, std = init_rule(module, p, spec, cfg)
+            rows.append({
+                "name": name,
+                "shape": tuple(p.shape),
+                "role": spec.role.value,
+                "init": f"{dist}" if dist != "const" else f"={std:g}",
+                "init_std": std if dist != "const" else 0.0,
+                "lr": lr_of[id(p)],
+                "lr_mult": lr_of[id(p)] / base_lr,
+                "width_mult": float(p.infshape.width_mult()) if p.infshape.ninf() else 1.0,
+            })
+    return rows

@@ -1,0 +1,383 @@
+"""The training loop: one `train(cfg)` serves full runs, proxy trials and coordinate checks.
+
+A sweep trial is a short `train()` call with an `on_eval` callback that reports the
+validation loss to Optuna (and may raise to prune). Under torchrun the same function runs DDP:
+every rank draws the whole global batch from the same generators and keeps its slice, so the
+averaged gradient equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mupsweep.config import Config, to_dict, to_yaml
+from mupsweep.data import ImageDataset, load_dataset
+from mupsweep.diffusion import make_diffusion
+from mupsweep.errors import UserError
+from mupsweep.models import DataSpec
+from mupsweep.parametrize import build_model, make_optimizer
+
+EvalCallback = Callable[[int, float], None]
+
+
+@dataclass
+class TrainResult:
+    validation_loss: float  # at the last step (the sweep objective)
+    initial_validation_loss: float  # at step 0, before any update
+    steps: int  # steps actually trained
+    wall_time_s: float  # this process's training time (a resumed run adds its earlier time)
+    flops: float  # analytic training FLOPs spent (3 x forward)
+    diverged: bool = False
+    reason: str = ""
+    run_dir: str = ""
+    history: list[dict] = field(default_factory=list)  # [{"step", "validation_loss"}, ...]
+    samples_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name}: no CUDA device is available here; use cpu or auto")
+    return torch.device(name)
+
+
+def data_spec_of(dataset: ImageDataset) -> DataSpec:
+    return DataSpec(image_size=dataset.image_size, channels=dataset.channels,
+                    num_classes=dataset.num_classes)
+
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """Relative lr factor per step. LambdaLR multiplies each group's own initial lr, so muP's
+    per-group lr (hidden lr / m) survives warmup and decay."""
+    o, total = cfg.optim, max(1, cfg.train.steps)
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+            cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * cos
+        return 1.0
+
+    return factor
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """Write to a temp file in the same directory, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
+                        "delete it or set train.resume=false") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise UserError(f"checkpoint {path} is not a mupsweep checkpoint")
+    return ckpt
+
+
+class FixedValidationSet:
+    """Fixed (x0, t, noise) triples drawn once from a seeded generator, so the validation loss
+    of given weights is one deterministic number, comparable across trials and widths."""
+
+    def __init__(self, dataset: ImageDataset, diffusion, size: int, seed: int, device: torch.device):
+        g = torch.Generator().manual_seed(seed)
+        n_val = dataset.val_images.shape[0]
+        idx = torch.arange(size) % n_val  # cycle when asking for more triples than images
+        self.x0 = dataset.val_images[idx].to(device)
+        self.y = dataset.val_labels[idx].to(device)
+        self.t = diffusion.sample_timesteps(size, g, torch.device("cpu")).to(device)
+        self.noise = torch.randn(self.x0.shape, generator=g).to(device)
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module, diffusion, batch_size: int, autocast) -> float:
+        was_training = model.training
+        model.eval()
+        total, n = 0.0, self.x0.shape[0]
+        for i in range(0, n, batch_size):
+            s = slice(i, i + batch_size)
+            with autocast():
+                per_sample = diffusion.loss(model, self.x0[s], self.t[s], self.noise[s], {"y": self.y[s]})
+            total += per_sample.float().sum().item()
+        model.train(was_training)
+        return total / n
+
+
+def make_ema(model: nn.Module, cfg: Config, spec: DataSpec, device: torch.device) -> nn.Module:
+    """EMA weights in a freshly built model (which has its own base shapes): mup's infshape
+    does not survive copy.deepcopy, so we copy tensors, never the module."""
+    ema = build_model(cfg.model, spec, device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, on_eval: EvalCallback | None = None,
+          dataset: ImageDataset | None = None,
+          on_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
+    """Train `cfg` and return its final validation loss; resumes from run_dir/last.pt.
+
+    on_eval(step, validation_loss) runs after every evaluation (a sweep reports to Optuna
+    there and may raise to prune); on_model(model) runs once the model is built (the
+    coordinate check registers its hooks there)."""
+    from mupsweep.report import save_sample_grid
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = _init_distributed(device)
+    if tc.batch_size % world:
+        raise UserError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
+    run_dir = Path(tc.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    dataset = dataset or load_dataset(cfg.data)
+    spec = data_spec_of(dataset)
+    diffusion = make_diffusion(cfg.diffusion)
+    torch.manual_seed(tc.seed)  # weights: same seed, same init on every rank
+    try:
+        model = build_model(cfg.model, spec, device)
+    except ValueError as e:
+        raise UserError(f"model config: {e}") from None
+    if on_model is not None:
+        on_model(model)
+    optimizer = make_optimizer(model, cfg.model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ema = make_ema(model, cfg, spec, device) if tc.ema_decay > 0 else None
+    gen_index = torch.Generator().manual_seed(tc.seed + 1)
+    gen_noise = torch.Generator(device).manual_seed(tc.seed + 2)
+    val_set = FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device)
+
+    step, wall_before, history = 0, 0.0, []
+    ckpt_path = run_dir / "last.pt"
+    if tc.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("config", {}).get("model") != to_dict(cfg)["model"]:
+            raise UserError(f"{ckpt_path} was written for a different model config; "
+                            "use another train.run_dir or train.resume=false")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        gen_index.set_state(ckpt["gen_index"])
+        gen_noise.set_state(ckpt["gen_noise"].to(gen_noise.get_state().device))
+        step, wall_before, history = ckpt["step"], ckpt["wall_time_s"], ckpt["history"]
+
+    fwd_model: nn.Module = model
+    if world > 1:
+        fwd_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        fwd_model = torch.compile(fwd_model)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+
+    def save(path: Path) -> None:
+        if rank == 0:
+            atomic_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "gen_index": gen_index.get_state(), "gen_noise": gen_noise.get_state(),
+                "step": step, "wall_time_s": wall_before + (time.perf_counter() - t_start),
+                "history": history, "config": to_dict(cfg),
+            }, path)
+
+    metrics = _MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=rank == 0)
+    flops_per_step = 3 * model.flops_per_image(spec) * tc.batch_size
+    local = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
+    n_train = dataset.train_images.shape[0]
+    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
+    result = TrainResult(math.nan, math.nan, step, 0.0, 0.0, run_dir=str(run_dir))
+    t_start = time.perf_counter()
+
+    def evaluate() -> float:
+        val = val_set.loss(model, diffusion, max(tc.batch_size, 64), autocast)
+        history.append({"step": step, "validation_loss": val})
+        metrics.write({"step": step, "validation_loss": val})
+        if on_eval is not None:
+            on_eval(step, val)
+        return val
+
+    if not history:
+        evaluate()
+    result.initial_validation_loss = history[0]["validation_loss"]
+    model.train()
+    with _progress(tc.progress and rank == 0, tc.steps, step) as advance:
+        while step < tc.steps:
+            # The whole global batch, identical on every rank; each rank keeps its slice.
+            idx = torch.randint(0, n_train, (tc.batch_size,), generator=gen_index).to(device)
+            x0, y = train_x[idx], train_y[idx]
+            t = diffusion.sample_timesteps(tc.batch_size, gen_noise, device)
+            noise = torch.randn(x0.shape, generator=gen_noise, device=device)
+            drop = torch.rand(tc.batch_size, generator=gen_noise, device=device) < cfg.model.class_dropout
+            with autocast():
+                loss = diffusion.loss(fwd_model, x0[local], t[local], noise[local],
+                                      {"y": y[local]}, drop[local]).mean()
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, model, tc.ema_decay)
+            step += 1
+
+            loss_value = loss.item()
+            if world > 1:  # report the global mean loss, not rank 0's slice
+                lt = torch.tensor([loss_value], device=device)
+                dist.all_reduce(lt)
+                loss_value = lt.item() / world
+            elapsed = time.perf_counter() - t_start
+            if step % tc.log_every == 0 or step == tc.steps:
+                metrics.write({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                               "time_s": wall_before + elapsed})
+            advance(step, loss_value)
+            if not math.isfinite(loss_value):
+                result.diverged, result.reason = True, f"loss is {loss_value} at step {step}"
+                break
+            if step % tc.eval_every == 0 or step == tc.steps:
+                val = evaluate()
+                if not math.isfinite(val) or val > tc.diverge_factor * result.initial_validation_loss:
+                    result.diverged = True
+                    result.reason = (f"validation loss {val:.4g} at step {step} is above "
+                                     f"{tc.diverge_factor} x its start {result.initial_validation_loss:.4g}")
+                    break
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                save(ckpt_path)
+
+    result.steps = step
+    result.wall_time_s = wall_before + (time.perf_counter() - t_start)
+    result.flops = float(flops_per_step * step)
+    result.history = history
+    result.validation_loss = history[-1]["validation_loss"] if history else math.nan
+    if result.diverged:
+        result.validation_loss = math.inf if not math.isfinite(result.validation_loss) else result.validation_loss
+    elif rank == 0 and tc.save:
+        save(ckpt_path)
+        if tc.samples > 0:
+            result.samples_path = str(run_dir / "samples.png")
+            sample_model = ema if ema is not None else model
+            save_sample_grid(sample_model, diffusion, spec, tc.samples, cfg.diffusion,
+                             Path(result.samples_path), seed=tc.seed, device=device,
+                             class_names=dataset.class_names)
+    if rank == 0:
+        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+class _MetricsLog:
+    """metrics.jsonl, one JSON object per line. On resume, lines past the checkpoint's step are
+    dropped so the file matches the weights."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is stale too
+        elif path.exists():
+            path.unlink()
+        if kept:
+            path.write_text("\n".join(kept) + "\n")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class _progress:
+    """A rich progress bar on stderr (loss, steps/s), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled, self.total, self.start = enabled, total, start
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda step, loss: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"),
+                            TextColumn("{task.fields[rate]:.1f} steps/s"), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=False)
+        self.bar.__enter__()
+        task = self.bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"),
+                                 rate=0.0)
+        t0, s0 = time.perf_counter(), self.start
+
+        def advance(step: int, loss: float) -> None:
+            rate = (step - s0) / max(1e-9, time.perf_counter() - t0)
+            self.bar.update(task, completed=step, loss=loss, rate=rate)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,0 +1,36 @@
+"""Shared test helpers: run the real CLI in a subprocess, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Keep each test process to the 2 cores CI has, and quiet progress bars.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY = ["model=dit-tiny", "train.progress=false", "train.samples=0"]
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mupsweep ARGS` as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "mupsweep.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, one line on stderr naming the problem, no traceback, clean stdout."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)
