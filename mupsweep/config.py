@@ -111,28 +111,34 @@ class CoordCheckConfig:
 
 @dataclass
 class SweepParam:
+    """One axis of the search space (see mupsweep.tune for how each type is suggested)."""
+
     name: str = ""  # config key, e.g. optim.lr or model.init_mult
     type: str = "float"  # float | int | categorical
-    low: float | None = None
-    high: float | None = None
+    low: float | None = None  # float/int: lower bound (log2: lower exponent)
+    high: float | None = None  # float/int: upper bound (log2: upper exponent)
     log: bool = False  # float: sample in log space (base e)
     log2: bool = False  # float: sample the exponent e in [low, high] and use 2**e
-    step: float | None = None
-    choices: list[Any] | None = None
+    step: float | None = None  # float/int: grid spacing (log2: of the exponent; grid default 1)
+    choices: list[Any] | None = None  # categorical: the values
 
 
 @dataclass
 class SweepConfig:
-    n_trials: int = 20  # global budget across all workers
-    proxy_widths: list[int] = field(default_factory=lambda: [64])
+    """`mupsweep tune`: an Optuna study over proxy widths (mupsweep/tune.py)."""
+
+    n_trials: int = 20  # global budget across all workers (COMPLETE + PRUNED trials)
+    proxy_widths: list[int] = field(default_factory=lambda: [64])  # every HP set runs at each
     sampler: str = "tpe"  # tpe | gp | random | grid
     pruner: str = "hyperband"  # hyperband | successive_halving | median | none
-    seed: int = 0
-    study: str = "mupsweep"
-    storage: str | None = None  # SQLAlchemy URL or journal file; default sqlite in out_dir
-    out_dir: str = "runs/sweep"
-    heartbeat_s: int = 10  # failed-trial detection for killed workers
-    params: list[SweepParam] = field(default_factory=list)
+    seed: int = 0  # sampler seed (worker k of --workers uses seed + k)
+    study: str = "mupsweep"  # Optuna study name
+    storage: str | None = None  # SQLAlchemy URL or journal file; None: sqlite out_dir/study.db
+    out_dir: str = "runs/sweep"  # study.db (default storage), trials/, trials.csv, best.json
+    heartbeat_s: int = 10  # RDB storages: a killed worker's trial FAILs after the grace period
+    grace_s: int | None = None  # heartbeat grace period; None: 2 x heartbeat_s (Optuna's default)
+    max_retry: int = 2  # a trial failed by a dead worker is re-queued at most this many times
+    params: list[SweepParam] = field(default_factory=list)  # empty: log2 lr / init / output mult
 
 
 @dataclass
@@ -295,5 +301,3 @@ def validate(cfg: Config) -> None:
         raise UserError(f"diffusion.kind={cfg.diffusion.kind!r}: use ddpm or rectified_flow")
     if not 0 < cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    if any(w <= 0 or w % m.head_dim for w in cfg.coord.widths):
-        raise UserError(f"coord.widths={cfg.coord.widths} must be positive multiples of model.head_dim={m.head_dim}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
+from mupsweep.errors import UserError
 from mupsweep.train import train
 
 
@@ -88,6 +89,10 @@ def fit_slopes(table: pd.DataFrame) -> pd.DataFrame:
 def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True) -> CoordCheckResult:
     """Run the check for cfg.model at cfg.coord.widths; returns slopes and the verdict."""
     cc = cfg.coord
+    m = cfg.model
+    if len(cc.widths) < 2 or any(w < m.base_width or w % m.head_dim for w in cc.widths):
+        raise UserError(f"coord.widths={cc.widths}: need two or more widths, each a multiple of "
+                        f"model.head_dim={m.head_dim} and >= model.base_width={m.base_width}")
     dataset = load_dataset(cfg.data)
     recorders = []
     with tempfile.TemporaryDirectory() as tmp:
