@@ -199,6 +199,99 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
 
 
 # --------------------------------------------------------------------------------------------
+# transfer and report: read the sweep's best document (a file, stdin, or the study itself)
+# --------------------------------------------------------------------------------------------
+
+BEST = typer.Argument(None, help="best.json from `mupsweep tune` ('-' reads stdin, e.g. piped "
+                      "from `mupsweep tune --json`)", show_default=False)
+STORAGE = typer.Option(None, "--storage", help="read the study from this Optuna storage URL instead")
+STUDY = typer.Option(None, "--study", help="study name (with --storage)")
+
+
+def _best_doc(best: str | None, storage: str | None, study: str | None,
+              overrides: list[str] | None = None) -> tuple[dict, list[str]]:
+    """The best document and the remaining overrides. With --storage the first positional
+    argument is an override (there is no file), so give it back to the overrides."""
+    from mupsweep.transfer import load_best, load_best_from_storage
+
+    overrides = list(overrides or [])
+    if storage or study:
+        if not (storage and study):
+            raise UserError("--storage and --study go together; give both, or a best.json")
+        if best is not None:
+            if "=" not in best:
+                raise UserError(f"give either {best} or --storage/--study, not both")
+            overrides.insert(0, best)
+        return load_best_from_storage(storage, study), overrides
+    if best is None:
+        raise UserError("no best document: give best.json, '-' for stdin, or --storage/--study")
+    return load_best(best), overrides
+
+
+@app.command("transfer")
+def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
+                 width: int = typer.Option(None, "--width", help="target model.width"),
+                 preset: str = typer.Option(None, "--preset", help="target model preset, e.g. dit-xl-2"),
+                 steps: int = typer.Option(None, "--steps", help="target train.steps"),
+                 out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
+                 force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
+                 storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON) -> None:
+    """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
+
+    Train it with `mupsweep train --config TARGET.yaml`."""
+    from mupsweep.transfer import transfer as run_transfer
+    from mupsweep.transfer import write_config
+
+    if out is None:
+        raise UserError("no output: give -o TARGET.yaml (or -o - to print the YAML on stdout)")
+    if out == "-" and json_out:
+        raise UserError("-o - and --json both want stdout; write the YAML to a file with -o")
+    doc, overrides = _best_doc(best, storage, study, overrides)
+    result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
+                          force=force)
+    if result.unreliable:
+        _print_lr_by_width(result.drift)
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    err.print(escape(result.cost_line), highlight=False, soft_wrap=True)
+    path = write_config(result.config, out)
+    m = result.config.model
+    err.print(f"wrote {path if path != '-' else 'stdout'}: {m.arch} width {m.width} depth {m.depth} "
+              f"({m.parametrization}), lr {result.config.optim.lr:g}", highlight=False)
+    if json_out:
+        _print_json({"config_path": str(Path(path).resolve()), "warnings": result.warnings,
+                     "provenance": result.provenance})
+
+
+def _print_lr_by_width(rows: list[dict]) -> None:
+    table = Table(title="best lr per proxy width", title_justify="left")
+    for col in ("width", "best lr", "log2 lr", "loss", "trials"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["width"]), f"{r['lr']:.3g}", f"{r['log2_lr']:+.2f}", f"{r['loss']:.4f}",
+                      str(r["trials"]))
+    err.print(table)
+
+
+@app.command()
+def report(best: str = BEST,
+           out_dir: Path = typer.Option(Path("runs/report"), "-o", "--out", help="output folder"),
+           top: int = typer.Option(20, "--top", help="trials in the Markdown table"),
+           storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON) -> None:
+    """Plots (loss vs lr per width, history) and a Markdown summary of a sweep."""
+    from mupsweep.report import write_report
+
+    doc, extra = _best_doc(best, storage, study)
+    if extra:
+        raise UserError(f"report takes no overrides (got {extra[0]})")
+    md = write_report(doc, out_dir, top=top)
+    err.print(f"wrote {md}, {md.parent / 'lr_vs_loss.png'}, {md.parent / 'history.png'}")
+    if json_out:
+        _print_json({"markdown": str(md), "lr_vs_loss": str(md.parent / "lr_vs_loss.png"),
+                     "history": str(md.parent / "history.png")})
+
+
+# --------------------------------------------------------------------------------------------
 # entry point: turn bad input into one line and exit code 2
 # --------------------------------------------------------------------------------------------
 

@@ -85,3 +85,148 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep report: what `mupsweep report` writes from a best document (see mupsweep.tune)
+# --------------------------------------------------------------------------------------------
+
+
+def _lr_curves(best_doc: dict) -> dict[int, list[tuple[float, float]]]:
+    """Per proxy width: sorted (lr, loss) points, each the min loss over the other HPs at that
+    lr. TPE draws continuous lrs, so most lrs have one trial; a grid sweep has several."""
+    from mupsweep.transfer import complete_trials, width_losses
+
+    widths = [int(w) for w in best_doc.get("proxy_widths", [])]
+    curves: dict[int, dict[float, float]] = {w: {} for w in widths}
+    for t in complete_trials(best_doc):
+        lr = (t.get("hparams") or {}).get("optim.lr")
+        if not isinstance(lr, int | float) or lr <= 0:
+            continue
+        for w, loss in width_losses(t, widths).items():
+            points = curves.setdefault(w, {})
+            points[float(lr)] = min(loss, points.get(float(lr), math.inf))
+    return {w: sorted(p.items()) for w, p in curves.items() if p}
+
+
+def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
+    """Validation loss vs log2 lr, one curve per proxy width, each width's best marked.
+
+    Under muP the minima line up across widths: the picture that shows transfer works."""
+    plt = _pyplot()
+    curves = _lr_curves(best_doc)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(1, len(curves))))
+    for color, (w, points) in zip(colors, sorted(curves.items()), strict=False):
+        x = [math.log2(lr) for lr, _ in points]
+        y = [loss for _, loss in points]
+        ax.plot(x, y, marker="o", ms=4, lw=1.5, color=color, label=f"width {w}")
+        i = int(np.argmin(y))
+        ax.plot([x[i]], [y[i]], marker="*", ms=16, color=color, markeredgecolor="black", zorder=5)
+    if not curves:
+        ax.text(0.5, 0.5, "no complete trials with optim.lr", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("log2 learning rate")
+    ax.set_ylabel("validation loss (min over other HPs)")
+    par = best_doc.get("parametrization", "?")
+    ax.set_title(f"{best_doc.get('study', 'study')} ({par}): loss vs lr per proxy width (* = best)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_history(best_doc: dict, path: Path) -> Path:
+    """Objective per trial number (complete trials as dots, others as crosses at the bottom)
+    and the best-so-far line: how fast the sweep found its optimum."""
+    from mupsweep.transfer import complete_trials
+
+    plt = _pyplot()
+    done = sorted(complete_trials(best_doc), key=lambda t: t.get("number", 0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if done:
+        xs = [t.get("number", i) for i, t in enumerate(done)]
+        ys = [float(t["value"]) for t in done]
+        ax.plot(xs, ys, "o", ms=5, alpha=0.7, label="complete trial")
+        ax.step(xs, np.minimum.accumulate(ys), where="post", color="C3", lw=2, label="best so far")
+        others = [t for t in best_doc.get("trials", []) if t not in done]
+        if others:  # pruned / failed: no objective; mark where they happened
+            ax.plot([t.get("number", 0) for t in others], [min(ys)] * len(others), "x",
+                    color="gray", label="pruned / failed")
+        ax.legend(frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no complete trials", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("objective (validation loss)")
+    ax.set_title(f"{best_doc.get('study', 'study')}: optimization history")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
+    """Write lr_vs_loss.png, history.png and report.md (summary, per-width best lr, cost and
+    the top `top` trials by value) into out_dir; return the markdown path."""
+    from mupsweep.transfer import complete_trials, drift_octaves, lr_by_width
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lr_png = plot_lr_vs_loss(best_doc, out_dir / "lr_vs_loss.png")
+    hist_png = plot_history(best_doc, out_dir / "history.png")
+
+    d = best_doc
+    lines = [f"# Sweep report: {d.get('study', '?')}", "",
+             f"- parametrization: **{d.get('parametrization')}**",
+             f"- proxy widths: {', '.join(map(str, d.get('proxy_widths', [])))}",
+             f"- best trial: {_fmt(d.get('trial'))}, value {_fmt(d.get('value'))}",
+             f"- storage: {d.get('storage')}"]
+    cost = d.get("cost") or {}
+    if cost:
+        lines.append(f"- cost: {_fmt(cost.get('flops'))} FLOPs, {_fmt(cost.get('wall_time_s'))} s; "
+                     f"{_fmt(cost.get('n_complete'))} complete, {_fmt(cost.get('n_pruned'))} pruned, "
+                     f"{_fmt(cost.get('n_failed'))} failed")
+    lines += ["", "## Best hyperparameters", ""]
+    lines += _md_table(["key", "value", "log2"], [
+        [k, v, math.log2(v) if isinstance(v, int | float) and v > 0 else None]
+        for k, v in d.get("hparams", {}).items()])
+
+    rows = lr_by_width(d)
+    lines += ["", "## Best learning rate per proxy width", ""]
+    lines += _md_table(["width", "best lr", "log2 lr", "loss", "trials"],
+                       [[r["width"], r["lr"], r["log2_lr"], r["loss"], r["trials"]] for r in rows])
+    spread = drift_octaves(rows)
+    if spread is not None:
+        verdict = "agree (transfer looks reliable)" if spread <= 1.0 else "**disagree: transfer looks unreliable**"
+        lines += ["", f"Spread {spread:.2f} octaves: the widths {verdict}."]
+
+    lines += ["", f"![loss vs lr per width]({lr_png.name})", "", f"![history]({hist_png.name})"]
+
+    widths = [str(w) for w in d.get("proxy_widths", [])]
+    hp_keys = sorted({k for t in d.get("trials", []) for k in (t.get("hparams") or {})})
+    ranked = sorted(complete_trials(d), key=lambda t: t["value"])[:top]
+    lines += ["", f"## Top {len(ranked)} trials by value", ""]
+    lines += _md_table(
+        ["trial", "value", *hp_keys, *(f"loss@{w}" for w in widths), "FLOPs", "wall s"],
+        [[t.get("number"), t.get("value"), *((t.get("hparams") or {}).get(k) for k in hp_keys),
+          *((t.get("losses") or {}).get(w) for w in widths), t.get("flops"), t.get("wall_time_s")]
+         for t in ranked])
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,496 @@
+"""Best proxy trial -> resolved config for the full-width model, with drift and cost checks.
+
+Under muP the learning rate, init multiplier and output multiplier tuned on a narrow proxy stay
+optimal when only the width grows (DESIGN.md section 4). `transfer()` turns the sweep's "best
+document" (written by `mupsweep tune` as best.json) into a target `Config`:
+
+1. start from the sweep's base config (`best["base_config"]`);
+2. apply the model preset and/or the target width, keeping the proxy's base shapes
+   (`model.base_width`, `model.delta_width`) and `model.head_dim`, without which the tuned
+   numbers mean something else;
+3. apply every tuned HP (`best["hparams"]`), then the user's overrides, then `--steps`;
+4. record where the numbers came from in `cfg.provenance` (study, trial, proxy widths, sweep
+   cost, estimated target FLOPs and tuning cost as a share of one target run).
+
+Checks, each a warning unless noted: an SP study (HPs do not transfer across width under SP;
+an error unless `force`), proxy and target differing in something width transfer does not cover
+(base width, head_dim, depth, patch size, batch size), and lr drift: with two or more proxy
+widths, each width's best lr should agree within one octave, or the transfer is unreliable.
+
+The document's shape is fixed by `mupsweep.tune.best_document`; this module only reads it, and
+imports `mupsweep.tune` lazily, only for `--storage/--study`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mupsweep.config import CONFIG_DIR, Config, compose, from_dict, set_by_path
+from mupsweep.errors import UserError
+
+# Keys every best document must have (the rest are optional and only enrich provenance).
+REQUIRED_KEYS = ("parametrization", "hparams", "base_config", "proxy_widths")
+
+# Architecture fields that width transfer does not cover: a difference between proxy and target
+# in any of these means the tuned HPs may not be optimal for the target.
+NOT_TRANSFERRED = ("model.base_width", "model.delta_width", "model.head_dim", "model.depth",
+                   "model.patch_size", "train.batch_size")
+
+# Fields a model preset may not change: muP's base shapes, and head_dim (the attention scale
+# and base shapes are tied to it). The proxy's values are kept; override them explicitly to
+# change them (and accept the warning).
+PROXY_SHAPE_FIELDS = ("base_width", "delta_width", "head_dim")
+
+DRIFT_TOLERANCE_OCTAVES = 1.0  # max spread of per-width best log2 lr before we warn
+DEFAULT_TARGET_RUN_DIR = "runs/target"
+
+
+@dataclass
+class TransferResult:
+    """What `transfer()` built: the target config, warnings, and the per-width lr table."""
+
+    config: Config
+    warnings: list[str] = field(default_factory=list)
+    # One row per proxy width: {"width", "lr", "log2_lr", "loss", "trials"} (see lr_by_width).
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    drift_octaves: float | None = None  # max - min of the per-width best log2 lr
+    cost_line: str = ""  # human summary of tuning cost vs one target run
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.config.provenance
+
+    @property
+    def unreliable(self) -> bool:
+        return self.drift_octaves is not None and self.drift_octaves > DRIFT_TOLERANCE_OCTAVES
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the best document
+# --------------------------------------------------------------------------------------------
+
+
+_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*@")  # the same rule as mupsweep.tune.redact
+
+
+def redact_url(text: str | None) -> str | None:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`, for every URL in
+    `text`; never print a storage password (DESIGN.md section 5)."""
+    if text is None:
+        return None
+    return _PASSWORD.sub(r"\1***@", text)
+
+
+def validate_best(doc: Any, source: str) -> dict[str, Any]:
+    """Check the document's shape, so a wrong file fails here with one line, not deep inside."""
+    if not isinstance(doc, dict):
+        raise UserError(f"{source}: expected a JSON object (the best document from "
+                        f"`mupsweep tune --json`), got {type(doc).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    if missing:
+        raise UserError(f"{source}: not a best document from `mupsweep tune`; missing "
+                        f"key(s) {', '.join(missing)}")
+    if not isinstance(doc["hparams"], dict) or not isinstance(doc["base_config"], dict):
+        raise UserError(f"{source}: 'hparams' and 'base_config' must be JSON objects")
+    if not isinstance(doc["proxy_widths"], list) or not all(
+            isinstance(w, int) for w in doc["proxy_widths"]):
+        raise UserError(f"{source}: 'proxy_widths' must be a list of integers")
+    if not isinstance(doc.get("trials", []), list):
+        raise UserError(f"{source}: 'trials' must be a list")
+    return doc
+
+
+def load_best(path: str | Path) -> dict[str, Any]:
+    """Read a best document from a JSON file, or from stdin when `path` is '-'."""
+    if str(path) == "-":
+        text, source = sys.stdin.read(), "stdin"
+        if not text.strip():
+            raise UserError("stdin is empty; pipe `mupsweep tune --json` in, or give best.json")
+    else:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"best document not found: {p} (written by `mupsweep tune` as "
+                            "OUT_DIR/best.json)")
+        text = p.read_text()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    return validate_best(doc, source)
+
+
+def _open_storage(storage: str):
+    """An Optuna storage for reading, with the URL forms `mupsweep tune` accepts
+    (SQLAlchemy URL, `PATH.journal` / `journal:PATH`). Never creates anything: reading a study
+    from a mistyped path must not leave an empty database behind."""
+    import optuna
+
+    s = storage.strip()
+    if s.startswith("journal:") or s.endswith(".journal"):
+        path = Path(s.removeprefix("journal:")).expanduser()
+        if not path.is_file():
+            raise UserError(f"journal file not found: {path}")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if s.startswith("sqlite:///"):
+        path = Path(s.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise UserError(f"storage {s}: no such SQLite file {path}")
+    elif "://" not in s:
+        raise UserError(f"--storage {redact_url(s)!r}: give a SQLAlchemy URL (sqlite:///study.db, "
+                        "postgresql://user:pass@host/db) or a journal file (PATH.journal)")
+    return s
+
+
+def load_best_from_storage(storage: str, study: str) -> dict[str, Any]:
+    """The best document of an Optuna study, straight from its storage.
+
+    `mupsweep.tune` is imported only here, so transfer from a file works without it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    where = redact_url(storage)
+    try:
+        loaded = optuna.load_study(study_name=study, storage=_open_storage(storage))
+    except UserError:
+        raise
+    except KeyError:  # optuna's "Record does not exist" for an unknown study name
+        raise UserError(f"study {study!r} not found in storage {where}") from None
+    except Exception as e:  # driver errors: unreachable server, bad URL, missing driver
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        # Driver messages may echo the URL: redact them too.
+        raise UserError(f"cannot open storage {where}: {type(e).__name__}: "
+                        f"{redact_url(first)}") from None
+    try:
+        from mupsweep.tune import best_document
+    except ImportError as e:
+        raise UserError(f"mupsweep.tune is not available ({e}); pass a best.json instead") from None
+    return validate_best(best_document(loaded), f"study {study!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-width best learning rate: the drift check (also plotted by report.py)
+# --------------------------------------------------------------------------------------------
+
+
+def complete_trials(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Trials that finished (state COMPLETE) with a finite objective value."""
+    out = []
+    for t in doc.get("trials", []):
+        value = t.get("value")
+        if t.get("state") == "COMPLETE" and isinstance(value, int | float) and math.isfinite(value):
+            out.append(t)
+    return out
+
+
+def width_losses(trial: dict[str, Any], widths: list[int]) -> dict[int, float]:
+    """A trial's finite loss at each proxy width. A single-width study may omit `losses`;
+    its objective value is then that width's loss."""
+    losses = {int(k): v for k, v in (trial.get("losses") or {}).items()
+              if isinstance(v, int | float) and math.isfinite(v)}
+    if not losses and len(widths) == 1 and trial.get("value") is not None:
+        losses = {widths[0]: float(trial["value"])}
+    return losses
+
+
+def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each proxy width, the lr of the COMPLETE trial with the lowest loss at that width.
+
+    Rows: {"width", "lr", "log2_lr", "loss", "trials"} (trials: how many had a loss there).
+    Widths without any usable trial are left out; trials without `hparams["optim.lr"]` are
+    ignored (a sweep that does not tune lr has no lr to drift)."""
+    widths = [int(w) for w in doc.get("proxy_widths", [])]
+    rows = []
+    for w in widths:
+        best: tuple[float, float] | None = None  # (loss, lr)
+        n = 0
+        for t in complete_trials(doc):
+            lr = (t.get("hparams") or {}).get("optim.lr")
+            loss = width_losses(t, widths).get(w)
+            if not isinstance(lr, int | float) or lr <= 0 or loss is None:
+                continue
+            n += 1
+            if best is None or loss < best[0]:
+                best = (loss, float(lr))
+        if best is not None:
+            rows.append({"width": w, "lr": best[1], "log2_lr": math.log2(best[1]),
+                         "loss": best[0], "trials": n})
+    return rows
+
+
+def drift_octaves(rows: list[dict[str, Any]]) -> float | None:
+    """Spread (max - min) of the per-width best log2 lr; None with fewer than two widths."""
+    if len(rows) < 2:
+        return None
+    logs = [r["log2_lr"] for r in rows]
+    return max(logs) - min(logs)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost: analytic FLOPs of the target run
+# --------------------------------------------------------------------------------------------
+
+# (image_size, channels, num_classes) of the built-in datasets, so a FLOP estimate does not
+# need to load (or even have) the data. Other datasets are loaded to learn their shape.
+_BUILTIN_SHAPES = {"digits": (8, 1, 10), "fashion_mnist": (28, 1, 10)}
+
+
+def _data_spec(cfg: Config):
+    from mupsweep.models import DataSpec
+
+    if cfg.data.name in _BUILTIN_SHAPES:
+        size, channels, classes = _BUILTIN_SHAPES[cfg.data.name]
+        return DataSpec(image_size=cfg.data.image_size or size, channels=channels,
+                        num_classes=classes)
+    from mupsweep.data import load_dataset
+    from mupsweep.train import data_spec_of
+
+    return data_spec_of(load_dataset(cfg.data))
+
+
+def estimate_train_flops(cfg: Config) -> tuple[float, float]:
+    """(FLOPs per image forward, FLOPs of the whole run = 3 x forward x batch x steps).
+
+    The model is built on the meta device: no memory, no init, any width."""
+    import torch
+
+    from mupsweep.models import get_model_class
+
+    spec = _data_spec(cfg)
+    with torch.device("meta"):
+        model = get_model_class(cfg.model.arch)(cfg.model, spec)
+    per_image = float(model.flops_per_image(spec))
+    return per_image, 3.0 * per_image * cfg.train.batch_size * cfg.train.steps
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+# --------------------------------------------------------------------------------------------
+# Building the target config
+# --------------------------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A model preset (mupsweep/configs/model/NAME.yaml) as a plain dict of model fields."""
+    from omegaconf import OmegaConf
+
+    path = CONFIG_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"--preset {name!r} is unknown; use one of {', '.join(list_presets())}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`key=value` overrides on top of a Config, parsed and validated the way `--config` is."""
+    import tempfile
+
+    from mupsweep.config import to_dict, to_yaml
+
+    if not overrides:  # still re-validate: hparams were set without type checks
+        return from_dict(to_dict(cfg))
+    # compose() validates keys, types and values against the schema; reuse it on a YAML copy
+    # rather than re-implementing OmegaConf's override parsing here.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(to_yaml(cfg))
+    try:
+        return compose(overrides, config_file=f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
+def _base_config(best: dict[str, Any]) -> Config:
+    try:
+        return from_dict(best["base_config"])
+    except UserError as e:
+        raise UserError(f"best document base_config: {e}") from None
+
+
+def transfer(best: dict[str, Any], width: int | None = None, preset: str | None = None,
+             overrides: list[str] | tuple[str, ...] = (), steps: int | None = None,
+             force: bool = False) -> TransferResult:
+    """Build the target config from a best document (see the module docstring for the order).
+
+    Raises UserError for an SP study (unless `force`), for a missing target (no width, preset
+    or model.width override) and for any invalid resulting config."""
+    best = validate_best(best, "best document")
+    overrides = list(overrides)
+    warnings: list[str] = []
+
+    if best["parametrization"] == "sp":
+        msg = ("the study used model.parametrization=sp: HPs do not transfer across width "
+               "under SP")
+        if not force:
+            raise UserError(f"{msg}; re-tune with mup, or pass --force to write it anyway")
+        warnings.append(msg + " (--force given)")
+
+    if width is None and preset is None and not any(o.startswith("model.width=") for o in overrides):
+        raise UserError("no target given: pass --width N and/or --preset NAME "
+                        f"(presets: {', '.join(list_presets())})")
+
+    if best.get("trial") is None and not best["hparams"]:
+        raise UserError("the study has no complete trial yet: nothing to transfer")
+    if not best["base_config"]:
+        raise UserError("best document has an empty base_config: cannot rebuild the proxy")
+    proxy = _base_config(best)
+    cfg = _base_config(best)
+
+    # 1. Model preset (architecture) and target width; the proxy's base shapes stay.
+    if preset is not None:
+        fields = load_preset(preset)
+        kept = []
+        for key, value in fields.items():
+            if key in PROXY_SHAPE_FIELDS:
+                if value != getattr(proxy.model, key):
+                    kept.append(f"model.{key}={value} (kept {getattr(proxy.model, key)})")
+                continue
+            set_by_path(cfg, f"model.{key}", value)
+        if kept:
+            warnings.append(f"preset {preset} sets {', '.join(kept)}: the proxy's base shapes "
+                            "and head_dim are kept so the tuned HPs apply; override them to "
+                            "change them (then the HPs are not transferred by muP)")
+        # Parametrization is the study's, never the preset's.
+        cfg.model.parametrization = proxy.model.parametrization
+    if width is not None:
+        cfg.model.width = width
+
+    # 2. The tuned HPs: resolved values keyed by config path.
+    for key, value in best["hparams"].items():
+        set_by_path(cfg, key, value)
+
+    # 3. Target-run defaults: its own run directory, and it saves (sweep trials may not).
+    cfg.train.run_dir = DEFAULT_TARGET_RUN_DIR
+    cfg.train.save = True
+    if steps is not None:
+        cfg.train.steps = steps
+
+    # 4. The user's overrides last; say so when one replaces a tuned value.
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+")
+        if key in best["hparams"]:
+            warnings.append(f"override {item} replaces the tuned {key}={best['hparams'][key]}")
+    cfg = _apply_overrides(cfg, overrides)
+    if steps is not None:  # --steps wins over a train.steps override given alongside it
+        cfg.train.steps = steps
+
+    # 5. What width transfer does not cover.
+    for key in NOT_TRANSFERRED:
+        a, b = _get(proxy, key), _get(cfg, key)
+        if a != b:
+            why = ("muP base shapes differ, so the tuned HPs mean something else"
+                   if key in ("model.base_width", "model.delta_width") else
+                   "not covered by width transfer; the tuned HPs may not be optimal")
+            warnings.append(f"proxy {key}={a} but target {key}={b}: {why}")
+
+    # 6. Drift: each proxy width's best lr should agree.
+    rows = lr_by_width(best)
+    spread = drift_octaves(rows)
+    if spread is not None and spread > DRIFT_TOLERANCE_OCTAVES:
+        table = ", ".join(f"width {r['width']}: 2^{r['log2_lr']:.2f}" for r in rows)
+        warnings.append(f"transfer looks unreliable: the best lr differs by {spread:.2f} "
+                        f"octaves across proxy widths ({table}); check the parametrization "
+                        "(mupsweep coord-check) or tune longer")
+
+    # 7. Cost, and the provenance block (plain types only: it must round-trip through YAML).
+    cost = best.get("cost") or {}
+    sweep_flops = cost.get("flops")
+    try:
+        per_image, target_flops = estimate_train_flops(cfg)
+    except UserError as e:  # e.g. the data is not on this machine: the config is still good
+        per_image, target_flops = None, None
+        warnings.append(f"target FLOPs not estimated: {e}")
+    pct = (100.0 * sweep_flops / target_flops
+           if isinstance(sweep_flops, int | float) and target_flops else None)
+    cost_line = _cost_line(cost, per_image, target_flops, pct, cfg)
+
+    cfg.provenance = {
+        "source": "mupsweep transfer",
+        "study": best.get("study"),
+        "storage": redact_url(best.get("storage")),
+        "trial": best.get("trial"),
+        "value": best.get("value"),
+        "parametrization": best["parametrization"],
+        "proxy_widths": [int(w) for w in best["proxy_widths"]],
+        "base_width": proxy.model.base_width,
+        "delta_width": proxy.model.delta_width,
+        "head_dim": proxy.model.head_dim,
+        "target_width": cfg.model.width,
+        "preset": preset,
+        "hparams": {str(k): _plain(v) for k, v in best["hparams"].items()},
+        "lr_by_width": {str(r["width"]): r["lr"] for r in rows},
+        "lr_drift_octaves": spread,
+        "sweep_cost": {k: _plain(cost.get(k)) for k in
+                       ("flops", "wall_time_s", "n_complete", "n_pruned", "n_failed")},
+        "target_flops_per_image": per_image,
+        "target_train_flops": target_flops,
+        "tuning_cost_pct": pct,
+        "overrides": overrides,
+        "warnings": list(warnings),
+    }
+    return TransferResult(cfg, warnings, rows, spread, cost_line)
+
+
+def _plain(v: Any) -> Any:
+    """Only YAML-safe scalars and containers go into provenance."""
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return str(v)
+
+
+def _cost_line(cost: dict, per_image: float | None, target: float | None, pct: float | None,
+               cfg: Config) -> str:
+    sweep = cost.get("flops")
+    parts = []
+    if isinstance(sweep, int | float):
+        n = cost.get("n_complete")
+        wall = cost.get("wall_time_s")
+        extra = ", ".join(x for x in (f"{n} complete trials" if n is not None else "",
+                                      f"{wall:.0f} s" if isinstance(wall, int | float) else "") if x)
+        parts.append(f"tuning cost {_fmt_flops(sweep)}" + (f" ({extra})" if extra else ""))
+    if target is not None:
+        parts.append(f"one target run {_fmt_flops(target)} (3 x {_fmt_flops(per_image)}/image "
+                     f"x batch {cfg.train.batch_size} x {cfg.train.steps} steps)")
+    line = "; ".join(parts) or "cost unknown"
+    if pct is not None:
+        line += f": tuning = {pct:.3g}% of one target run"
+    return line
+
+
+def write_config(cfg: Config, out: str | Path) -> str:
+    """Write the resolved YAML to `out` ('-' for stdout); return where it went."""
+    from mupsweep.config import to_yaml
+
+    text = to_yaml(cfg)
+    if str(out) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return "-"
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
