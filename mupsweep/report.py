@@ -47,14 +47,17 @@ def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image
 @torch.no_grad()
 def save_sample_grid(model: torch.nn.Module, diffusion, spec, n: int, cfg: DiffusionConfig,
                      path: Path, seed: int, device: torch.device,
-                     class_names: list[str] | None = None) -> Path:
-    """Sample n images (labels cycle through the classes) with CFG and save a PNG grid."""
+                     class_names: list[str] | None = None, conditioner=None) -> Path:
+    """Sample n images (labels cycle through the classes) with CFG and save a PNG grid.
+    `conditioner` (mupsweep.text) turns the labels into the model's cond dict (text models:
+    each class's first caption); None: {"y": labels}."""
     was_training = model.training
     model.eval()
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(n, spec.channels, spec.image_size, spec.image_size, generator=g, device=device)
     labels = torch.arange(n, device=device) % spec.num_classes
-    images = diffusion.sample(model, noise, {"y": labels}, cfg_scale=cfg.cfg_scale)
+    cond = conditioner(labels) if conditioner is not None else {"y": labels}
+    images = diffusion.sample(model, noise, cond, cfg_scale=cfg.cfg_scale)
     model.train(was_training)
     nrow = min(spec.num_classes, n)
     upscale = max(1, 64 // spec.image_size)

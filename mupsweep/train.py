@@ -26,6 +26,7 @@ from mupsweep.diffusion import make_diffusion
 from mupsweep.errors import UserError
 from mupsweep.models import DataSpec
 from mupsweep.parametrize import build_model, make_optimizer
+from mupsweep.text import Conditioner, LabelConditioner, make_conditioner
 
 EvalCallback = Callable[[int, float], None]
 
@@ -106,7 +107,8 @@ class FixedValidationSet:
     """Fixed (x0, t, noise) triples drawn once from a seeded generator, so the validation loss
     of given weights is one deterministic number, comparable across trials and widths."""
 
-    def __init__(self, dataset: ImageDataset, diffusion, size: int, seed: int, device: torch.device):
+    def __init__(self, dataset: ImageDataset, diffusion, size: int, seed: int, device: torch.device,
+                 conditioner: Conditioner | None = None):
         g = torch.Generator().manual_seed(seed)
         n_val = dataset.val_images.shape[0]
         idx = torch.arange(size) % n_val  # cycle when asking for more triples than images
@@ -114,6 +116,8 @@ class FixedValidationSet:
         self.y = dataset.val_labels[idx].to(device)
         self.t = diffusion.sample_timesteps(size, g, torch.device("cpu")).to(device)
         self.noise = torch.randn(self.x0.shape, generator=g).to(device)
+        conditioner = conditioner or LabelConditioner(data_spec_of(dataset))
+        self.cond = conditioner.to(device)(self.y)  # no generator: fixed (caption template 0)
 
     @torch.no_grad()
     def loss(self, model: nn.Module, diffusion, batch_size: int, autocast) -> float:
@@ -123,7 +127,8 @@ class FixedValidationSet:
         for i in range(0, n, batch_size):
             s = slice(i, i + batch_size)
             with autocast():
-                per_sample = diffusion.loss(model, self.x0[s], self.t[s], self.noise[s], {"y": self.y[s]})
+                cond = {k: v[s] for k, v in self.cond.items()}
+                per_sample = diffusion.loss(model, self.x0[s], self.t[s], self.noise[s], cond)
             total += per_sample.float().sum().item()
         model.train(was_training)
         return total / n
@@ -181,7 +186,8 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     dataset = dataset or load_dataset(cfg.data)
-    spec = data_spec_of(dataset)
+    conditioner = make_conditioner(cfg, dataset).to(device)  # labels -> the model's cond dict
+    spec = conditioner.data_spec
     diffusion = make_diffusion(cfg.diffusion)
     torch.manual_seed(tc.seed)  # weights: same seed, same init on every rank
     try:
@@ -195,7 +201,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     ema = make_ema(model, cfg, spec, device) if tc.ema_decay > 0 else None
     gen_index = torch.Generator().manual_seed(tc.seed + 1)
     gen_noise = torch.Generator(device).manual_seed(tc.seed + 2)
-    val_set = FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device)
+    val_set = FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device, conditioner)
 
     step, wall_before, history = 0, 0.0, []
     ckpt_path = run_dir / "last.pt"
@@ -261,9 +267,10 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             t = diffusion.sample_timesteps(tc.batch_size, gen_noise, device)
             noise = torch.randn(x0.shape, generator=gen_noise, device=device)
             drop = torch.rand(tc.batch_size, generator=gen_noise, device=device) < cfg.model.class_dropout
+            cond = conditioner(y, gen_noise)  # text models draw a caption template per sample
             with autocast():
                 loss = diffusion.loss(fwd_model, x0[local], t[local], noise[local],
-                                      {"y": y[local]}, drop[local]).mean()
+                                      {k: v[local] for k, v in cond.items()}, drop[local]).mean()
             loss.backward()
             if cfg.optim.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -311,7 +318,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             sample_model = ema if ema is not None else model
             save_sample_grid(sample_model, diffusion, spec, tc.samples, cfg.diffusion,
                              Path(result.samples_path), seed=tc.seed, device=device,
-                             class_names=dataset.class_names)
+                             class_names=dataset.class_names, conditioner=conditioner)
     if rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -95,13 +95,13 @@ def attention_scale(head_dim: int, base_head_dim: int, attn_mult: float, paramet
 class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention (fused kernels)."""
 
-    def __init__(self, width: int, head_dim: int, scale: float):
+    def __init__(self, width: int, head_dim: int, scale: float, sp_init: str = "xavier"):
         super().__init__()
         self.num_heads = width // head_dim
         self.head_dim = head_dim
         self.scale = scale
-        self.qkv = hidden_linear(width, 3 * width)
-        self.proj = hidden_linear(width, width)
+        self.qkv = hidden_linear(width, 3 * width, sp_init=sp_init)
+        self.proj = hidden_linear(width, width, sp_init=sp_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -114,11 +114,11 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2, both hidden."""
 
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, sp_init: str = "xavier"):
         super().__init__()
-        self.fc1 = hidden_linear(width, hidden)
+        self.fc1 = hidden_linear(width, hidden, sp_init=sp_init)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = hidden_linear(hidden, width)
+        self.fc2 = hidden_linear(hidden, width, sp_init=sp_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -163,10 +163,10 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class labels -> D. Row `num_classes` is the null class for classifier-free guidance."""
 
-    def __init__(self, num_classes: int, width: int):
+    def __init__(self, num_classes: int, width: int, sp_std: float = 0.02):
         super().__init__()
         self.num_classes = num_classes
-        self.embedding_table = input_embedding(num_classes + 1, width)
+        self.embedding_table = input_embedding(num_classes + 1, width, sp_std=sp_std)
 
     def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         if drop is not None:
@@ -207,3 +207,53 @@ def unpatchify(x: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
 def matmul_flops(m: int, k: int, n: int) -> int:
     """Forward FLOPs of an (m x k) @ (k x n) product."""
     return 2 * m * k * n
+
+
+# --------------------------------------------------------------------------------------------
+#          More role-tagged helpers (U-ViT, PixArt-alpha, MMDiT): norms, finite layers
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm(width: int, affine: bool = True, eps: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm over the width; with affine, its gain (init 1) and bias (init 0) are vector role."""
+    norm = nn.LayerNorm(width, elementwise_affine=affine, eps=eps)
+    if affine:
+        set_spec(norm.weight, VECTOR_GAIN)
+        set_spec(norm.bias, VECTOR_BIAS)
+    return norm
+
+
+# A tensor with no width-sized dim (e.g. U-ViT's 3x3 C->C output conv, PixArt's null caption
+# (text_len, text_dim)). mup's base shapes give it ninf = 0, which `check_roles` reads as the
+# vector role: like a bias, nothing about it changes with width, so under muP it keeps the base
+# lr (MuAdamW only rescales ninf = 2 weights) and a width-independent init.
+def _finite_spec(mup_init: str, std: float = 1.0, sp_init: str = "fan_in",
+                 sp_std: float = 0.02) -> ParamSpec:
+    return ParamSpec(Role.VECTOR, mup_init=mup_init, std=std, sp_init=sp_init, sp_std=sp_std)
+
+
+def finite_conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+    """A same-padding conv between finite channel counts (U-ViT's final 3x3 conv, C -> C).
+    Both dims are finite, so muP treats it like a vector-role parameter (no width multiplier);
+    init N(0, 1/sqrt(fan_in)) in both parametrizations (fan_in = C * k * k)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=kernel, padding=kernel // 2)
+    set_spec(conv.weight, _finite_spec("fan_in", sp_init="fan_in"))
+    set_spec(conv.bias, VECTOR_BIAS)
+    return conv
+
+
+def finite_parameter(*shape: int, std: float) -> nn.Parameter:
+    """A learned tensor with no width-sized dim (PixArt's null caption embedding): vector role,
+    N(0, std) in both parametrizations."""
+    p = nn.Parameter(torch.zeros(*shape))
+    return set_spec(p, _finite_spec("const", std=std, sp_init="normal", sp_std=std))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / rms(x) over the last dim, times a gain (MMDiT's QK-norm, per head)."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) * weight
+
+
+def key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True = a real token -> (B, 1, 1, L) boolean mask for scaled_dot_product_attention."""
+    return mask[:, None, None, :]

@@ -1,0 +1,207 @@
+"""MMDiT (Esser et al. 2024, Stable Diffusion 3) in muP and SP: two streams, joint attention.
+
+Image tokens and caption tokens keep separate weights (adaLN modulation, qkv, proj, MLP) and
+meet in one attention over their concatenation, with RMS QK-norm per head. The conditioning
+vector c = timestep embedding + pooled-caption embedding drives every adaLN. Trained with
+rectified flow (the presets set diffusion.kind=rectified_flow). The last block's caption stream
+is "pre-only" (as SD3): it gives keys/values but its own output is never used, so it has no
+proj/MLP. Caption dropout (CFG) zeroes the caption tokens and the pooled vector, as SD3 does.
+
+muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
+- input: patch embed, timestep MLP first linear (256 -> D), context embedder
+  (text_dim -> D), pooled-text embedder first linear (pooled_dim -> D);
+- hidden: every qkv/proj/MLP/adaLN modulation of both streams, the timestep and pooled MLPs'
+  second linears (D -> D), the final adaLN;
+- output: final linear (MuReadout, zero init);
+- vector: biases and the QK-norm gains (head_dim, per head, shared across heads).
+Attention scale: `layers.attention_scale` (muP 1/d anchored at the base head_dim). SP =
+SD3/DiT-style init: xavier linears, N(0, 0.02) embedder MLPs, adaLN-zero, zero readout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mupsweep.config import ModelConfig
+from mupsweep.models.layers import (
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    attention_scale,
+    gain,
+    get_2d_sincos_pos_embed,
+    hidden_linear,
+    input_linear,
+    key_mask,
+    matmul_flops,
+    modulate,
+    readout,
+    rms_norm,
+    unpatchify,
+)
+from mupsweep.models.registry import DataSpec, register
+from mupsweep.text import text_dims, text_settings
+
+
+class StreamBlock(nn.Module):
+    """One stream's half of a joint block: adaLN, qkv with QK-norm, then (unless pre_only)
+    proj and MLP applied to that stream's slice of the joint attention output."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, pre_only: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.pre_only = width // head_dim, head_dim, pre_only
+        n_mod = 2 if pre_only else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, n_mod * width, adaln=True))
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = hidden_linear(width, 3 * width)
+        self.ln_q, self.ln_k = gain(head_dim), gain(head_dim)  # RMS QK-norm gains
+        if not pre_only:
+            self.proj = hidden_linear(width, width)
+            self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """-> q, k, v (B, heads, L, head_dim) and the modulation left for post_attention."""
+        mod = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)  # each (B, D)
+        B, L, _ = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), mod[0], mod[1]))
+        q, k, v = qkv.reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return rms_norm(q, self.ln_q), rms_norm(k, self.ln_k), v, mod[2:]
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mod) -> torch.Tensor:
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_msa.unsqueeze(1) * self.proj(attn)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class JointBlock(nn.Module):
+    """Caption stream + image stream, one attention over [caption; image] tokens."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float,
+                 last: bool = False):
+        super().__init__()
+        self.scale = attn_scale
+        self.context_block = StreamBlock(width, head_dim, mlp_ratio, pre_only=last)
+        self.x_block = StreamBlock(width, head_dim, mlp_ratio)
+
+    def forward(self, ctx: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor):
+        """ctx: (B, Lc, D), x: (B, N, D), mask: (B, Lc + N) bool, c: (B, D)."""
+        qc, kc, vc, mod_c = self.context_block.pre_attention(ctx, c)
+        qx, kx, vx, mod_x = self.x_block.pre_attention(x, c)
+        q, k, v = torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask), scale=self.scale)
+        B, Lc, D = ctx.shape
+        out = out.transpose(1, 2).reshape(B, -1, D)  # (B, Lc + N, D)
+        x = self.x_block.post_attention(x, out[:, Lc:], mod_x)
+        if self.context_block.pre_only:
+            return None, x
+        return self.context_block.post_attention(ctx, out[:, :Lc], mod_c), x
+
+
+class MMDiTFinalLayer(nn.Module):
+    """adaLN norm then the readout: D -> p*p*C_out per image token."""
+
+    def __init__(self, width: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = readout(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 2 * width, adaln=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """SD3-style multimodal diffusion transformer (rectified flow)."""
+
+    conditioning = "text"
+
+    def __init__(self, cfg: ModelConfig, data: DataSpec):
+        super().__init__()
+        self.cfg = cfg
+        if data.image_size % cfg.patch_size:
+            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
+        self.text_dim, self.text_len = text_dims(cfg, data)
+        self.pooled_dim = text_settings(cfg).pooled_dim
+        D, p = cfg.width, cfg.patch_size
+        self.in_channels = data.channels
+        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
+        self.patch_size = p
+        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+
+        self.x_embedder = PatchEmbed(data.image_size, p, data.channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.Sequential(  # pooled caption -> D (SD3's VectorEmbedder)
+            input_linear(self.pooled_dim, D, sp_init="normal"), nn.SiLU(),
+            hidden_linear(D, D, sp_init="normal"))
+        self.context_embedder = input_linear(self.text_dim, D)
+        grid = data.image_size // p
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
+        self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1)
+            for i in range(cfg.depth))
+        self.final_layer = MMDiTFinalLayer(D, p, self.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,) (rectified flow: t in [0, num_timesteps)),
+        cond["text"]: (B, L, text_dim), cond["mask"]: (B, L) bool, cond["pooled"]: (B, Dp),
+        drop: (B,) bool, True where the caption is zeroed (CFG)."""
+        text, mask, pooled = cond["text"], cond["mask"], cond["pooled"]
+        if drop is not None:  # SD3: a dropped caption's encodings are zero, all tokens attended
+            keep = (~drop).to(text.dtype)
+            text, pooled = text * keep[:, None, None], pooled * keep[:, None]
+            mask = mask | drop[:, None]
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(pooled)  # (B, D)
+        ctx = self.context_embedder(text)  # (B, L, D)
+        joint_mask = torch.cat([mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)], 1)
+        for block in self.joint_blocks:
+            ctx, x = block(ctx, x, joint_mask, c)
+        x = self.final_layer(x, c)  # (B, N, p*p*C_out)
+        return unpatchify(x, self.out_channels, self.patch_size)
+
+    def tracked_modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"x_embedder": self.x_embedder, "t_embedder": self.t_embedder,
+                                      "y_embedder": self.y_embedder,
+                                      "context_embedder": self.context_embedder}
+        for i, block in enumerate(self.joint_blocks):
+            for stream, sb in (("x", block.x_block), ("context", block.context_block)):
+                mods[f"joint_blocks.{i}.{stream}.qkv"] = sb.qkv
+                mods[f"joint_blocks.{i}.{stream}.adaLN"] = sb.adaLN_modulation
+                if not sb.pre_only:
+                    mods[f"joint_blocks.{i}.{stream}.proj"] = sb.proj
+                    mods[f"joint_blocks.{i}.{stream}.mlp"] = sb.mlp
+        mods["final_layer"] = self.final_layer.linear
+        return mods
+
+    def flops_per_image(self, data: DataSpec) -> int:
+        """Analytic forward FLOPs for one image; training is ~3x."""
+        D, N, L = self.cfg.width, (data.image_size // self.patch_size) ** 2, self.text_len
+        H = int(D * self.cfg.mlp_ratio)
+
+        def stream(n: int, pre_only: bool) -> int:
+            f = matmul_flops(n, D, 3 * D) + matmul_flops(1, D, (2 if pre_only else 6) * D)
+            if not pre_only:
+                f += matmul_flops(n, D, D) + matmul_flops(n, D, H) + matmul_flops(n, H, D)
+            return f
+
+        depth = self.cfg.depth
+        blocks = depth * (stream(N, False) + 2 * matmul_flops(N + L, D, N + L)) \
+            + (depth - 1) * stream(L, False) + stream(L, True)
+        p2 = self.patch_size**2
+        return (
+            blocks
+            + matmul_flops(N, p2 * self.in_channels, D)  # patch embed
+            + matmul_flops(1, 256, D) + matmul_flops(1, D, D)  # timestep MLP
+            + matmul_flops(1, self.pooled_dim, D) + matmul_flops(1, D, D)  # pooled MLP
+            + matmul_flops(L, self.text_dim, D)  # context embedder
+            + matmul_flops(1, D, 2 * D) + matmul_flops(N, D, p2 * self.out_channels)
+        )
+
+
+register("mmdit", MMDiT)

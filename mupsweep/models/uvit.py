@@ -1,0 +1,153 @@
+"""U-ViT (Bao et al. 2023) in muP and SP: class-conditional, everything is a token.
+
+The timestep and the class label enter as two extra tokens in front of the patch tokens; a
+learned positional embedding covers all of them; in-blocks, a mid-block and out-blocks are
+joined by long skips (concat then `skip_linear` 2D -> D); a final norm and the `decoder_pred`
+readout, then an optional 3x3 conv on the image.
+
+muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
+- input: patch embed conv, timestep MLP first linear (256 -> D), label table, pos embed
+  (`input_parameter`, constant std 0.02 in both parametrizations);
+- hidden: qkv, proj, MLP fc1/fc2, timestep MLP second linear, skip_linear (2D -> D);
+- output: decoder_pred (MuReadout, zero init);
+- vector: biases, LayerNorm gains/biases, and the optional 3x3 conv (C -> C): neither of its
+  dims grows with width, so mup gives it no infinite dim and it trains like a vector-role
+  parameter (base lr, width-independent init; `layers.finite_conv`).
+SP = original U-ViT: trunc-normal(0.02)-like N(0, 0.02) linears, N(0, 1) label table (torch's
+nn.Embedding default, which U-ViT keeps), zero readout here as in DiT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mupsweep.config import ModelConfig
+from mupsweep.models.layers import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    attention_scale,
+    finite_conv,
+    hidden_linear,
+    input_parameter,
+    layer_norm,
+    matmul_flops,
+    readout,
+    unpatchify,
+)
+from mupsweep.models.registry import DataSpec, register
+
+EXTRAS = 2  # tokens in front of the patches: time, label
+
+
+class UViTBlock(nn.Module):
+    """Pre-LN transformer block; out-blocks first fuse the long skip: skip_linear([x, skip])."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float,
+                 skip: bool = False):
+        super().__init__()
+        self.skip_linear = hidden_linear(2 * width, width, sp_init="normal") if skip else None
+        self.norm1 = layer_norm(width)
+        self.attn = Attention(width, head_dim, attn_scale, sp_init="normal")
+        self.norm2 = layer_norm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio), sp_init="normal")
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, L, 2D) -> (B, L, D)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    """U-ViT: time and label tokens, long skips between in- and out-blocks."""
+
+    conditioning = "label"
+
+    def __init__(self, cfg: ModelConfig, data: DataSpec):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.depth % 2 == 0:
+            raise ValueError(f"model.depth={cfg.depth}: U-ViT needs an odd depth "
+                             f"(depth//2 in-blocks, 1 mid-block, depth//2 out-blocks); "
+                             f"try {cfg.depth + 1}")
+        if data.image_size % cfg.patch_size:
+            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
+        D, p = cfg.width, cfg.patch_size
+        self.in_channels = data.channels
+        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
+        self.patch_size = p
+        self.num_patches = (data.image_size // p) ** 2
+        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+
+        self.patch_embed = PatchEmbed(data.image_size, p, data.channels, D)
+        self.time_embed = TimestepEmbedder(D)
+        self.label_emb = LabelEmbedder(data.num_classes, D, sp_std=1.0)
+        self.pos_embed = input_parameter(1, EXTRAS + self.num_patches, D, mup_std=0.02, sp_std=0.02)
+        half = cfg.depth // 2
+        self.in_blocks = nn.ModuleList(
+            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale) for _ in range(half))
+        self.mid_block = UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale)
+        self.out_blocks = nn.ModuleList(
+            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, skip=True) for _ in range(half))
+        self.norm = layer_norm(D)
+        self.decoder_pred = readout(D, p * p * self.out_channels)
+        self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) \
+            if cfg.extra.get("conv", False) else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,), cond["y"]: (B,) labels, drop: (B,) bool (null label)."""
+        x = self.patch_embed(x)  # (B, N, D)
+        time_token = self.time_embed(t).unsqueeze(1)  # (B, 1, D)
+        label_token = self.label_emb(cond["y"], drop).unsqueeze(1)  # (B, 1, D)
+        x = torch.cat([time_token, label_token, x], dim=1) + self.pos_embed  # (B, 2+N, D)
+        skips = []
+        for block in self.in_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for block in self.out_blocks:
+            x = block(x, skips.pop())
+        x = self.decoder_pred(self.norm(x))[:, EXTRAS:]  # (B, N, p*p*C_out)
+        x = unpatchify(x, self.out_channels, self.patch_size)  # (B, C_out, H, W)
+        return self.final_layer(x) if self.final_layer is not None else x
+
+    def tracked_modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"patch_embed": self.patch_embed, "time_embed": self.time_embed,
+                                      "label_emb": self.label_emb}
+        for i, block in enumerate(self.in_blocks):
+            mods[f"in_blocks.{i}.attn"], mods[f"in_blocks.{i}.mlp"] = block.attn, block.mlp
+        mods["mid_block.attn"], mods["mid_block.mlp"] = self.mid_block.attn, self.mid_block.mlp
+        for i, block in enumerate(self.out_blocks):
+            mods[f"out_blocks.{i}.skip_linear"] = block.skip_linear
+            mods[f"out_blocks.{i}.attn"], mods[f"out_blocks.{i}.mlp"] = block.attn, block.mlp
+        mods["decoder_pred"] = self.decoder_pred
+        return mods
+
+    def flops_per_image(self, data: DataSpec) -> int:
+        """Analytic forward FLOPs for one image (matmuls, attention, convs); training is ~3x."""
+        D, N = self.cfg.width, self.num_patches + EXTRAS
+        H = int(D * self.cfg.mlp_ratio)
+        per_block = (
+            matmul_flops(N, D, 3 * D) + matmul_flops(N, D, D)  # qkv, proj
+            + 2 * matmul_flops(N, D, N)  # q k^T and attn @ v
+            + matmul_flops(N, D, H) + matmul_flops(N, H, D)  # MLP
+        )
+        p2 = self.patch_size**2
+        flops = (
+            (2 * (self.cfg.depth // 2) + 1) * per_block
+            + (self.cfg.depth // 2) * matmul_flops(N, 2 * D, D)  # skip_linear
+            + matmul_flops(self.num_patches, p2 * self.in_channels, D)  # patch embed
+            + matmul_flops(1, 256, D) + matmul_flops(1, D, D)  # timestep MLP
+            + matmul_flops(N, D, p2 * self.out_channels)  # decoder_pred (extras included)
+        )
+        if self.final_layer is not None:
+            flops += matmul_flops(data.image_size**2, 9 * self.out_channels, self.out_channels)
+        return flops
+
+
+register("uvit", UViT)
