@@ -199,6 +199,71 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
 
 
 # --------------------------------------------------------------------------------------------
+# tune: Optuna sweep of the muP hyperparameters on proxy widths (mupsweep/tune.py)
+# --------------------------------------------------------------------------------------------
+
+
+@app.command("tune")
+def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
+             storage: str = typer.Option(None, "--storage", help="Optuna storage: SQLAlchemy URL, "
+                                         "PATH.journal or journal:PATH (= sweep.storage)"),
+             study: str = typer.Option(None, "--study", help="study name (= sweep.study)"),
+             workers: int = typer.Option(1, "--workers", help="worker processes on this machine")) -> None:
+    """Sweep lr / init / output multiplier on narrow proxies; sweep.n_trials is the global budget.
+
+    Re-run the same command (here or on another machine, same --storage) to add workers or to
+    continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json."""
+    import optuna
+
+    from mupsweep.config import set_by_path
+    from mupsweep.tune import best_document, search_space, trial_budget
+    from mupsweep.tune import tune as run_tune
+
+    cfg = _compose(overrides)
+    if storage is not None:
+        set_by_path(cfg, "sweep.storage", storage)
+    if study is not None:
+        set_by_path(cfg, "sweep.study", study)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial lines instead
+    try:
+        result = run_tune(cfg, workers=workers)
+    except RuntimeError as e:  # a worker process died: the study is intact, re-run to continue
+        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    doc = best_document(result)
+    _print_best_trials(doc)
+    if json_out:
+        _print_json(doc)
+    cost = doc["cost"]
+    done, budget = cost["n_complete"] + cost["n_pruned"], trial_budget(cfg, search_space(cfg))
+    if done < budget:  # stopped early: trials kept failing (see their reasons above)
+        err.print(f"[red]sweep incomplete:[/] {done}/{budget} trials finished", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_best_trials(doc: dict, top: int = 10) -> None:
+    rows = sorted((t for t in doc["trials"] if t["state"] == "COMPLETE" and t["value"] is not None),
+                  key=lambda t: t["value"])[:top]
+    table = Table(title=f"study {doc['study']} ({doc['parametrization']}): best trials",
+                  title_justify="left")
+    keys = list(doc["hparams"]) or (list(rows[0]["hparams"]) if rows else [])
+    widths = [str(w) for w in doc["proxy_widths"]]
+    for col in ["trial", "value", *[f"loss w{w}" for w in widths], *keys]:
+        table.add_column(col, justify="right")
+    for t in rows:
+        table.add_row(str(t["number"]), f"{t['value']:.4f}",
+                      *[f"{t['losses'].get(w, math.nan):.4f}" for w in widths],
+                      *[f"{t['hparams'].get(k):.4g}" if isinstance(t["hparams"].get(k), float)
+                        else str(t["hparams"].get(k)) for k in keys])
+    err.print(table)
+    c = doc["cost"]
+    err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed; "
+              f"{c['flops']:.3g} FLOPs, {c['wall_time_s']:.0f} s of training; storage {doc['storage']}",
+              highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
 # transfer and report: read the sweep's best document (a file, stdin, or the study itself)
 # --------------------------------------------------------------------------------------------
 
