@@ -171,31 +171,57 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where everything goes"),
+         n_trials: int = typer.Option(12, "--trials", help="sweep trials on the proxies"),
          json_out: bool = JSON) -> None:
-    """The whole workflow on built-in digits: coord-check (muP and SP), then train."""
-    from mupsweep.config import set_by_path
-    from mupsweep.coordcheck import coord_check as run_check
-    from mupsweep.train import train as run_train
+    """The main job on built-in digits: coord-check, tune, transfer, train, report."""
+    import optuna
 
-    summary: dict = {}
-    for par in ("mup", "sp"):
-        cfg = _compose([f"model.parametrization={par}", f"coord.out_dir={out_dir}/coord_check"])
-        with err.status(f"coordinate check ({par}) ..."):
-            r = run_check(cfg, out_dir=cfg.coord.out_dir)
-        _print_slopes(r)
-        summary[f"coord_check_{par}"] = {"passed": r.passed, "max_abs_slope": r.max_abs_slope,
-                                         "plot": r.plot_path}
-    cfg = _compose(["model.width=128", "train.steps=1500", "train.eval_every=250",
-                    "train.ema_decay=0.99", "train.samples=30", f"train.run_dir={out_dir}/train"])
-    set_by_path(cfg, "train.resume", False)
-    result = run_train(cfg)
-    err.print(f"train: validation loss {result.initial_validation_loss:.4f} -> "
-              f"{result.validation_loss:.4f} in {result.steps} steps ({result.wall_time_s:.0f} s); "
-              f"samples {result.samples_path}")
-    summary["train"] = result.to_dict()
+    from mupsweep.demo import run_demo
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summary = run_demo(out_dir, n_trials=n_trials, console=err)
     if json_out:
         _print_json(summary)
     raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
+
+
+@app.command()
+def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
+             widths: str = typer.Option("32,64,128,256", "--widths", help="comma-separated widths"),
+             lrs: str = typer.Option("-12:-5", "--log2-lr", help="log2 lr grid LOW:HIGH[:STEP]"),
+             seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
+             only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
+             workers: int = typer.Option(1, "--workers", help="worker processes per study")) -> None:
+    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
+    import optuna
+
+    from mupsweep.validate import validate as run_validate
+
+    def ints(text: str, what: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"{what}={text!r}: give comma-separated integers") from None
+
+    try:
+        parts = [float(x) for x in lrs.split(":")]
+        lo, hi, step = (parts + [1.0])[:3] if len(parts) in (2, 3) else (0, -1, 1)
+    except ValueError:
+        lo, hi, step = 0, -1, 1
+    if lo >= hi or step <= 0:
+        raise UserError(f"--log2-lr={lrs!r}: give LOW:HIGH[:STEP] with LOW < HIGH, e.g. -12:-5")
+    grid = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+    pars = tuple(p.strip() for p in only.split(",") if p.strip())
+    if not pars or any(p not in ("sp", "mup") for p in pars):
+        raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
+    cfg = _compose(overrides)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = run_validate(cfg, ints(widths, "--widths"), grid, ints(seeds, "--seeds"), pars,
+                          workers=workers)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
+    if json_out:
+        _print_json(result.summary())
 
 
 # --------------------------------------------------------------------------------------------

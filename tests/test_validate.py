@@ -1,0 +1,55 @@
+"""`mupsweep validate` on a tiny grid produces the figure and the table with every field."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from mupsweep.validate import best_per_width, loss_table, parabola_vertex
+
+
+def test_validate_tiny_grid_writes_figure_and_table(tmp_path):
+    proc = run_cli("validate", "model=dit-tiny", "train.steps=4", "train.eval_every=4",
+                   "train.val_size=32", f"sweep.out_dir={tmp_path}", "--widths", "32,64",
+                   "--log2-lr=-10:-8", "--seeds", "0,1", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert Path(doc["figure"]).stat().st_size > 10_000
+    md = Path(doc["table"]).read_text()
+    assert "best log2 lr (fit)" in md and "wider is better" in md
+    for par in ("sp", "mup"):
+        v = doc[par]
+        assert set(v) >= {"drift_octaves", "wider_is_better", "best"}
+        assert [b["width"] for b in v["best"]] == [32, 64]
+        for b in v["best"]:
+            assert b["best_log2_lr"] in (-10.0, -9.0, -8.0)
+            assert -10.0 <= b["fit_log2_lr"] <= -8.0
+            assert b["seeds"] == 2 and b["seed_std"] >= 0.0
+            assert 0 < b["loss_at_best"] < 2
+        assert v["drift_octaves"] == pytest.approx(abs(v["best"][1]["fit_log2_lr"] - v["best"][0]["fit_log2_lr"]))
+
+
+def test_parabola_vertex_recovers_a_known_optimum():
+    x = np.arange(-12.0, -4.0)
+    y = (x + 7.3) ** 2 + 1.0
+    i = int(np.argmin(y))
+    vertex, fitted = parabola_vertex(x, y, i)
+    assert fitted and vertex == pytest.approx(-7.3)
+    # at the grid edge there is nothing to fit: the grid point is the answer
+    assert parabola_vertex(x, (x + 20) ** 2, 0) == (-12.0, False)
+
+
+def test_diverged_runs_never_win_and_missing_widths_count_as_diverged():
+    doc = {"study": "s", "proxy_widths": [32, 256], "trials": [
+        {"hparams": {"optim.lr": 2.0**-8}, "losses": {"32": 0.20, "256": 0.15}},
+        {"hparams": {"optim.lr": 2.0**-7}, "losses": {"32": 0.18}},  # pruned: 256 diverged
+        {"hparams": {"optim.lr": 2.0**-6}, "losses": {"32": 0.19, "256": math.inf}},
+    ]}
+    best = best_per_width(loss_table(doc))
+    assert best.set_index("width").loc[256, "best_log2_lr"] == -8.0
+    assert best.set_index("width").loc[32, "best_log2_lr"] == -7.0
