@@ -310,6 +310,29 @@ def _load_image_folder(cfg: DataConfig) -> _Pool:
 # --------------------------------------------------------------------------------------------
 
 
+def read_named_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays named `keys` that a .npz or .safetensors file holds (absent keys are left
+    out; the caller says which it needs). Floats come back as float32-or-wider numpy arrays."""
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in keys if k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise UserError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+        # via torch: numpy has no bfloat16, which is a common dtype for stored latents
+        return {k: (t.float() if t.is_floating_point() else t).numpy()
+                for k, t in tensors.items() if k in keys}
+    raise UserError(f"{path}: expected a .npz or .safetensors file")
+
+
 def _read_latent_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """(latents, labels) as numpy arrays from one of the three supported layouts."""
     if root.is_dir():
@@ -324,24 +347,8 @@ def _read_latent_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
             except (OSError, ValueError, EOFError) as e:
                 raise UserError(f"{path}: not a readable .npy file ({_first_line(e)})") from None
         return arrays["latents"], arrays["labels"]
-    if root.suffix == ".npz":
-        try:
-            with np.load(root, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in ("latents", "labels") if k in npz.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise UserError(f"{root}: not a readable .npz file ({_first_line(e)})") from None
-    elif root.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(root))
-        except (OSError, SafetensorError) as e:
-            reason = _first_line(e)
-            raise UserError(f"{root}: not a readable .safetensors file ({reason})") from None
-        # via torch: numpy has no bfloat16, which is a common dtype for stored latents
-        arrays = {k: (t.float() if t.is_floating_point() else t).numpy()
-                  for k, t in tensors.items() if k in ("latents", "labels")}
+    if root.suffix in (".npz", ".safetensors"):
+        arrays = read_named_arrays(root, ("latents", "labels"))
     else:
         raise UserError(f"data.root={root}: expected a .npz or .safetensors file, or a directory "
                         "with latents.npy and labels.npy")

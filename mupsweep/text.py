@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from mupsweep.config import Config, DataConfig, ModelConfig
+from mupsweep.data import read_named_arrays
 from mupsweep.errors import UserError
 
 ENCODERS = ("hash", "minilm", "file")
@@ -385,21 +386,6 @@ def load_embedding_file(s: TextSettings, num_classes: int) -> TextEmbeddings:
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    keys = ("embeddings", "mask", "pooled")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in keys if k in f.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise UserError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as e:
-            raise UserError(f"{path}: not a readable .safetensors file ({type(e).__name__})") from None
-        return {k: (t.float() if t.is_floating_point() else t).numpy()
-                for k, t in tensors.items() if k in keys}
-    raise UserError(f"model.extra.text_file={path}: expected a .npz or .safetensors file")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise UserError(f"model.extra.text_file={path}: expected a .npz or .safetensors file")
+    return read_named_arrays(path, ("embeddings", "mask", "pooled"))

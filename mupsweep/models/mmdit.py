@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mupsweep.config import ModelConfig
+from mupsweep.models.dit import FinalLayer
 from mupsweep.models.layers import (
     Mlp,
     PatchEmbed,
@@ -37,7 +38,6 @@ from mupsweep.models.layers import (
     key_mask,
     matmul_flops,
     modulate,
-    readout,
     rms_norm,
     unpatchify,
 )
@@ -100,20 +100,6 @@ class JointBlock(nn.Module):
         return self.context_block.post_attention(ctx, out[:, :Lc], mod_c), x
 
 
-class MMDiTFinalLayer(nn.Module):
-    """adaLN norm then the readout: D -> p*p*C_out per image token."""
-
-    def __init__(self, width: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = readout(width, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 2 * width, adaln=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class MMDiT(nn.Module):
     """SD3-style multimodal diffusion transformer (rectified flow)."""
 
@@ -144,7 +130,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1)
             for i in range(cfg.depth))
-        self.final_layer = MMDiTFinalLayer(D, p, self.out_channels)
+        self.final_layer = FinalLayer(D, p, self.out_channels)  # DiT's: adaLN norm + readout
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:
