@@ -1,0 +1,119 @@
+"""Experiment: tune on proxies, transfer, and race the transferred muP run against SP.
+
+With the tool's own functions (the same ones the CLI calls):
+  1. tune on narrow proxies (default widths 32 and 64) -> best HPs, with the sweep's FLOPs
+     and wall time;
+  2. transfer to the target width and train it (muP);
+  3. train the SP baseline at the same width with DiT's recipe (AdamW, lr 1e-4), same steps,
+     same data, same batch;
+  4. report the steps muP needs to reach SP's final validation loss (speed-up), the sweep cost
+     as % of one target run (FLOPs and wall time), and a loss-vs-steps figure.
+
+    python scripts/convergence.py --out runs/convergence            # ~12 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import optuna
+
+from mupsweep.config import compose
+from mupsweep.report import _pyplot
+from mupsweep.train import train
+from mupsweep.transfer import transfer
+from mupsweep.tune import best_document, tune
+
+
+def steps_to_reach(history: list[dict], target: float) -> int | None:
+    """First evaluated step whose validation loss is <= target (linear interpolation between
+    evaluations, so the answer is not quantized to eval_every)."""
+    prev = None
+    for h in history:
+        if h["validation_loss"] <= target:
+            if prev is None:
+                return h["step"]
+            (s0, l0), (s1, l1) = prev, (h["step"], h["validation_loss"])
+            return int(round(s0 + (s1 - s0) * (l0 - target) / max(l0 - l1, 1e-12)))
+        prev = (h["step"], h["validation_loss"])
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/convergence")
+    ap.add_argument("--proxy-widths", default="32,64")
+    ap.add_argument("--target-width", type=int, default=256)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--proxy-steps", type=int, default=200)
+    ap.add_argument("--target-steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--model", default="dit-tiny")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    common = [f"model={args.model}", f"data={args.data}", f"train.batch_size={args.batch_size}",
+              "train.val_size=256"]
+
+    # 1. tune on the proxies
+    sweep = compose([*common, f"sweep.proxy_widths=[{args.proxy_widths}]",
+                     f"sweep.n_trials={args.trials}", f"sweep.out_dir={out}/sweep", "sweep.study=convergence",
+                     f"train.steps={args.proxy_steps}", f"train.eval_every={args.proxy_steps // 4}"])
+    best = best_document(tune(sweep))
+
+    # 2. transfer + train muP at the target width
+    eval_every = max(10, args.target_steps // 40)
+    t = transfer(best, width=args.target_width, steps=args.target_steps, overrides=[
+        f"train.run_dir={out}/mup", f"train.eval_every={eval_every}", "train.resume=false",
+        "train.samples=20"])
+    mup = train(t.config)
+
+    # 3. the SP baseline: DiT's recipe at the same width, steps, data and batch
+    sp_cfg = compose([*common, "model.parametrization=sp", "optim=dit-sp",
+                      f"model.width={args.target_width}", f"train.steps={args.target_steps}",
+                      f"train.eval_every={eval_every}", f"train.run_dir={out}/sp",
+                      "train.resume=false", "train.samples=20"])
+    sp = train(sp_cfg)
+
+    # 4. speed-up and cost
+    reach = steps_to_reach(mup.history, sp.validation_loss)
+    summary = {
+        "target_width": args.target_width, "target_steps": args.target_steps,
+        "batch_size": args.batch_size, "proxy_widths": best["proxy_widths"],
+        "transferred_hparams": best["hparams"], "proxy_best_log2_lr": math.log2(best["hparams"]["optim.lr"]),
+        "sp_recipe": {"optim.lr": sp_cfg.optim.lr}, "sp_final_loss": sp.validation_loss,
+        "mup_final_loss": mup.validation_loss, "mup_steps_to_sp_final": reach,
+        "speedup": args.target_steps / reach if reach else None,
+        "sweep_flops": best["cost"]["flops"], "target_flops": mup.flops,
+        "sweep_pct_of_target_flops": 100 * best["cost"]["flops"] / mup.flops,
+        "sweep_wall_s": best["cost"]["wall_time_s"], "target_wall_s": mup.wall_time_s,
+        "sweep_pct_of_target_wall": 100 * best["cost"]["wall_time_s"] / mup.wall_time_s,
+        "sweep_trials": best["cost"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in (("muP, transferred HPs", mup), (f"SP, DiT recipe (lr {sp_cfg.optim.lr:g})", sp)):
+        ax.plot([h["step"] for h in r.history], [h["validation_loss"] for h in r.history], label=name)
+    ax.axhline(sp.validation_loss, color="gray", ls=":", lw=1)
+    if reach:
+        ax.axvline(reach, color="gray", ls=":", lw=1)
+        ax.set_title(f"width {args.target_width}: muP reaches SP's final loss at step {reach} "
+                     f"({args.target_steps / reach:.1f}x)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=130)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
