@@ -2,8 +2,8 @@
 
 `validate(cfg)` runs one grid study per parametrization with the ordinary sweep machinery
 (`tune.tune`: same storage, workers, resume), then reads the per-width losses back and
-reports, per width: the grid argmin of log2 lr, a parabola fit through the argmin and its two
-neighbours, the loss there and its seed noise; the drift of the optimum (octaves) from the
+reports, per width: the grid argmin of log2 lr, a least-squares parabola through the grid points
+around it, the loss there and its seed noise; the drift of the optimum (octaves) from the
 narrowest to the widest width; and whether the loss at the optimum improves with every width
 step ("wider is better"). The two-panel figure (SP | muP) is the picture that sells muP.
 """
@@ -40,15 +40,24 @@ def loss_table(doc: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def parabola_vertex(x: np.ndarray, y: np.ndarray, i: int) -> tuple[float, bool]:
-    """Vertex of the parabola through points i-1, i, i+1; (grid x[i], False) at an edge or
-    when the three points do not curve upwards."""
-    if i == 0 or i == len(x) - 1 or not np.isfinite(y[i - 1:i + 2]).all():
+def parabola_vertex(x: np.ndarray, y: np.ndarray, i: int, half_window: int = 2,
+                    unstable: float = 1.5) -> tuple[float, bool]:
+    """Least-squares parabola through the grid points within `half_window` of the argmin i,
+    leaving out points above `unstable` x the minimum (the cliff where training breaks down
+    would drag the vertex). Near-flat optima are common at small scale, and five points
+    average out seed noise better than three. Returns (vertex, True), or (x[i], False) when
+    fewer than three points remain, the fit does not curve upwards, or i is at the grid edge."""
+    if i == 0 or i == len(x) - 1:
         return float(x[i]), False
-    a, b, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    lo, hi = max(0, i - half_window), min(len(x), i + half_window + 1)
+    xs, ys = x[lo:hi], y[lo:hi]
+    keep = np.isfinite(ys) & (ys <= unstable * y[i])
+    if keep.sum() < 3:
+        return float(x[i]), False
+    a, b, _ = np.polyfit(xs[keep], ys[keep], 2)
     if a <= 0:
         return float(x[i]), False
-    return float(np.clip(-b / (2 * a), x[i - 1], x[i + 1])), True
+    return float(np.clip(-b / (2 * a), xs[keep].min(), xs[keep].max())), True
 
 
 def best_per_width(table: pd.DataFrame) -> pd.DataFrame:

@@ -36,10 +36,14 @@ def test_validate_tiny_grid_writes_figure_and_table(tmp_path):
 
 def test_parabola_vertex_recovers_a_known_optimum():
     x = np.arange(-12.0, -4.0)
-    y = (x + 7.3) ** 2 + 1.0
+    y = 0.15 + 0.01 * (x + 7.3) ** 2  # a loss-like bowl: 0.15 at 2^-7.3
     i = int(np.argmin(y))
     vertex, fitted = parabola_vertex(x, y, i)
     assert fitted and vertex == pytest.approx(-7.3)
+    # a diverging point next to the optimum (SP's cliff) is left out, not fitted
+    cliff = y.copy()
+    cliff[x == -5.0] = 1.2
+    assert parabola_vertex(x, cliff, i)[0] == pytest.approx(-7.3)
     # at the grid edge there is nothing to fit: the grid point is the answer
     assert parabola_vertex(x, (x + 20) ** 2, 0) == (-12.0, False)
 
