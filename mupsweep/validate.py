@@ -169,7 +169,8 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
                                 color=color, alpha=0.15)
             b = v.best[v.best["width"] == width].iloc[0]
             ax.axvline(b["fit_log2_lr"], color=color, ls=":", lw=1)
-        ax.set_title(f"{par.upper()}: optimum drifts {v.drift_octaves:.2f} octaves")
+        name = {"mup": "μP", "sp": "SP"}.get(par, par)
+        ax.set_title(f"{name}: optimum drifts {v.drift_octaves:.2f} octaves")
         ax.set_xlabel("log2 learning rate")
         ax.set_yscale("log")
     axes[0].set_ylabel("validation loss")
