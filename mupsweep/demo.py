@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mupsweep.config import compose
+from mupsweep.config import SweepParam, compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.report import write_report
 from mupsweep.train import train
@@ -47,6 +47,9 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
         f"sweep.out_dir={out_dir}/sweep", "sweep.study=demo", f"train.steps={proxy_steps}",
         f"train.eval_every={proxy_steps // 3}", "train.val_size=256",
     ])
+    # The demo sweeps lr alone, so the lr-vs-loss picture per width is a clean curve; a real
+    # sweep adds the init and output multipliers (the default search space).
+    sweep_cfg.sweep.params = [SweepParam(name="optim.lr", type="float", low=-11.0, high=-4.0, log2=True)]
     best = best_document(tune(sweep_cfg))
     summary["tune"] = {k: best[k] for k in ("value", "trial", "hparams", "cost")}
 
