@@ -31,16 +31,9 @@ CONFIG = typer.Option(None, "--config", help="a resolved YAML (from transfer or 
 
 def _print_json(doc: object) -> None:
     """The only writer to stdout, so pipelines get clean JSON. NaN/inf become null."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
+    from mupsweep.report import json_safe
 
-    sys.stdout.write(json.dumps(clean(doc), indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_safe(doc), indent=2) + "\n")
     sys.stdout.flush()
 
 

@@ -16,6 +16,17 @@ from PIL import Image
 from mupsweep.config import DiffusionConfig
 
 
+def json_safe(x):
+    """NaN / inf are not JSON: write them as null (dicts, lists and tuples are walked)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def _pyplot():
     import matplotlib
 

@@ -43,6 +43,7 @@ from rich.console import Console
 
 from mupsweep.config import Config, SweepParam, from_dict, set_by_path, to_dict, validate
 from mupsweep.errors import UserError
+from mupsweep.report import json_safe
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the states the budget counts
 POLL_S = 1.0  # how often a waiting worker / the parent of --workers looks at the storage
@@ -697,23 +698,12 @@ def best_document(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN / inf are not JSON: write them as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def write_outputs(study: optuna.Study, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/trials.csv (Optuna's dataframe) and out_dir/best.json; return the doc."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
     doc = best_document(study)
     tmp = out_dir / f".best.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
     os.replace(tmp, out_dir / "best.json")  # concurrent machines never leave a torn file
     return doc

@@ -278,9 +278,6 @@ def test_unreachable_storage_hides_password(tmp_path):
 
 def test_transfer_from_storage(tmp_path, doc):
     """--storage/--study: the same real trials, stored the way `mupsweep tune` stores them."""
-    tune = pytest.importorskip("mupsweep.tune")
-    if not hasattr(tune, "best_document"):
-        pytest.skip("mupsweep.tune.best_document not available yet")
     import optuna
 
     url = f"sqlite:///{tmp_path}/study.db"
