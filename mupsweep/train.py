@@ -285,7 +285,8 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             step += 1
 
             loss_value = loss.item()
-            if world > 1:  # report the global mean loss, not rank 0's slice
+            if world > 1:  # the global mean: every rank must take the same divergence
+                # decision below on the same step, or the ones that go on would hang
                 lt = torch.tensor([loss_value], device=device)
                 dist.all_reduce(lt)
                 loss_value = lt.item() / world

@@ -286,18 +286,3 @@ def test_cli_image_folder_without_captions_is_one_line_then_captions_work(tmp_pa
     (root / "captions.txt").write_text("a cat | a kitten\n")  # one line for two classes
     with pytest.raises(UserError, match="1 caption entries for 2 classes"):
         train(compose([*args, f"train.run_dir={tmp_path}/run3"]))
-
-
-def test_ddp_text_model_matches_single_process(tmp_path):
-    """Caption templates are drawn for the whole global batch, then sliced: 2 gloo ranks give
-    the single-process result."""
-    common = ["model=mmdit-tiny", *QUIET, "train.steps=20", "train.eval_every=20",
-              "train.batch_size=32"]
-    single = run_cli("train", *common, f"train.run_dir={tmp_path}/one", "--json")
-    assert single.returncode == 0, single.stderr
-    ddp = run_cli("train", *common, f"train.run_dir={tmp_path}/two", "--json",
-                  "--nproc-per-node", "2", env={"OMP_NUM_THREADS": "1"})
-    assert ddp.returncode == 0, ddp.stderr
-    a, b = json.loads(single.stdout), json.loads(ddp.stdout)
-    assert b["validation_loss"] == pytest.approx(a["validation_loss"], rel=2e-3)
-    assert b["validation_loss"] < 0.9 * b["initial_validation_loss"]

@@ -72,8 +72,6 @@ class DiT(nn.Module):
         self.in_channels = data.channels
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
         self.patch_size = cfg.patch_size
-        if data.image_size % cfg.patch_size:
-            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
         D = cfg.width
         scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
 

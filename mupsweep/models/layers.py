@@ -129,6 +129,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, width: int):
         super().__init__()
+        if image_size % patch_size:  # every model patchifies here, so the check lives here
+            raise ValueError(f"image size {image_size} not divisible by patch {patch_size}")
         self.num_patches = (image_size // patch_size) ** 2
         self.proj = input_conv(in_channels, width, patch_size, patch_size)
 

@@ -108,8 +108,6 @@ class MMDiT(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataSpec):
         super().__init__()
         self.cfg = cfg
-        if data.image_size % cfg.patch_size:
-            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
         self.text_dim, self.text_len = text_dims(cfg, data)
         self.pooled_dim = text_settings(cfg).pooled_dim
         D, p = cfg.width, cfg.patch_size

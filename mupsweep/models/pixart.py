@@ -141,8 +141,6 @@ class PixArt(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataSpec):
         super().__init__()
         self.cfg = cfg
-        if data.image_size % cfg.patch_size:
-            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
         D, p = cfg.width, cfg.patch_size
         self.text_dim, self.text_len = text_dims(cfg, data)
         self.in_channels = data.channels

@@ -74,8 +74,6 @@ class UViT(nn.Module):
             raise ValueError(f"model.depth={cfg.depth}: U-ViT needs an odd depth "
                              f"(depth//2 in-blocks, 1 mid-block, depth//2 out-blocks); "
                              f"try {cfg.depth + 1}")
-        if data.image_size % cfg.patch_size:
-            raise ValueError(f"image size {data.image_size} not divisible by patch {cfg.patch_size}")
         D, p = cfg.width, cfg.patch_size
         self.in_channels = data.channels
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
