@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mupsweep.errors import UserError
+from mupsweep.util import first_line
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -165,15 +166,9 @@ def _to_config(node: Any) -> Config:
         merged = OmegaConf.merge(schema, node)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise UserError(f"config error: {_one_line(e)}") from None
-    validate(cfg)
+        raise UserError(f"config error: {first_line(e)}") from None
+    check_config(cfg)
     return cfg
-
-
-def _one_line(e: Exception) -> str:
-    """OmegaConf messages span lines (full_key, object_type, ...); keep the first line."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def compose(overrides: list[str] | None = None, config_file: str | None = None) -> Config:
@@ -190,7 +185,7 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None) 
         try:
             base = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry multi-line messages
-            raise UserError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+            raise UserError(f"config file {path} is not valid YAML: {first_line(e)}") from None
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r} is not of the form key=value")
@@ -203,7 +198,7 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None) 
         try:
             dot = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
         except OmegaConfBaseException as e:
-            raise UserError(f"bad override: {_one_line(e)}") from None
+            raise UserError(f"bad override: {first_line(e)}") from None
         return _to_config(OmegaConf.merge(base, dot))
 
     from hydra import compose as hydra_compose
@@ -218,8 +213,8 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None) 
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             node = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
-        raise UserError(f"config error: {_one_line(e)}{cause}") from None
+        cause = f" ({first_line(e.__cause__)})" if e.__cause__ is not None else ""
+        raise UserError(f"config error: {first_line(e)}{cause}") from None
     finally:
         GlobalHydra.instance().clear()
     return _to_config(node)
@@ -258,7 +253,9 @@ def set_by_path(cfg: Config, key: str, value: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def validate(cfg: Config) -> None:
+def check_config(cfg: Config) -> None:
+    """Raise UserError naming the first invalid value (checks across fields the schema's types
+    cannot express: divisibility, ranges, allowed names)."""
     m, o, t = cfg.model, cfg.optim, cfg.train
     if m.parametrization not in ("mup", "sp"):
         raise UserError(f"model.parametrization={m.parametrization!r}: use mup or sp")

@@ -41,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import Console
 
-from mupsweep.config import Config, SweepParam, from_dict, set_by_path, to_dict, validate
+from mupsweep.config import Config, SweepParam, check_config, from_dict, set_by_path, to_dict
 from mupsweep.errors import UserError
 from mupsweep.report import json_safe
 
@@ -104,7 +104,7 @@ def search_space(cfg: Config) -> list[SweepParam]:
                 set_by_path(probe, p.name, value)
                 set_by_path(probe, "model.width", width)
                 try:
-                    validate(probe)
+                    check_config(probe)
                 except UserError as e:
                     raise UserError(f"sweep.params {p.name}={value} at proxy width {width}: {e}") from None
     return params
@@ -373,7 +373,7 @@ def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path
     set_by_path(run_cfg, "train.resume", False)
     set_by_path(run_cfg, "train.progress", False)
     set_by_path(run_cfg, "train.run_dir", str(run_dir))
-    validate(run_cfg)
+    check_config(run_cfg)
     return run_cfg
 
 
