@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 
 from mupsweep.config import CONFIG_DIR, Config, compose, from_dict, set_by_path
 from mupsweep.errors import UserError
+from mupsweep.storage import open_for_reading, parse_storage, redact_text, redact_url
+from mupsweep.util import first_line
 
 # Keys every best document must have (the rest are optional and only enrich provenance).
 REQUIRED_KEYS = ("parametrization", "hparams", "base_config", "proxy_widths")
@@ -76,17 +77,6 @@ class TransferResult:
 # --------------------------------------------------------------------------------------------
 
 
-_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*@")  # the same rule as mupsweep.tune.redact
-
-
-def redact_url(text: str | None) -> str | None:
-    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`, for every URL in
-    `text`; never print a storage password (DESIGN.md section 5)."""
-    if text is None:
-        return None
-    return _PASSWORD.sub(r"\1***@", text)
-
-
 def validate_best(doc: Any, source: str) -> dict[str, Any]:
     """Check the document's shape, so a wrong file fails here with one line, not deep inside."""
     if not isinstance(doc, dict):
@@ -126,28 +116,6 @@ def load_best(path: str | Path) -> dict[str, Any]:
     return validate_best(doc, source)
 
 
-def _open_storage(storage: str):
-    """An Optuna storage for reading, with the URL forms `mupsweep tune` accepts
-    (SQLAlchemy URL, `PATH.journal` / `journal:PATH`). Never creates anything: reading a study
-    from a mistyped path must not leave an empty database behind."""
-    import optuna
-
-    s = storage.strip()
-    if s.startswith("journal:") or s.endswith(".journal"):
-        path = Path(s.removeprefix("journal:")).expanduser()
-        if not path.is_file():
-            raise UserError(f"journal file not found: {path}")
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if s.startswith("sqlite:///"):
-        path = Path(s.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise UserError(f"storage {s}: no such SQLite file {path}")
-    elif "://" not in s:
-        raise UserError(f"--storage {redact_url(s)!r}: give a SQLAlchemy URL (sqlite:///study.db, "
-                        "postgresql://user:pass@host/db) or a journal file (PATH.journal)")
-    return s
-
-
 def load_best_from_storage(storage: str, study: str) -> dict[str, Any]:
     """The best document of an Optuna study, straight from its storage.
 
@@ -155,18 +123,15 @@ def load_best_from_storage(storage: str, study: str) -> dict[str, Any]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    where = redact_url(storage)
+    spec = parse_storage(storage, "--storage")
+    opened = open_for_reading(spec)
+    where = spec.label
     try:
-        loaded = optuna.load_study(study_name=study, storage=_open_storage(storage))
-    except UserError:
-        raise
+        loaded = optuna.load_study(study_name=study, storage=opened)
     except KeyError:  # optuna's "Record does not exist" for an unknown study name
         raise UserError(f"study {study!r} not found in storage {where}") from None
-    except Exception as e:  # driver errors: unreachable server, bad URL, missing driver
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        # Driver messages may echo the URL: redact them too.
-        raise UserError(f"cannot open storage {where}: {type(e).__name__}: "
-                        f"{redact_url(first)}") from None
+    except Exception as e:  # driver errors while reading; messages may echo the URL
+        raise UserError(f"cannot open storage {where}: {redact_text(first_line(e))}") from None
     try:
         from mupsweep.tune import best_document
     except ImportError as e:

@@ -28,12 +28,10 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,10 @@ from rich.console import Console
 
 from mupsweep.config import Config, SweepParam, check_config, from_dict, set_by_path, to_dict
 from mupsweep.errors import UserError
+from mupsweep.optuna_adapter import fail_trial
 from mupsweep.report import json_safe
+from mupsweep.storage import label_of, open_for_tune, redact_text, storage_spec, uses_heartbeat
+from mupsweep.util import first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the states the budget counts
 POLL_S = 1.0  # how often a waiting worker / the parent of --workers looks at the storage
@@ -215,103 +216,6 @@ def trial_budget(cfg: Config, params: list[SweepParam]) -> int:
     return cfg.sweep.n_trials
 
 
-# --------------------------------------------------------------------------------------------
-# Storage
-# --------------------------------------------------------------------------------------------
-
-_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*@")
-
-
-def redact(text: str) -> str:
-    """Hide the password of every URL in `text`: user:pass@host -> user:***@host."""
-    return _PASSWORD.sub(r"\1***@", text)
-
-
-@dataclass
-class StorageSpec:
-    kind: str  # rdb | journal
-    target: str  # SQLAlchemy URL or journal file path
-    label: str  # what may be printed: the URL with its password redacted
-
-
-def storage_spec(cfg: Config) -> StorageSpec:
-    """Interpret sweep.storage: None -> sqlite in out_dir; `*.journal` or `journal:PATH` -> a
-    journal file; anything with `://` -> a SQLAlchemy URL."""
-    s = cfg.sweep.storage
-    if s is None:
-        path = Path(cfg.sweep.out_dir).resolve() / "study.db"
-        return StorageSpec("rdb", f"sqlite:///{path}", f"sqlite:///{path}")
-    s = s.strip()
-    if not s:
-        # An empty string is usually an unset shell variable (--storage "$DB"): silently
-        # falling back to a local file would split one study into several.
-        raise UserError("sweep.storage is empty; omit it for the default SQLite file, or give a URL")
-    if s.startswith("journal:") or s.endswith(".journal"):
-        path = str(Path(s.removeprefix("journal:")).expanduser().resolve())
-        return StorageSpec("journal", path, f"journal:{path}")
-    if "://" in s:
-        return StorageSpec("rdb", s, redact(s))
-    raise UserError(f"sweep.storage={redact(s)!r}: give a SQLAlchemy URL (sqlite:///study.db, "
-                    "postgresql://user:pass@host/db) or a journal file (PATH.journal, journal:PATH)")
-
-
-def open_storage(cfg: Config, spec: StorageSpec) -> optuna.storages.BaseStorage:
-    """Connect; any failure becomes one redacted line.
-
-    Workers started together race to create the schema of a new database; the loser sees a
-    unique-constraint error (alembic_version) and simply tries again, finding the tables made."""
-    for attempt in range(5):
-        try:
-            return _open_storage(cfg, spec)
-        except Exception as e:  # sqlalchemy / driver errors: many types, multi-line messages
-            text = str(e)
-            if attempt < 4 and ("UNIQUE constraint" in text or "already exists" in text
-                                or "duplicate key" in text):
-                time.sleep(0.2 * (attempt + 1))
-                continue
-            first = (text.strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot open storage {spec.label}: {redact(first)}") from None
-    raise AssertionError("unreachable")
-
-
-def _open_storage(cfg: Config, spec: StorageSpec) -> optuna.storages.BaseStorage:
-    sw = cfg.sweep
-    if spec.kind == "journal":
-        Path(spec.target).parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(spec.target)
-        return optuna.storages.JournalStorage(backend)
-    engine_kwargs: dict[str, Any] = {}
-    if spec.target.startswith("sqlite"):
-        Path(sw.out_dir).mkdir(parents=True, exist_ok=True)
-        # Workers share one file: wait for the write lock instead of failing at once.
-        engine_kwargs = {"connect_args": {"timeout": 300}}
-    elif spec.target.startswith(("postgresql", "postgres")):
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
-    with warnings.catch_warnings():  # heartbeat and retry are "experimental" since 2.x
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        heartbeat: dict[str, Any] = {}
-        if sw.heartbeat_s > 0:
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=sw.max_retry)
-            heartbeat = dict(heartbeat_interval=sw.heartbeat_s, grace_period=sw.grace_s,
-                             heartbeat_stale_trial_callback=retry)
-        storage = optuna.storages.RDBStorage(_with_driver(spec.target),
-                                             engine_kwargs=engine_kwargs, **heartbeat)
-    storage._mupsweep_label = spec.label  # the URL as the user gave it, for best_document
-    return storage
-
-
-def _with_driver(url: str) -> str:
-    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; our extra installs psycopg2.
-    Name the driver that is importable (an explicit +driver in the URL is kept)."""
-    import importlib.util
-
-    scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return f"postgresql+psycopg2{sep}{rest}"
-    return url
-
-
 def _model_signature(cfg: Config) -> dict[str, Any]:
     """What must match for trials of one study to be comparable."""
     m = cfg.model
@@ -326,7 +230,7 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None, worker: int 
         raise UserError("sweep.study is empty: give a study name (--study NAME)")
     params = params if params is not None else search_space(cfg)
     spec = storage_spec(cfg)
-    storage = open_storage(cfg, spec)
+    storage = open_for_tune(cfg, spec)
     try:
         study = optuna.create_study(study_name=cfg.sweep.study, storage=storage,
                                     sampler=make_sampler(cfg, params, worker),
@@ -335,8 +239,8 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None, worker: int 
     except UserError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot open study {cfg.sweep.study!r} in {spec.label}: {redact(first)}") from None
+        raise UserError(f"cannot open study {cfg.sweep.study!r} in {spec.label}: "
+                        f"{redact_text(first_line(e))}") from None
     attrs = study.user_attrs
     signature = _model_signature(cfg)
     if "model_signature" in attrs:
@@ -431,7 +335,7 @@ def objective(trial: Trial, cfg: Config, params: list[SweepParam], dataset) -> f
         trial.set_user_attr("reason", str(e))
         raise
     except Exception as e:
-        trial.set_user_attr("reason", redact(f"{type(e).__name__}: {e}".splitlines()[0]))
+        trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
         raise
     finally:
         trial.set_user_attr("flops", cost["flops"])
@@ -458,19 +362,16 @@ def fail_dead_trials(study: optuna.Study, cfg: Config) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.sweep.max_retry)
-    if storage_spec(cfg).kind == "rdb" and cfg.sweep.heartbeat_s > 0:
+    if uses_heartbeat(cfg):
         return
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") != host or _alive(int(worker.get("pid", 0))):
             continue
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", f"worker process {worker['pid']} died")
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                retry(study, study._storage.get_trial(t._trial_id))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker got there first
+        failed = fail_trial(study, t, f"worker process {worker['pid']} died")
+        if failed is not None:  # None: another worker got there first
+            retry(study, failed)
 
 
 def _alive(pid: int) -> bool:
@@ -524,10 +425,9 @@ def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset
              budget: int) -> FrozenTrial | None:
     """One trial through `study.optimize`, which runs Optuna's heartbeat thread and records an
     exception as a FAIL (catch) instead of ending the sweep. Returns the finished trial."""
-    ran: list[int] = []
+    finished: list[FrozenTrial] = []
 
     def one_trial(trial: Trial) -> float:
-        ran.append(trial._trial_id)
         # Two workers may pass the budget check at the same moment; the later trial (by
         # number) yields, so COMPLETE + PRUNED never exceeds the budget.
         earlier = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
@@ -537,8 +437,10 @@ def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset
             raise _Surplus()
         return objective(trial, cfg, params, dataset)
 
-    study.optimize(one_trial, n_trials=1, catch=(Exception,))
-    return study._storage.get_trial(ran[0]) if ran else None
+    # The callback receives the trial as stored after it finished (a FAIL included: `catch`).
+    study.optimize(one_trial, n_trials=1, catch=(Exception,),
+                   callbacks=[lambda _study, trial: finished.append(trial)])
+    return finished[0] if finished else None
 
 
 class _Surplus(Exception):
@@ -645,19 +547,6 @@ class _Progress:
 # --------------------------------------------------------------------------------------------
 
 
-def _storage_label(study: optuna.Study) -> str:
-    storage = study._storage
-    storage = getattr(storage, "_backend", storage)  # RDB storages are wrapped in a cache
-    if hasattr(storage, "_mupsweep_label"):
-        return storage._mupsweep_label
-    if isinstance(storage, optuna.storages.RDBStorage):
-        return redact(storage.url)
-    backend = getattr(storage, "_backend", None)
-    if backend is not None and hasattr(backend, "_file_path"):
-        return f"journal:{backend._file_path}"
-    return study.user_attrs.get("storage", "")
-
-
 def _hparams_of(t: FrozenTrial) -> dict[str, Any]:
     """Resolved config values; from the params when a trial died before recording them."""
     if "hparams" in t.user_attrs:
@@ -682,7 +571,7 @@ def best_document(study: optuna.Study) -> dict[str, Any]:
                      "reason": t.user_attrs.get("reason", "")})
     return {
         "study": study.study_name,
-        "storage": _storage_label(study),
+        "storage": label_of(study),
         "parametrization": attrs.get("parametrization"),
         "value": best.value if best else None,
         "trial": best.number if best else None,

@@ -1,0 +1,207 @@
+"""Where a study lives: `sweep.storage` / `--storage` parsed once for every command, opened
+for `tune` (created when new) or read-only for `transfer` / `report`, never a password printed.
+
+Forms: None -> SQLite file `sweep.out_dir/study.db`; `PATH.journal` or `journal:PATH` -> an
+Optuna journal file; anything with `://` -> a SQLAlchemy URL (sqlite:///study.db,
+postgresql://user:pass@host/db). Every failure is a UserError of one line with the password
+hidden (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mupsweep.config import Config
+from mupsweep.errors import UserError
+from mupsweep.optuna_adapter import opened_storage
+from mupsweep.util import first_line
+
+# A whole URL is redacted by SQLAlchemy's own parser (redact_url). This regex is only for
+# free text that merely contains URLs, such as a driver's error message echoing the URL it
+# failed on, where there is no URL to parse.
+_PASSWORD_IN_TEXT = re.compile(r"(://[^/:@\s]*:)[^@\s]*@")
+
+# The label each storage was opened under, for `label_of`. Optuna storages carry no name of
+# ours, and an RDBStorage's own `url` has the driver we chose (postgresql+psycopg2://), not
+# the URL the user gave. Weak keys: a closed study's storage is not kept alive by this.
+_LABELS: weakref.WeakKeyDictionary[optuna.storages.BaseStorage, str] = weakref.WeakKeyDictionary()
+
+
+def redact_text(text: str) -> str:
+    """Hide the password of every URL inside `text`: user:pass@host -> user:***@host."""
+    return _PASSWORD_IN_TEXT.sub(r"\1***@", text)
+
+
+def redact_url(url: str | None) -> str | None:
+    """A storage URL fit to print: `postgresql://user:secret@host/db` ->
+    `postgresql://user:***@host/db`. A string SQLAlchemy cannot parse (a journal label, free
+    text) has the password of every URL inside it hidden instead."""
+    if url is None:
+        return None
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not a URL (ValueError: e.g. a port that is no number)
+        return redact_text(url)
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A parsed storage setting: what to open, and what may be printed or stored."""
+
+    kind: str  # rdb | journal
+    target: str  # SQLAlchemy URL, or the journal file's absolute path
+    label: str  # the URL with its password hidden, or journal:PATH
+
+
+def parse_storage(value: str | None, option: str = "sweep.storage",
+                  default_dir: str | Path | None = None) -> StorageSpec:
+    """Interpret a storage setting; `option` names it in errors. None means SQLite file
+    `default_dir/study.db` (tune's default; a reader has no default and must be told)."""
+    if value is None:
+        if default_dir is None:
+            raise UserError(f"{option}: give a storage URL or a journal file")
+        path = Path(default_dir).resolve() / "study.db"
+        return StorageSpec("rdb", f"sqlite:///{path}", f"sqlite:///{path}")
+    s = value.strip()
+    if not s:
+        # An empty string is usually an unset shell variable (--storage "$DB"): silently
+        # falling back to a local file would split one study into several.
+        hint = ("omit it for the default SQLite file, or give a URL" if default_dir is not None
+                else "give a URL or a journal file")
+        raise UserError(f"{option} is empty; {hint}")
+    if s.startswith("journal:") or s.endswith(".journal"):
+        path = str(Path(s.removeprefix("journal:")).expanduser().resolve())
+        return StorageSpec("journal", path, f"journal:{path}")
+    if "://" in s:
+        return StorageSpec("rdb", s, redact_url(s) or "")
+    raise UserError(f"{option}={redact_url(s)!r}: give a SQLAlchemy URL (sqlite:///study.db, "
+                    "postgresql://user:pass@host/db) or a journal file (PATH.journal, journal:PATH)")
+
+
+def storage_spec(cfg: Config) -> StorageSpec:
+    """`cfg.sweep.storage`, with the default SQLite file in `cfg.sweep.out_dir`."""
+    return parse_storage(cfg.sweep.storage, "sweep.storage", default_dir=cfg.sweep.out_dir)
+
+
+def uses_heartbeat(cfg: Config) -> bool:
+    """Whether tune's storage runs Optuna's heartbeat (RDB storages with sweep.heartbeat_s > 0;
+    Optuna 5.0's JournalStorage has none)."""
+    return storage_spec(cfg).kind == "rdb" and cfg.sweep.heartbeat_s > 0
+
+
+def open_for_tune(cfg: Config, spec: StorageSpec) -> optuna.storages.BaseStorage:
+    """Connect, creating the database or journal file when new, with the heartbeat of
+    `uses_heartbeat`.
+
+    Workers started together race to create the schema of a new database; the loser sees a
+    unique-constraint error (alembic_version) and simply tries again, finding the tables made."""
+    sw = cfg.sweep
+
+    def connect() -> optuna.storages.BaseStorage:
+        if spec.kind == "journal":
+            Path(spec.target).parent.mkdir(parents=True, exist_ok=True)
+            return _journal(spec.target)
+        if spec.target.startswith("sqlite"):
+            Path(sw.out_dir).mkdir(parents=True, exist_ok=True)
+        heartbeat: dict[str, Any] = {}
+        if sw.heartbeat_s > 0:
+            with warnings.catch_warnings():  # heartbeat and retry are "experimental" since 2.x
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=sw.max_retry)
+            heartbeat = dict(heartbeat_interval=sw.heartbeat_s, grace_period=sw.grace_s,
+                             heartbeat_stale_trial_callback=retry)
+        return _rdb(spec.target, **heartbeat)
+
+    return _open(spec, connect)
+
+
+def open_for_reading(spec: StorageSpec) -> optuna.storages.BaseStorage:
+    """Connect to read a study. Never creates a database or journal file: reading from a
+    mistyped path must not leave an empty one behind."""
+    if spec.kind == "journal":
+        if not Path(spec.target).is_file():
+            raise UserError(f"journal file not found: {spec.target}")
+        return _open(spec, lambda: _journal(spec.target))
+    sqlite_file = _sqlite_file(spec.target)
+    if sqlite_file is not None and not sqlite_file.is_file():
+        raise UserError(f"storage {spec.label}: no such SQLite file {sqlite_file}")
+    return _open(spec, lambda: _rdb(spec.target))
+
+
+def label_of(study: optuna.Study) -> str:
+    """The storage of `study` as it may be printed: the label it was opened under, else the
+    RDB URL with its password hidden, else the label tune recorded in the study."""
+    storage = opened_storage(study)
+    if storage in _LABELS:
+        return _LABELS[storage]
+    if isinstance(storage, optuna.storages.RDBStorage):
+        return redact_url(storage.url) or ""
+    return study.user_attrs.get("storage", "")
+
+
+def _open(spec: StorageSpec, connect: Callable[[], optuna.storages.BaseStorage]
+          ) -> optuna.storages.BaseStorage:
+    """connect(), retrying the schema-creation race; any failure becomes one redacted line."""
+    for attempt in range(5):
+        try:
+            storage = connect()
+        except Exception as e:  # sqlalchemy / driver errors: many types, multi-line messages
+            text = str(e)
+            if attempt < 4 and ("UNIQUE constraint" in text or "already exists" in text
+                                or "duplicate key" in text):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise UserError(f"cannot open storage {spec.label}: {redact_text(first_line(e))}") from None
+        _LABELS[storage] = spec.label
+        return storage
+    raise AssertionError("unreachable")
+
+
+def _journal(path: str) -> optuna.storages.JournalStorage:
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+
+
+def _rdb(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Workers share one file: wait for the write lock instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": 300}}
+    elif url.startswith(("postgresql", "postgres")):
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine_kwargs,
+                                          **heartbeat)
+
+
+def with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; our extra installs psycopg2.
+    Name the driver that is importable (an explicit +driver in the URL is kept)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2{sep}{rest}"
+    return url
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for other URLs and in-memory databases."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None  # connecting will fail with its own message
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
