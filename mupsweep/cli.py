@@ -235,7 +235,9 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     import optuna
 
     from mupsweep.config import set_by_path
-    from mupsweep.tune import best_document, search_space, trial_budget
+    from mupsweep.sweep.space import search_space
+    from mupsweep.sweep.workers import trial_budget
+    from mupsweep.tune import best_document
     from mupsweep.tune import tune as run_tune
 
     cfg = _compose(overrides)

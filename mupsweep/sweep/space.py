@@ -1,0 +1,141 @@
+"""The search space: the default axes, checks of `sweep.params`, how each axis is suggested,
+its Optuna parameter name, and the grid for sweep.sampler=grid."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from optuna.trial import Trial
+
+from mupsweep.config import Config, SweepParam, check_config, set_by_path
+from mupsweep.errors import UserError
+
+# Appended to the Optuna name of a log2 axis: the trial records the exponent, the config the
+# value 2**exponent.
+LOG2_SUFFIX = ":log2"
+
+
+def default_params() -> list[SweepParam]:
+    """The paper's search space: log2 of lr, init multiplier and output multiplier."""
+    return [
+        SweepParam(name="optim.lr", type="float", low=-14, high=-6, log2=True),
+        SweepParam(name="model.init_mult", type="float", low=-2, high=2, log2=True),
+        SweepParam(name="model.output_mult", type="float", low=-3, high=3, log2=True),
+    ]
+
+
+def search_space(cfg: Config) -> list[SweepParam]:
+    """`sweep.params`, or the default space when it is empty; each entry checked."""
+    params = [p if isinstance(p, SweepParam) else SweepParam(**p) for p in cfg.sweep.params]
+    params = params or default_params()
+    seen: set[str] = set()
+    for i, p in enumerate(params):
+        where = f"sweep.params[{i}] ({p.name or 'no name'})"
+        if not p.name:
+            raise UserError(f"{where}: give name, the config key to sweep (e.g. optim.lr)")
+        if p.name in seen:
+            raise UserError(f"{where}: {p.name} appears twice in sweep.params")
+        seen.add(p.name)
+        _check_key(cfg, p.name, where)
+        if p.type == "categorical":
+            if not p.choices:
+                raise UserError(f"{where}: type categorical needs a non-empty choices list")
+        elif p.type in ("float", "int"):
+            if p.low is None or p.high is None:
+                raise UserError(f"{where}: type {p.type} needs low and high")
+            if not p.low < p.high:
+                raise UserError(f"{where}: low={p.low} must be < high={p.high}")
+            if p.log and p.log2:
+                raise UserError(f"{where}: set log or log2, not both")
+            if p.log and p.low <= 0:
+                raise UserError(f"{where}: log=true needs low > 0 (or use log2 exponents)")
+            if p.step is not None and not p.step > 0:
+                raise UserError(f"{where}: step={p.step} must be > 0")
+            if p.type == "int" and p.log2:
+                raise UserError(f"{where}: log2 applies to type float only")
+        else:
+            raise UserError(f"{where}: type={p.type!r}: use float, int or categorical")
+    # Every corner of the space must give a valid config at every proxy width, so a typo
+    # (optim.lr low=-1e9 on a linear scale, a width not divisible by head_dim) fails now.
+    for p in params:
+        for value in _corners(p):
+            for width in cfg.sweep.proxy_widths:
+                probe = copy.deepcopy(cfg)
+                set_by_path(probe, p.name, value)
+                set_by_path(probe, "model.width", width)
+                try:
+                    check_config(probe)
+                except UserError as e:
+                    raise UserError(f"sweep.params {p.name}={value} at proxy width {width}: {e}") from None
+    return params
+
+
+def _check_key(cfg: Config, key: str, where: str) -> None:
+    """The key must name a leaf value of the config (not a whole section)."""
+    probe = copy.deepcopy(cfg)
+    obj: Any = probe
+    try:
+        for part in key.split("."):
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    except (AttributeError, KeyError):
+        raise UserError(f"{where}: unknown config key {key!r}") from None
+    if hasattr(obj, "__dataclass_fields__"):
+        raise UserError(f"{where}: {key!r} is a config section; name one of its fields")
+    set_by_path(probe, key, obj)  # raises UserError for keys set_by_path cannot reach
+
+
+def _corners(p: SweepParam) -> list[Any]:
+    if p.type == "categorical":
+        return list(p.choices or [])
+    values = [p.low, p.high]
+    if p.log2:
+        return [2.0**v for v in values]
+    return [int(v) for v in values] if p.type == "int" else [float(v) for v in values]
+
+
+def optuna_name(p: SweepParam) -> str:
+    """The Optuna parameter name: the config key, with `:log2` when the exponent is sampled."""
+    return f"{p.name}{LOG2_SUFFIX}" if p.log2 else p.name
+
+
+def config_values(optuna_params: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `optuna_name`: a trial's Optuna params as {config key: resolved value}."""
+    return {k.removesuffix(LOG2_SUFFIX): (2.0**v if k.endswith(LOG2_SUFFIX) else v)
+            for k, v in optuna_params.items()}
+
+
+def suggest(trial: Trial, params: list[SweepParam]) -> dict[str, Any]:
+    """Ask the trial for one value per axis; returns {config key: resolved value}."""
+    hparams: dict[str, Any] = {}
+    for p in params:
+        name = optuna_name(p)
+        if p.type == "categorical":
+            hparams[p.name] = trial.suggest_categorical(name, list(p.choices or []))
+        elif p.type == "int":
+            step = int(p.step) if p.step else 1
+            hparams[p.name] = trial.suggest_int(name, int(p.low), int(p.high), step=step, log=p.log)
+        elif p.log2:
+            exponent = trial.suggest_float(name, float(p.low), float(p.high), step=p.step)
+            hparams[p.name] = 2.0**exponent
+        else:
+            hparams[p.name] = trial.suggest_float(name, float(p.low), float(p.high),
+                                                  step=p.step, log=p.log)
+    return hparams
+
+
+def grid(params: list[SweepParam]) -> dict[str, list[Any]]:
+    """GridSampler's search space. log2 axes: exponents low..high by `step` (default 1)."""
+    space: dict[str, list[Any]] = {}
+    for p in params:
+        if p.type == "categorical":
+            space[optuna_name(p)] = list(p.choices or [])
+            continue
+        step = p.step if p.step else (1 if p.log2 or p.type == "int" else None)
+        if step is None:
+            raise UserError(f"sweep.sampler=grid: give {p.name} a step (or choices)")
+        n = int(math.floor((p.high - p.low) / step + 1e-9)) + 1
+        values = [p.low + k * step for k in range(n)]
+        space[optuna_name(p)] = [int(v) for v in values] if p.type == "int" else [float(v) for v in values]
+    return space
