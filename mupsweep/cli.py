@@ -31,7 +31,7 @@ CONFIG = typer.Option(None, "--config", help="a resolved YAML (from transfer or 
 
 def _print_json(doc: object) -> None:
     """The only writer to stdout, so pipelines get clean JSON. NaN/inf become null."""
-    from mupsweep.report import json_safe
+    from mupsweep.util import json_safe
 
     sys.stdout.write(json.dumps(json_safe(doc), indent=2) + "\n")
     sys.stdout.flush()
@@ -234,10 +234,10 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json."""
     import optuna
 
+    from mupsweep.best import best_document
     from mupsweep.config import set_by_path
     from mupsweep.sweep.space import search_space
     from mupsweep.sweep.workers import trial_budget
-    from mupsweep.tune import best_document
     from mupsweep.tune import tune as run_tune
 
     cfg = _compose(overrides)
@@ -298,7 +298,7 @@ def _best_doc(best: str | None, storage: str | None, study: str | None,
               overrides: list[str] | None = None) -> tuple[dict, list[str]]:
     """The best document and the remaining overrides. With --storage the first positional
     argument is an override (there is no file), so give it back to the overrides."""
-    from mupsweep.transfer import load_best, load_best_from_storage
+    from mupsweep.best import load_best, load_best_from_storage
 
     overrides = list(overrides or [])
     if storage or study:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from mupsweep.best import best_document
 from mupsweep.config import SweepParam, compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.report import write_report
 from mupsweep.train import train
 from mupsweep.transfer import transfer, write_config
-from mupsweep.tune import best_document, tune
+from mupsweep.tune import tune
 
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256

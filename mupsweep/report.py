@@ -13,18 +13,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mupsweep.best import (
+    DRIFT_TOLERANCE_OCTAVES,
+    complete_trials,
+    drift_octaves,
+    lr_by_width,
+    width_losses,
+)
 from mupsweep.config import DiffusionConfig
-
-
-def json_safe(x):
-    """NaN / inf are not JSON: write them as null (dicts, lists and tuples are walked)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [json_safe(v) for v in x]
-    return x
 
 
 def _pyplot():
@@ -102,15 +98,13 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Sweep report: what `mupsweep report` writes from a best document (see mupsweep.tune)
+# Sweep report: what `mupsweep report` writes from a best document (see mupsweep.best)
 # --------------------------------------------------------------------------------------------
 
 
 def _lr_curves(best_doc: dict) -> dict[int, list[tuple[float, float]]]:
     """Per proxy width: sorted (lr, loss) points, each the min loss over the other HPs at that
     lr. TPE draws continuous lrs, so most lrs have one trial; a grid sweep has several."""
-    from mupsweep.transfer import complete_trials, width_losses
-
     widths = [int(w) for w in best_doc.get("proxy_widths", [])]
     curves: dict[int, dict[float, float]] = {w: {} for w in widths}
     for t in complete_trials(best_doc):
@@ -156,8 +150,6 @@ def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
 def plot_history(best_doc: dict, path: Path) -> Path:
     """Objective per trial number (complete trials as dots, others as crosses at the bottom)
     and the best-so-far line: how fast the sweep found its optimum."""
-    from mupsweep.transfer import complete_trials
-
     plt = _pyplot()
     done = sorted(complete_trials(best_doc), key=lambda t: t.get("number", 0))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -198,8 +190,6 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
 def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
     """Write lr_vs_loss.png, history.png and report.md (summary, per-width best lr, cost and
     the top `top` trials by value) into out_dir; return the markdown path."""
-    from mupsweep.transfer import complete_trials, drift_octaves, lr_by_width
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lr_png = plot_lr_vs_loss(best_doc, out_dir / "lr_vs_loss.png")
@@ -227,7 +217,7 @@ def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
                        [[r["width"], r["lr"], r["log2_lr"], r["loss"], r["trials"]] for r in rows])
     spread = drift_octaves(rows)
     if spread is not None:
-        verdict = "agree (transfer looks reliable)" if spread <= 1.0 else "**disagree: transfer looks unreliable**"
+        verdict = "agree (transfer looks reliable)" if spread <= DRIFT_TOLERANCE_OCTAVES else "**disagree: transfer looks unreliable**"
         lines += ["", f"Spread {spread:.2f} octaves: the widths {verdict}."]
 
     lines += ["", f"![loss vs lr per width]({lr_png.name})", "", f"![history]({hist_png.name})"]

@@ -17,26 +17,20 @@ an error unless `force`), proxy and target differing in something width transfer
 (base width, head_dim, depth, patch size, batch size), and lr drift: with two or more proxy
 widths, each width's best lr should agree within one octave, or the transfer is unreliable.
 
-The document's shape is fixed by `mupsweep.tune.best_document`; this module only reads it, and
-imports `mupsweep.tune` lazily, only for `--storage/--study`.
+The document's shape is fixed by `mupsweep.best`; this module only reads it.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mupsweep.best import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
 from mupsweep.config import CONFIG_DIR, Config, compose, from_dict, set_by_path
 from mupsweep.errors import UserError
-from mupsweep.storage import open_for_reading, parse_storage, redact_text, redact_url
-from mupsweep.util import first_line
-
-# Keys every best document must have (the rest are optional and only enrich provenance).
-REQUIRED_KEYS = ("parametrization", "hparams", "base_config", "proxy_widths")
+from mupsweep.storage import redact_url
 
 # Architecture fields that width transfer does not cover: a difference between proxy and target
 # in any of these means the tuned HPs may not be optimal for the target.
@@ -48,7 +42,6 @@ NOT_TRANSFERRED = ("model.base_width", "model.delta_width", "model.head_dim", "m
 # change them (and accept the warning).
 PROXY_SHAPE_FIELDS = ("base_width", "delta_width", "head_dim")
 
-DRIFT_TOLERANCE_OCTAVES = 1.0  # max spread of per-width best log2 lr before we warn
 DEFAULT_TARGET_RUN_DIR = "runs/target"
 
 
@@ -70,131 +63,6 @@ class TransferResult:
     @property
     def unreliable(self) -> bool:
         return self.drift_octaves is not None and self.drift_octaves > DRIFT_TOLERANCE_OCTAVES
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the best document
-# --------------------------------------------------------------------------------------------
-
-
-def validate_best(doc: Any, source: str) -> dict[str, Any]:
-    """Check the document's shape, so a wrong file fails here with one line, not deep inside."""
-    if not isinstance(doc, dict):
-        raise UserError(f"{source}: expected a JSON object (the best document from "
-                        f"`mupsweep tune --json`), got {type(doc).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in doc]
-    if missing:
-        raise UserError(f"{source}: not a best document from `mupsweep tune`; missing "
-                        f"key(s) {', '.join(missing)}")
-    if not isinstance(doc["hparams"], dict) or not isinstance(doc["base_config"], dict):
-        raise UserError(f"{source}: 'hparams' and 'base_config' must be JSON objects")
-    if not isinstance(doc["proxy_widths"], list) or not all(
-            isinstance(w, int) for w in doc["proxy_widths"]):
-        raise UserError(f"{source}: 'proxy_widths' must be a list of integers")
-    if not isinstance(doc.get("trials", []), list):
-        raise UserError(f"{source}: 'trials' must be a list")
-    return doc
-
-
-def load_best(path: str | Path) -> dict[str, Any]:
-    """Read a best document from a JSON file, or from stdin when `path` is '-'."""
-    if str(path) == "-":
-        text, source = sys.stdin.read(), "stdin"
-        if not text.strip():
-            raise UserError("stdin is empty; pipe `mupsweep tune --json` in, or give best.json")
-    else:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise UserError(f"best document not found: {p} (written by `mupsweep tune` as "
-                            "OUT_DIR/best.json)")
-        text = p.read_text()
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    return validate_best(doc, source)
-
-
-def load_best_from_storage(storage: str, study: str) -> dict[str, Any]:
-    """The best document of an Optuna study, straight from its storage.
-
-    `mupsweep.tune` is imported only here, so transfer from a file works without it."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = parse_storage(storage, "--storage")
-    opened = open_for_reading(spec)
-    where = spec.label
-    try:
-        loaded = optuna.load_study(study_name=study, storage=opened)
-    except KeyError:  # optuna's "Record does not exist" for an unknown study name
-        raise UserError(f"study {study!r} not found in storage {where}") from None
-    except Exception as e:  # driver errors while reading; messages may echo the URL
-        raise UserError(f"cannot open storage {where}: {redact_text(first_line(e))}") from None
-    try:
-        from mupsweep.tune import best_document
-    except ImportError as e:
-        raise UserError(f"mupsweep.tune is not available ({e}); pass a best.json instead") from None
-    return validate_best(best_document(loaded), f"study {study!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Per-width best learning rate: the drift check (also plotted by report.py)
-# --------------------------------------------------------------------------------------------
-
-
-def complete_trials(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Trials that finished (state COMPLETE) with a finite objective value."""
-    out = []
-    for t in doc.get("trials", []):
-        value = t.get("value")
-        if t.get("state") == "COMPLETE" and isinstance(value, int | float) and math.isfinite(value):
-            out.append(t)
-    return out
-
-
-def width_losses(trial: dict[str, Any], widths: list[int]) -> dict[int, float]:
-    """A trial's finite loss at each proxy width. A single-width study may omit `losses`;
-    its objective value is then that width's loss."""
-    losses = {int(k): v for k, v in (trial.get("losses") or {}).items()
-              if isinstance(v, int | float) and math.isfinite(v)}
-    if not losses and len(widths) == 1 and trial.get("value") is not None:
-        losses = {widths[0]: float(trial["value"])}
-    return losses
-
-
-def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each proxy width, the lr of the COMPLETE trial with the lowest loss at that width.
-
-    Rows: {"width", "lr", "log2_lr", "loss", "trials"} (trials: how many had a loss there).
-    Widths without any usable trial are left out; trials without `hparams["optim.lr"]` are
-    ignored (a sweep that does not tune lr has no lr to drift)."""
-    widths = [int(w) for w in doc.get("proxy_widths", [])]
-    rows = []
-    for w in widths:
-        best: tuple[float, float] | None = None  # (loss, lr)
-        n = 0
-        for t in complete_trials(doc):
-            lr = (t.get("hparams") or {}).get("optim.lr")
-            loss = width_losses(t, widths).get(w)
-            if not isinstance(lr, int | float) or lr <= 0 or loss is None:
-                continue
-            n += 1
-            if best is None or loss < best[0]:
-                best = (loss, float(lr))
-        if best is not None:
-            rows.append({"width": w, "lr": best[1], "log2_lr": math.log2(best[1]),
-                         "loss": best[0], "trials": n})
-    return rows
-
-
-def drift_octaves(rows: list[dict[str, Any]]) -> float | None:
-    """Spread (max - min) of the per-width best log2 lr; None with fewer than two widths."""
-    if len(rows) < 2:
-        return None
-    logs = [r["log2_lr"] for r in rows]
-    return max(logs) - min(logs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +167,7 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
 
     Raises UserError for an SP study (unless `force`), for a missing target (no width, preset
     or model.width override) and for any invalid resulting config."""
-    best = validate_best(best, "best document")
+    best = check_best_document(best, "best document")
     overrides = list(overrides)
     warnings: list[str] = []
 

@@ -17,20 +17,17 @@ trials.csv and best.json. The parts, in `mupsweep.sweep`:
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from rich.console import Console
 
+from mupsweep.best import best_document, write_best_json
 from mupsweep.config import Config
 from mupsweep.errors import UserError
-from mupsweep.report import json_safe
-from mupsweep.storage import label_of
-from mupsweep.sweep.space import config_values, search_space
+from mupsweep.sweep.space import search_space
 from mupsweep.sweep.study import open_study
 from mupsweep.sweep.workers import FINISHED, run_worker, run_worker_processes, trial_budget
 
@@ -104,57 +101,10 @@ class _Progress:
         self.bar.update(self.task, completed=min(done, self.budget), info=info)
 
 
-# --------------------------------------------------------------------------------------------
-# Results: the best document (read by transfer / report), trials.csv, best.json
-# --------------------------------------------------------------------------------------------
-
-
-def _hparams_of(t: FrozenTrial) -> dict[str, Any]:
-    """Resolved config values; from the params when a trial died before recording them."""
-    if "hparams" in t.user_attrs:
-        return dict(t.user_attrs["hparams"])
-    return config_values(t.params)
-
-
-def best_document(study: optuna.Study) -> dict[str, Any]:
-    """The sweep's result: best trial, its resolved HPs, base config, cost and every trial.
-
-    This is the interface `transfer` and `report` read (from best.json or from a storage)."""
-    attrs = study.user_attrs
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
-    rows = []
-    for t in trials:
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
-                     "hparams": _hparams_of(t), "losses": dict(t.user_attrs.get("losses") or {}),
-                     "flops": float(t.user_attrs.get("flops", 0.0)),
-                     "wall_time_s": float(t.user_attrs.get("wall_time_s", 0.0)),
-                     "reason": t.user_attrs.get("reason", "")})
-    return {
-        "study": study.study_name,
-        "storage": label_of(study),
-        "parametrization": attrs.get("parametrization"),
-        "value": best.value if best else None,
-        "trial": best.number if best else None,
-        "hparams": _hparams_of(best) if best else {},
-        "proxy_widths": list(attrs.get("proxy_widths") or []),
-        "base_config": attrs.get("base_config", {}),
-        "cost": {"flops": sum(r["flops"] for r in rows),
-                 "wall_time_s": sum(r["wall_time_s"] for r in rows),
-                 "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
-                 "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-                 "n_failed": sum(t.state == TrialState.FAIL for t in trials)},
-        "trials": rows,
-    }
-
-
 def write_outputs(study: optuna.Study, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/trials.csv (Optuna's dataframe) and out_dir/best.json; return the doc."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
     doc = best_document(study)
-    tmp = out_dir / f".best.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
-    os.replace(tmp, out_dir / "best.json")  # concurrent machines never leave a torn file
+    write_best_json(doc, out_dir / "best.json")
     return doc

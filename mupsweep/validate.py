@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mupsweep.best import best_document
 from mupsweep.config import Config, SweepParam
 from mupsweep.errors import UserError
+from mupsweep.tune import tune
 
 
 def loss_table(doc: dict) -> pd.DataFrame:
@@ -131,8 +133,6 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
              parametrizations: tuple[str, ...] = ("sp", "mup"), workers: int = 1,
              out_dir: str | None = None) -> ValidationResult:
     """Run (or resume) the grid for each parametrization and judge the transfer."""
-    from mupsweep.tune import best_document, tune
-
     if len(widths) < 2 or len(log2_lrs) < 3:
         raise UserError("validate needs at least 2 widths and 3 learning rates")
     out = Path(out_dir or cfg.sweep.out_dir)

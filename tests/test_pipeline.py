@@ -5,10 +5,11 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from mupsweep.best import best_document
 from mupsweep.config import compose
 from mupsweep.train import train
 from mupsweep.transfer import transfer
-from mupsweep.tune import best_document, tune
+from mupsweep.tune import tune
 
 
 @pytest.mark.parametrize("preset", ["dit-tiny", "uvit-tiny", "pixart-tiny", "mmdit-tiny"])

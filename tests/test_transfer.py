@@ -19,10 +19,11 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, run_cli
 
+from mupsweep.best import lr_by_width
 from mupsweep.config import compose, to_dict
 from mupsweep.errors import UserError
 from mupsweep.storage import redact_url
-from mupsweep.transfer import lr_by_width, transfer
+from mupsweep.transfer import transfer
 
 PROXY_WIDTHS = [32, 64]
 LRS = [2.0**-10, 2.0**-7, 2.0**-4]
