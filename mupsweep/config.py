@@ -112,7 +112,7 @@ class CoordCheckConfig:
 
 @dataclass
 class SweepParam:
-    """One axis of the search space (see mupsweep.tune for how each type is suggested)."""
+    """One axis of the search space (see mupsweep.sweep.space for how each type is suggested)."""
 
     name: str = ""  # config key, e.g. optim.lr or model.init_mult
     type: str = "float"  # float | int | categorical

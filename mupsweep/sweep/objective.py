@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,6 @@ def objective(trial: Trial, cfg: Config, params: list[SweepParam], dataset: Imag
     """Suggest the HPs, train them at every proxy width, return the mean final loss.
 
     User attrs: hparams, losses (per width), flops, wall_time_s, reason (why pruned/failed)."""
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     hparams = suggest(trial, params)
     trial.set_user_attr("hparams", hparams)
     losses: dict[str, float] = {}

@@ -33,7 +33,8 @@ def make_sampler(cfg: Config, params: list[SweepParam], worker: int = 0) -> optu
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    """The pruner named by sweep.pruner (it sees the intermediate values of mupsweep.sweep.objective)."""
+    """The pruner named by sweep.pruner; it sees the intermediate values that
+    mupsweep.sweep.objective reports."""
     name = cfg.sweep.pruner
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()

@@ -131,6 +131,8 @@ def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset
         if len(earlier) >= budget:
             trial.set_user_attr("reason", "surplus: the budget was reached by other workers")
             raise _Surplus()
+        # Who runs the trial: fail_dead_trials fails it when this process is gone.
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         return objective(trial, cfg, params, dataset)
 
     # The callback receives the trial as stored after it finished (a FAIL included: `catch`).
