@@ -182,11 +182,11 @@ def _rdb(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine_kwargs,
+        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
                                           **heartbeat)
 
 
-def with_driver(url: str) -> str:
+def _with_driver(url: str) -> str:
     """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; our extra installs psycopg2.
     Name the driver that is importable (an explicit +driver in the URL is kept)."""
     scheme, sep, rest = url.partition("://")
