@@ -25,8 +25,8 @@ from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import make_diffusion
 from mupsweep.errors import UserError
 from mupsweep.models import DataSpec
-from mupsweep.parametrize import build_model, make_optimizer
-from mupsweep.text import Conditioner, LabelConditioner, make_conditioner
+from mupsweep.parametrize import build_model, data_spec_of, make_conditioner, make_optimizer
+from mupsweep.text import Conditioner, LabelConditioner
 
 EvalCallback = Callable[[int, float], None]
 
@@ -64,11 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:  # "cuda" means this process's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
-
-
-def data_spec_of(dataset: ImageDataset) -> DataSpec:
-    return DataSpec(image_size=dataset.image_size, channels=dataset.channels,
-                    num_classes=dataset.num_classes)
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:

@@ -40,8 +40,8 @@ def test_validation_loss_is_deterministic(tmp_path):
 def test_lr_schedule_scales_mup_groups_relatively(tmp_path):
     """Warmup + cosine must keep hidden lr / m relative to the base lr in every group."""
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, make_optimizer
-    from mupsweep.train import data_spec_of, lr_lambda
+    from mupsweep.parametrize import build_model, data_spec_of, make_optimizer
+    from mupsweep.train import lr_lambda
 
     cfg = compose(["model.width=128", "optim.warmup_steps=4", "optim.schedule=cosine",
                    "train.steps=20"])

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mupsweep.config import ModelConfig
-from mupsweep.models.dit import FinalLayer
 from mupsweep.models.layers import (
+    FinalLayer,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -42,7 +42,7 @@ from mupsweep.models.layers import (
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
-from mupsweep.text import text_dims, text_settings
+from mupsweep.text_settings import text_dims, text_settings
 
 
 class StreamBlock(nn.Module):
@@ -114,7 +114,7 @@ class MMDiT(nn.Module):
         self.in_channels = data.channels
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
         self.patch_size = p
-        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
 
         self.x_embedder = PatchEmbed(data.image_size, p, data.channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -128,7 +128,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1)
             for i in range(cfg.depth))
-        self.final_layer = FinalLayer(D, p, self.out_channels)  # DiT's: adaLN norm + readout
+        self.final_layer = FinalLayer(D, p, self.out_channels)  # as DiT's: adaLN norm + readout
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:
