@@ -24,6 +24,7 @@ from mupsweep.config import Config, to_dict, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import make_diffusion
 from mupsweep.errors import UserError
+from mupsweep.images import save_sample_grid
 from mupsweep.models import DataSpec
 from mupsweep.parametrize import build_model, data_spec_of, make_conditioner, make_optimizer
 from mupsweep.text import Conditioner, LabelConditioner
@@ -169,8 +170,6 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     on_eval(step, validation_loss) runs after every evaluation (a sweep reports to Optuna
     there and may raise to prune); on_model(model) runs once the model is built (the
     coordinate check registers its hooks there)."""
-    from mupsweep.report import save_sample_grid
-
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda":
