@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,11 @@ from PIL import Image
 
 from mupsweep.config import DiffusionConfig
 from mupsweep.util import atomic_write
+
+if TYPE_CHECKING:  # for the hints only: importing the models would load every architecture
+    from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow
+    from mupsweep.models import DataSpec
+    from mupsweep.text import Conditioner
 
 
 def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:
@@ -37,9 +43,10 @@ def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image
 
 
 @torch.no_grad()
-def save_sample_grid(model: torch.nn.Module, diffusion, spec, n: int, cfg: DiffusionConfig,
-                     path: Path, seed: int, device: torch.device,
-                     class_names: list[str] | None = None, conditioner=None) -> Path:
+def save_sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | RectifiedFlow,
+                     spec: DataSpec, n: int, cfg: DiffusionConfig, path: Path, seed: int,
+                     device: torch.device, class_names: list[str] | None = None,
+                     conditioner: Conditioner | None = None) -> Path:
     """Sample n images (labels cycle through the classes) with CFG and save a PNG grid.
     `conditioner` (mupsweep.text) turns the labels into the model's cond dict (text models:
     each class's first caption); None: {"y": labels}."""

@@ -27,6 +27,7 @@ from mup import MuAdamW, MuReadout, set_base_shapes
 from torch import nn
 
 from mupsweep.config import Config, ModelConfig, OptimConfig
+from mupsweep.data import ImageDataset
 from mupsweep.models import DataSpec, get_model_class
 from mupsweep.roles import ParamSpec, Role, get_spec
 from mupsweep.text import LabelConditioner, TextConditioner, text_conditioner
@@ -36,8 +37,8 @@ from mupsweep.text import LabelConditioner, TextConditioner, text_conditioner
 # --------------------------------------------------------------------------------------------
 
 
-def data_spec_of(dataset) -> DataSpec:
-    """The shapes a model needs from `dataset` (a data.ImageDataset); caption sizes are the
+def data_spec_of(dataset: ImageDataset) -> DataSpec:
+    """The shapes a model needs from `dataset`; caption sizes are the
     conditioner's to fill in (`make_conditioner(...).data_spec`)."""
     return DataSpec(image_size=dataset.image_size, channels=dataset.channels,
                     num_classes=dataset.num_classes)
@@ -48,9 +49,9 @@ def conditioning_of(arch: str) -> str:
     return getattr(get_model_class(arch), "conditioning", "label")
 
 
-def make_conditioner(cfg: Config, dataset) -> LabelConditioner | TextConditioner:
-    """The conditioner for cfg.model's architecture on `dataset` (a data.ImageDataset); its
-    `data_spec` is the one to build the model with."""
+def make_conditioner(cfg: Config, dataset: ImageDataset) -> LabelConditioner | TextConditioner:
+    """The conditioner for cfg.model's architecture on `dataset`; its `data_spec` is the one
+    to build the model with."""
     spec = data_spec_of(dataset)
     if conditioning_of(cfg.model.arch) == "text":
         return text_conditioner(cfg, dataset, spec)

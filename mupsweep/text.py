@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from mupsweep.config import Config, DataConfig
-from mupsweep.data import read_named_arrays
+from mupsweep.data import ImageDataset, read_named_arrays
 from mupsweep.errors import UserError
 from mupsweep.text_settings import TextSettings, text_settings
 from mupsweep.util import atomic_write
@@ -128,10 +128,10 @@ class TextConditioner:
         return TextConditioner(self.data_spec, self.embeddings.to(device))
 
 
-def text_conditioner(cfg: Config, dataset, spec) -> TextConditioner:
-    """The conditioner of a text model on `dataset` (a data.ImageDataset): its captions,
-    encoded (or read from model.extra.text_file), and `spec` (a models.DataSpec) with the
-    caption sizes filled in."""
+def text_conditioner(cfg: Config, dataset: ImageDataset, spec) -> TextConditioner:
+    """The conditioner of a text model on `dataset`: its captions, encoded (or read from
+    model.extra.text_file), and `spec` (the dataset's models.DataSpec, untyped here: text.py
+    sits below the models) with the caption sizes filled in."""
     settings = text_settings(cfg.model)
     if settings.encoder == "file":
         emb = load_embedding_file(settings, dataset.num_classes)

@@ -62,7 +62,7 @@ class StreamBlock(nn.Module):
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(width, int(width * mlp_ratio))
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """-> q, k, v (B, heads, L, head_dim) and the modulation left for post_attention."""
         mod = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)  # each (B, D)
         B, L, _ = x.shape
@@ -70,7 +70,8 @@ class StreamBlock(nn.Module):
         q, k, v = qkv.reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return rms_norm(q, self.ln_q), rms_norm(k, self.ln_k), v, mod[2:]
 
-    def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mod) -> torch.Tensor:
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor,
+                       mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa.unsqueeze(1) * self.proj(attn)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -86,7 +87,8 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(width, head_dim, mlp_ratio, pre_only=last)
         self.x_block = StreamBlock(width, head_dim, mlp_ratio)
 
-    def forward(self, ctx: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor):
+    def forward(self, ctx: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                c: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """ctx: (B, Lc, D), x: (B, N, D), mask: (B, Lc + N) bool, c: (B, D)."""
         qc, kc, vc, mod_c = self.context_block.pre_attention(ctx, c)
         qx, kx, vx, mod_x = self.x_block.pre_attention(x, c)
