@@ -7,7 +7,9 @@ averaged gradient equals the single-process one.
 
 Read top to bottom: `setup` builds a `Run` (model, optimizer, data, resume), `train_step` takes
 one optimizer step, `evaluate` measures the fixed validation loss, and `train` loops them.
-Everything a checkpoint holds is one `checkpoint.RunState`.
+Everything a checkpoint holds is one `checkpoint.RunState`. The loss stays on the device
+between sync points (log, eval and checkpoint steps, and the last): reading it every step
+would make the host wait for the accelerator each step.
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
 
 
 def train_step(run: Run) -> torch.Tensor:
-    """One optimizer step on the next global batch. Returns this rank's loss, on the device."""
+    """One optimizer step on the next global batch. Returns this rank's loss, still on the
+    device: reading it here would make the host wait for the accelerator every step."""
     cfg, state, device = run.cfg, run.state, run.device
     B, local = cfg.train.batch_size, run.local
     # The whole global batch, identical on every rank; each rank keeps its slice.
@@ -281,6 +284,29 @@ def evaluate(run: Run, on_eval: EvalCallback | None) -> float:
     return val
 
 
+class LossWindow:
+    """The training losses since the last sync point, kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.last = torch.full((), math.nan, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.last = loss
+        self.total += loss  # finite only while every loss since the last read is
+
+    def read(self, world: int) -> tuple[float, bool]:
+        """(the last step's loss averaged over ranks, whether every loss of every rank since
+        the last read was finite). One host sync and, under DDP, one all_reduce; every rank
+        must call it on the same step."""
+        both = torch.stack([self.last.float(), self.total.float()])
+        if world > 1:
+            dist.all_reduce(both)
+        last, total = both.tolist()
+        self.total.zero_()
+        return last / world, math.isfinite(total)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -302,31 +328,39 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
         evaluate(run, on_eval)
     result.initial_validation_loss = state.history[0]["validation_loss"]
     state.model.train()
+    window, loss_value = LossWindow(run.device), math.nan
     with _progress(tc.progress and run.rank == 0, tc.steps, state.step) as advance:
         while state.step < tc.steps:
-            loss_value = train_step(run).item()
-            step = state.step
-            if run.world > 1:  # the global mean: every rank must take the same divergence
-                # decision below on the same step, or the ones that go on would hang
-                lt = torch.tensor([loss_value], device=run.device)
-                dist.all_reduce(lt)
-                loss_value = lt.item() / run.world
-            if step % tc.log_every == 0 or step == tc.steps:
+            window.add(train_step(run))
+            step, last = state.step, state.step == tc.steps
+            log_due = step % tc.log_every == 0 or last
+            eval_due = step % tc.eval_every == 0 or last
+            ckpt_due = bool(tc.ckpt_every) and step % tc.ckpt_every == 0 and not last
+            if not (log_due or eval_due or ckpt_due):
+                advance(step, loss_value)
+                continue
+            # A sync point, on the same step on every rank: all take the same decision below,
+            # or the ones that went on would hang. Checkpoint steps are sync points too, so a
+            # non-finite loss is caught before its weights are saved.
+            loss_value, finite = window.read(run.world)
+            if log_due:
                 run.metrics.write({"step": step, "loss": loss_value,
                                    "lr": state.scheduler.get_last_lr()[0],
                                    "time_s": state.wall_time_s})
             advance(step, loss_value)
-            if not math.isfinite(loss_value):
-                result.diverged, result.reason = True, f"loss is {loss_value} at step {step}"
+            if not finite:
+                result.diverged = True
+                result.reason = (f"loss is {loss_value} at step {step}" if not math.isfinite(loss_value)
+                                 else f"loss was not finite at a step before {step}")
                 break
-            if step % tc.eval_every == 0 or step == tc.steps:
+            if eval_due:
                 val = evaluate(run, on_eval)
                 if not math.isfinite(val) or val > tc.diverge_factor * result.initial_validation_loss:
                     result.diverged = True
                     result.reason = (f"validation loss {val:.4g} at step {step} is above "
                                      f"{tc.diverge_factor} x its start {result.initial_validation_loss:.4g}")
                     break
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps and run.rank == 0:
+            if ckpt_due and run.rank == 0:
                 save_checkpoint(state, run.ckpt_path)
     return _finish(run, result)
 
