@@ -328,7 +328,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
         evaluate(run, on_eval)
     result.initial_validation_loss = state.history[0]["validation_loss"]
     state.model.train()
-    window, loss_value = LossWindow(run.device), math.nan
+    window, loss_value, synced_at = LossWindow(run.device), math.nan, state.step
     with _progress(tc.progress and run.rank == 0, tc.steps, state.step) as advance:
         while state.step < tc.steps:
             window.add(train_step(run))
@@ -343,6 +343,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             # or the ones that went on would hang. Checkpoint steps are sync points too, so a
             # non-finite loss is caught before its weights are saved.
             loss_value, finite = window.read(run.world)
+            window_start, synced_at = synced_at + 1, step
             if log_due:
                 run.metrics.write({"step": step, "loss": loss_value,
                                    "lr": state.scheduler.get_last_lr()[0],
@@ -351,7 +352,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             if not finite:
                 result.diverged = True
                 result.reason = (f"loss is {loss_value} at step {step}" if not math.isfinite(loss_value)
-                                 else f"loss was not finite at a step before {step}")
+                                 else f"loss was not finite at a step in {window_start}..{step}")
                 break
             if eval_due:
                 val = evaluate(run, on_eval)
