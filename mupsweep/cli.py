@@ -136,8 +136,7 @@ def _print_slopes(r) -> None:
 def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, describe_parameters, make_optimizer
-    from mupsweep.train import data_spec_of
+    from mupsweep.parametrize import build_model, data_spec_of, describe_parameters, make_optimizer
 
     cfg = _compose(overrides, config)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mupsweep.config import DataConfig
 from mupsweep.errors import UserError
+from mupsweep.util import first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -125,12 +126,6 @@ def split_indices(n: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def _first_line(e: Exception) -> str:
-    """Library errors can span lines; a UserError is printed as exactly one."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _uint8_to_unit(x: np.ndarray) -> np.ndarray:
     """0..255 -> [-1, 1] float32."""
     return x.astype(np.float32) / 127.5 - 1.0
@@ -203,7 +198,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:  # truncated / not gzip / unreadable
-        raise UserError(f"{path}: not a readable idx file ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable idx file ({first_line(e)})") from None
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -278,7 +273,7 @@ def _read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
             img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
             img = img.convert("L" if grayscale else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = f"{type(e).__name__}: {_first_line(e)}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         raise UserError(f"{path}: unreadable image ({reason})") from None
     w, h = img.size
     side = min(w, h)
@@ -318,7 +313,7 @@ def read_named_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in keys if k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise UserError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+            raise UserError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -326,7 +321,7 @@ def read_named_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
         try:
             tensors = load_file(str(path))
         except (OSError, SafetensorError) as e:
-            raise UserError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+            raise UserError(f"{path}: not a readable .safetensors file ({first_line(e)})") from None
         # via torch: numpy has no bfloat16, which is a common dtype for stored latents
         return {k: (t.float() if t.is_floating_point() else t).numpy()
                 for k, t in tensors.items() if k in keys}
@@ -345,7 +340,7 @@ def _read_latent_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
             try:
                 arrays[key] = np.load(path, allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
-                raise UserError(f"{path}: not a readable .npy file ({_first_line(e)})") from None
+                raise UserError(f"{path}: not a readable .npy file ({first_line(e)})") from None
         return arrays["latents"], arrays["labels"]
     if root.suffix in (".npz", ".safetensors"):
         arrays = read_named_arrays(root, ("latents", "labels"))

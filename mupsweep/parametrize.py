@@ -1,12 +1,13 @@
-"""muP and SP: parameter roles, base shapes, initialization and optimizer groups.
+"""Model construction, muP or SP: build a model for its data, set base shapes, init, optimizer.
 
 A parameter's muP role is decided once, where its layer is built (`models/layers.py` calls
-`set_spec`). Everything else reads that tag: `init_weights` (init std), `make_optimizer`
+`roles.set_spec`). Everything here reads that tag: `init_weights` (init std), `make_optimizer`
 (MuAdamW's per-role lr comes from `p.infshape`, which `check_roles` proves agrees with the
 tag), `describe_parameters` (the table `mupsweep inspect` prints) and the tests.
 
 Order, as muP needs it: build -> set_base_shapes -> init -> optimizer (`build_model` does the
-first three).
+first three). What a model is built for comes first: `data_spec_of(dataset)` and, as the model
+class says (`conditioning`), the conditioner that fills in a text model's caption sizes.
 
 | role   | muP init std                 | muP Adam lr | SP (original DiT)          |
 |--------|------------------------------|-------------|----------------------------|
@@ -20,48 +21,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from mup import MuAdamW, MuReadout, set_base_shapes
 from torch import nn
 
-from mupsweep.config import ModelConfig, OptimConfig
-from mupsweep.errors import UserError
+from mupsweep.config import Config, ModelConfig, OptimConfig
+from mupsweep.data import ImageDataset
+from mupsweep.models import DataSpec, get_model_class
+from mupsweep.roles import ParamSpec, Role, get_spec
+from mupsweep.text import LabelConditioner, TextConditioner, text_conditioner
+
+# --------------------------------------------------------------------------------------------
+# What a model is built for: its data's shapes and its conditioning
+# --------------------------------------------------------------------------------------------
 
 
-class Role(str, Enum):
-    INPUT = "input"  # one infinite dim (fan-out), finite fan-in: patch embed, label table
-    HIDDEN = "hidden"  # both dims infinite: qkv, proj, MLP, adaLN modulation
-    OUTPUT = "output"  # infinite fan-in, finite fan-out: the readout (a MuReadout)
-    VECTOR = "vector"  # biases and norm gains
+def data_spec_of(dataset: ImageDataset) -> DataSpec:
+    """The shapes a model needs from `dataset`; caption sizes are the
+    conditioner's to fill in (`make_conditioner(...).data_spec`)."""
+    return DataSpec(image_size=dataset.image_size, channels=dataset.channels,
+                    num_classes=dataset.num_classes)
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """How one parameter is initialized, under muP and under SP."""
-
-    role: Role
-    mup_init: str = "fan_in"  # fan_in: N(0, mult/sqrt(fan_in)) | const: N(0, mult*std) | zero | one
-    std: float = 1.0  # for mup_init=const
-    sp_init: str = "xavier"  # xavier (uniform) | normal (N(0, sp_std)) | zero | one | fan_in
-    sp_std: float = 0.02
-    adaln: bool = False  # an adaLN modulation weight: zero when model.adaln_zero
+def conditioning_of(arch: str) -> str:
+    """"label" or "text": what the model class of `arch` is conditioned on."""
+    return getattr(get_model_class(arch), "conditioning", "label")
 
 
-def set_spec(param: nn.Parameter, spec: ParamSpec) -> nn.Parameter:
-    param.mup_spec = spec
-    return param
-
-
-def get_spec(name: str, param: nn.Parameter) -> ParamSpec:
-    spec = getattr(param, "mup_spec", None)
-    if spec is None:
-        raise UserError(
-            f"parameter {name} has no muP role; build it with a helper from mupsweep.models.layers"
-        )
-    return spec
+def make_conditioner(cfg: Config, dataset: ImageDataset) -> LabelConditioner | TextConditioner:
+    """The conditioner for cfg.model's architecture on `dataset`; its `data_spec` is the one
+    to build the model with."""
+    spec = data_spec_of(dataset)
+    if conditioning_of(cfg.model.arch) == "text":
+        return text_conditioner(cfg, dataset, spec)
+    return LabelConditioner(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,10 +98,8 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def build_model(cfg: ModelConfig, data_spec, device: torch.device | str = "cpu") -> nn.Module:
+def build_model(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | str = "cpu") -> nn.Module:
     """Build, set base shapes, initialize. The only way models are made in mupsweep."""
-    from mupsweep.models import get_model_class
-
     cfg = resolve(cfg)
     cls = get_model_class(cfg.arch)
     model = cls(cfg, data_spec).to(device)
@@ -116,12 +108,10 @@ def build_model(cfg: ModelConfig, data_spec, device: torch.device | str = "cpu")
     return model
 
 
-def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec) -> None:
+def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec: DataSpec) -> None:
     """muP: base shapes from models at base_width and delta_width (built on the meta device,
     so no memory is spent). SP: every width multiplier is 1 (MuReadout is then a plain Linear
     times output_mult, and MuAdamW would equal AdamW)."""
-    from mupsweep.models import get_model_class
-
     if cfg.parametrization == "sp":
         set_base_shapes(model, None, rescale_params=False)
         return
@@ -132,13 +122,6 @@ def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec) -> None:
         delta = cls(dataclasses.replace(cfg, width=delta_width), data_spec)
     set_base_shapes(model, base, delta=delta, rescale_params=False)
     check_roles(model)
-
-
-def copy_base_shapes(src: nn.Module, dst: nn.Module) -> None:
-    """Give `dst` the infshapes of `src` (same architecture). deepcopy drops them; this doesn't."""
-    src_params = dict(src.named_parameters())
-    for name, p in dst.named_parameters():
-        p.infshape = src_params[name].infshape
 
 
 # --------------------------------------------------------------------------------------------

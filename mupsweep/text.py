@@ -1,7 +1,8 @@
 """Conditioning: what a model is given besides (x_t, t), and the frozen text encoders.
 
 The training loop, the validation set and the sample grid all build a model's `cond` dict the
-same way, through a `Conditioner` (`make_conditioner(cfg, dataset)`):
+same way, through a `Conditioner` (`parametrize.make_conditioner(cfg, dataset)`, which knows the
+model class and so which of the two it needs):
 
 - label models (DiT, U-ViT): `{"y": labels}`;
 - text models (PixArt-alpha, MMDiT; a model class says so with `conditioning = "text"`):
@@ -30,9 +31,10 @@ cached in `$MUPSWEEP_CACHE_DIR` (default `~/.cache/mupsweep`), keyed by encoder 
   K = num_classes x T, rows in class-id order with T consecutive templates per class. Not cached
   (it is already a file).
 
-Config keys (`model.extra`): text_encoder (hash|minilm|file), text_file, text_dim (default 64),
-text_len (default 16), pooled_dim (default text_dim). An embedding size that differs from the
-configured one is a one-line UserError naming the key to change.
+Config keys (`model.extra`, read by `mupsweep.text_settings`): text_encoder (hash|minilm|file),
+text_file, text_dim (default 64), text_len (default 16), pooled_dim (default text_dim). An
+embedding size that differs from the configured one is a one-line UserError naming the key to
+change.
 """
 
 from __future__ import annotations
@@ -51,50 +53,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mupsweep.config import Config, DataConfig, ModelConfig
-from mupsweep.data import read_named_arrays
+from mupsweep.config import Config, DataConfig
+from mupsweep.data import ImageDataset, read_named_arrays
 from mupsweep.errors import UserError
+from mupsweep.text_settings import TextSettings, text_settings
+from mupsweep.util import atomic_write
 
-ENCODERS = ("hash", "minilm", "file")
 BUILTIN_CAPTIONS = ("digits", "fashion_mnist")  # datasets whose captions come from data.py
 CAPTION_FILES = ("captions.json", "captions.txt")
 _CACHE_VERSION = 1  # bump when an encoder's output changes, so old cache files are not reused
 ENCODE_CALLS = 0  # how many times a caption set was really encoded (tests read it)
-
-
-@dataclass(frozen=True)
-class TextSettings:
-    """A text model's conditioning settings, read from `model.extra` with their defaults."""
-
-    encoder: str = "hash"
-    file: str | None = None
-    dim: int = 64  # caption token embedding size (T5-XXL: 4096, MiniLM: 384)
-    length: int = 16  # caption tokens (PixArt-alpha: 120)
-    pooled_dim: int = 64  # pooled caption vector (MMDiT; default = dim)
-
-
-def text_settings(cfg: ModelConfig) -> TextSettings:
-    x = cfg.extra
-    dim = int(x.get("text_dim") or TextSettings.dim)
-    s = TextSettings(encoder=str(x.get("text_encoder") or "hash"), file=x.get("text_file"),
-                     dim=dim, length=int(x.get("text_len") or TextSettings.length),
-                     pooled_dim=int(x.get("pooled_dim") or dim))
-    if s.encoder not in ENCODERS:
-        raise UserError(f"model.extra.text_encoder={s.encoder!r}: use one of {', '.join(ENCODERS)}")
-    for key, value in (("text_dim", s.dim), ("text_len", s.length), ("pooled_dim", s.pooled_dim)):
-        if value <= 0:
-            raise UserError(f"model.extra.{key}={value} must be a positive integer")
-    return s
-
-
-def text_dims(cfg: ModelConfig, data) -> tuple[int, int]:
-    """A text model's (text_dim, text_len) from model.extra; the conditioner's values in the
-    DataSpec (0 when the model is built without one, e.g. by `inspect`) must agree."""
-    s = text_settings(cfg)
-    for key, ours, theirs in (("text_dim", s.dim, data.text_dim), ("text_len", s.length, data.text_len)):
-        if theirs and theirs != ours:
-            raise ValueError(f"model.extra.{key}={ours} but the caption embeddings have {theirs}")
-    return s.dim, s.length
 
 
 @dataclass
@@ -160,14 +128,10 @@ class TextConditioner:
         return TextConditioner(self.data_spec, self.embeddings.to(device))
 
 
-def make_conditioner(cfg: Config, dataset) -> LabelConditioner | TextConditioner:
-    """The conditioner for cfg.model's architecture on `dataset` (a data.ImageDataset)."""
-    from mupsweep.models import DataSpec, get_model_class
-
-    spec = DataSpec(image_size=dataset.image_size, channels=dataset.channels,
-                    num_classes=dataset.num_classes)
-    if getattr(get_model_class(cfg.model.arch), "conditioning", "label") != "text":
-        return LabelConditioner(spec)
+def text_conditioner(cfg: Config, dataset: ImageDataset, spec) -> TextConditioner:
+    """The conditioner of a text model on `dataset`: its captions, encoded (or read from
+    model.extra.text_file), and `spec` (the dataset's models.DataSpec, untyped here: text.py
+    sits below the models) with the caption sizes filled in."""
     settings = text_settings(cfg.model)
     if settings.encoder == "file":
         emb = load_embedding_file(settings, dataset.num_classes)
@@ -285,9 +249,12 @@ def encode_cached(captions: list[list[str]], s: TextSettings) -> TextEmbeddings:
                          mask.reshape(K, num_templates, -1).bool(),
                          pooled.reshape(K, num_templates, -1).float())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, tokens=emb.tokens.numpy(), mask=emb.mask.numpy(), pooled=emb.pooled.numpy())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would add ".npz" to a bare name
+            np.savez(f, tokens=emb.tokens.numpy(), mask=emb.mask.numpy(), pooled=emb.pooled.numpy())
+
+    atomic_write(path, write)
     return emb
 
 

@@ -4,6 +4,12 @@ A sweep trial is a short `train()` call with an `on_eval` callback that reports 
 validation loss to Optuna (and may raise to prune). Under torchrun the same function runs DDP:
 every rank draws the whole global batch from the same generators and keeps its slice, so the
 averaged gradient equals the single-process one.
+
+Read top to bottom: `setup` builds a `Run` (model, optimizer, data, resume), `train_step` takes
+one optimizer step, `evaluate` measures the fixed validation loss, and `train` loops them.
+Everything a checkpoint holds is one `checkpoint.RunState`. The loss stays on the device
+between sync points (log, eval and checkpoint steps, and the last): reading it every step
+would make the host wait for the accelerator each step.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mupsweep.config import Config, to_dict, to_yaml
+from mupsweep.checkpoint import RunState, restore, save_checkpoint
+from mupsweep.config import Config, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
-from mupsweep.diffusion import make_diffusion
+from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
+from mupsweep.images import save_sample_grid
 from mupsweep.models import DataSpec
-from mupsweep.parametrize import build_model, make_optimizer
-from mupsweep.text import Conditioner, LabelConditioner, make_conditioner
+from mupsweep.parametrize import build_model, data_spec_of, make_conditioner, make_optimizer
+from mupsweep.text import Conditioner, LabelConditioner
+from mupsweep.util import atomic_write_text
 
 EvalCallback = Callable[[int, float], None]
 
@@ -66,11 +75,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def data_spec_of(dataset: ImageDataset) -> DataSpec:
-    return DataSpec(image_size=dataset.image_size, channels=dataset.channels,
-                    num_classes=dataset.num_classes)
-
-
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
     """Relative lr factor per step. LambdaLR multiplies each group's own initial lr, so muP's
     per-group lr (hidden lr / m) survives warmup and decay."""
@@ -88,30 +92,12 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return factor
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same directory, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                        "delete it or set train.resume=false") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
-        raise UserError(f"checkpoint {path} is not a mupsweep checkpoint")
-    return ckpt
-
-
 class FixedValidationSet:
     """Fixed (x0, t, noise) triples drawn once from a seeded generator, so the validation loss
     of given weights is one deterministic number, comparable across trials and widths."""
 
-    def __init__(self, dataset: ImageDataset, diffusion, size: int, seed: int, device: torch.device,
-                 conditioner: Conditioner | None = None):
+    def __init__(self, dataset: ImageDataset, diffusion: GaussianDiffusion | RectifiedFlow, size: int,
+                 seed: int, device: torch.device, conditioner: Conditioner | None = None):
         g = torch.Generator().manual_seed(seed)
         n_val = dataset.val_images.shape[0]
         idx = torch.arange(size) % n_val  # cycle when asking for more triples than images
@@ -123,7 +109,8 @@ class FixedValidationSet:
         self.cond = conditioner.to(device)(self.y)  # no generator: fixed (caption template 0)
 
     @torch.no_grad()
-    def loss(self, model: nn.Module, diffusion, batch_size: int, autocast) -> float:
+    def loss(self, model: nn.Module, diffusion: GaussianDiffusion | RectifiedFlow, batch_size: int,
+             autocast: Callable[[], torch.autocast]) -> float:
         was_training = model.training
         model.eval()
         total, n = 0.0, self.x0.shape[0]
@@ -162,6 +149,165 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A run's fixed pieces, built once by `setup`; what changes as it trains is in `state`."""
+
+    cfg: Config
+    state: RunState  # model, optimizer, scheduler, EMA, generators, step, history
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    dataset: ImageDataset
+    conditioner: Conditioner  # labels -> the model's cond dict
+    diffusion: GaussianDiffusion | RectifiedFlow
+    val_set: FixedValidationSet
+    forward_model: nn.Module  # the model as training calls it: DDP-wrapped and/or compiled
+    metrics: _MetricsLog
+    train_x: torch.Tensor  # (N, C, H, W) every training image, on the device
+    train_y: torch.Tensor  # (N,)
+    local: slice  # this rank's part of the global batch
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.conditioner.data_spec
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.train.precision == "bf16")
+
+
+def setup(cfg: Config, dataset: ImageDataset | None = None,
+          on_model: Callable[[nn.Module], None] | None = None) -> Run:
+    """Everything before the first step; resumes from run_dir/last.pt when there is one."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = _init_distributed(device)
+    if tc.batch_size % world:
+        raise UserError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
+    run_dir = Path(tc.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    dataset = dataset or load_dataset(cfg.data)
+    conditioner = make_conditioner(cfg, dataset).to(device)
+    diffusion = make_diffusion(cfg.diffusion)
+    torch.manual_seed(tc.seed)  # weights: same seed, same init on every rank
+    try:
+        model = build_model(cfg.model, conditioner.data_spec, device)
+    except ValueError as e:
+        raise UserError(f"model config: {e}") from None
+    if on_model is not None:
+        on_model(model)
+    optimizer = make_optimizer(model, cfg.model, cfg.optim)
+    state = RunState(
+        cfg, model, optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
+        ema=make_ema(model, cfg, conditioner.data_spec, device) if tc.ema_decay > 0 else None,
+        gen_index=torch.Generator().manual_seed(tc.seed + 1),  # which images
+        gen_noise=torch.Generator(device).manual_seed(tc.seed + 2),  # t, noise, dropout, captions
+    )
+    val_set = FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device, conditioner)
+    if tc.resume and (run_dir / "last.pt").exists():
+        restore(state, run_dir / "last.pt")
+
+    forward_model: nn.Module = model
+    if world > 1:
+        forward_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        forward_model = torch.compile(forward_model)
+    return Run(
+        cfg=cfg, state=state, device=device, rank=rank, world=world, run_dir=run_dir,
+        dataset=dataset, conditioner=conditioner, diffusion=diffusion, val_set=val_set,
+        forward_model=forward_model,
+        metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step, enabled=rank == 0),
+        train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
+        local=slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Step and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def train_step(run: Run) -> torch.Tensor:
+    """One optimizer step on the next global batch. Returns this rank's loss, still on the
+    device: reading it here would make the host wait for the accelerator every step."""
+    cfg, state, device = run.cfg, run.state, run.device
+    B, local = cfg.train.batch_size, run.local
+    # The whole global batch, identical on every rank; each rank keeps its slice.
+    idx = torch.randint(0, run.train_x.shape[0], (B,), generator=state.gen_index).to(device)
+    x0, y = run.train_x[idx], run.train_y[idx]  # (B, C, H, W), (B,)
+    t = run.diffusion.sample_timesteps(B, state.gen_noise, device)  # (B,)
+    noise = torch.randn(x0.shape, generator=state.gen_noise, device=device)
+    drop = torch.rand(B, generator=state.gen_noise, device=device) < cfg.model.class_dropout
+    cond = run.conditioner(y, state.gen_noise)  # text models draw a caption template per sample
+    with run.autocast():
+        loss = run.diffusion.loss(run.forward_model, x0[local], t[local], noise[local],
+                                  {k: v[local] for k, v in cond.items()}, drop[local]).mean()
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        update_ema(state.ema, state.model, cfg.train.ema_decay)
+    state.step += 1
+    return loss.detach()
+
+
+def evaluate(run: Run, on_eval: EvalCallback | None) -> float:
+    """The fixed validation loss of the current weights, recorded in the history and
+    metrics.jsonl, then handed to on_eval (which may raise to prune)."""
+    state = run.state
+    val = run.val_set.loss(state.model, run.diffusion, max(run.cfg.train.batch_size, 64),
+                           run.autocast)
+    state.history.append({"step": state.step, "validation_loss": val})
+    run.metrics.write({"step": state.step, "validation_loss": val})
+    if on_eval is not None:
+        on_eval(state.step, val)
+    return val
+
+
+class LossWindow:
+    """The training losses since the last sync point, kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.last = torch.full((), math.nan, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.last = loss
+        self.total += loss  # finite only while every loss since the last read is
+
+    def read(self, world: int) -> tuple[float, bool]:
+        """(the last step's loss averaged over ranks, whether every loss of every rank since
+        the last read was finite). One host sync and, under DDP, one all_reduce; every rank
+        must call it on the same step."""
+        both = torch.stack([self.last.float(), self.total.float()])
+        if world > 1:
+            dist.all_reduce(both)
+        last, total = both.tolist()
+        self.total.zero_()
+        return last / world, math.isfinite(total)
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
@@ -174,157 +320,73 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     on_eval(step, validation_loss) runs after every evaluation (a sweep reports to Optuna
     there and may raise to prune); on_model(model) runs once the model is built (the
     coordinate check registers its hooks there)."""
-    from mupsweep.report import save_sample_grid
-
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    rank, world = _init_distributed(device)
-    if tc.batch_size % world:
-        raise UserError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
-    run_dir = Path(tc.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
-    dataset = dataset or load_dataset(cfg.data)
-    conditioner = make_conditioner(cfg, dataset).to(device)  # labels -> the model's cond dict
-    spec = conditioner.data_spec
-    diffusion = make_diffusion(cfg.diffusion)
-    torch.manual_seed(tc.seed)  # weights: same seed, same init on every rank
-    try:
-        model = build_model(cfg.model, spec, device)
-    except ValueError as e:
-        raise UserError(f"model config: {e}") from None
-    if on_model is not None:
-        on_model(model)
-    optimizer = make_optimizer(model, cfg.model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ema = make_ema(model, cfg, spec, device) if tc.ema_decay > 0 else None
-    gen_index = torch.Generator().manual_seed(tc.seed + 1)
-    gen_noise = torch.Generator(device).manual_seed(tc.seed + 2)
-    val_set = FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device, conditioner)
-
-    step, wall_before, history = 0, 0.0, []
-    ckpt_path = run_dir / "last.pt"
-    if tc.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("config", {}).get("model") != to_dict(cfg)["model"]:
-            raise UserError(f"{ckpt_path} was written for a different model config; "
-                            "use another train.run_dir or train.resume=false")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        gen_index.set_state(ckpt["gen_index"])
-        gen_noise.set_state(ckpt["gen_noise"].to(gen_noise.get_state().device))
-        step, wall_before, history = ckpt["step"], ckpt["wall_time_s"], ckpt["history"]
-
-    fwd_model: nn.Module = model
-    if world > 1:
-        fwd_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        fwd_model = torch.compile(fwd_model)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-
-    def save(path: Path) -> None:
-        if rank == 0:
-            atomic_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                "gen_index": gen_index.get_state(), "gen_noise": gen_noise.get_state(),
-                "step": step, "wall_time_s": wall_before + (time.perf_counter() - t_start),
-                "history": history, "config": to_dict(cfg),
-            }, path)
-
-    metrics = _MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=rank == 0)
-    flops_per_step = 3 * model.flops_per_image(spec) * tc.batch_size
-    local = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
-    n_train = dataset.train_images.shape[0]
-    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
-    result = TrainResult(math.nan, math.nan, step, 0.0, 0.0, run_dir=str(run_dir))
-    t_start = time.perf_counter()
-
-    def evaluate() -> float:
-        val = val_set.loss(model, diffusion, max(tc.batch_size, 64), autocast)
-        history.append({"step": step, "validation_loss": val})
-        metrics.write({"step": step, "validation_loss": val})
-        if on_eval is not None:
-            on_eval(step, val)
-        return val
-
-    if not history:
-        evaluate()
-    result.initial_validation_loss = history[0]["validation_loss"]
-    model.train()
-    with _progress(tc.progress and rank == 0, tc.steps, step) as advance:
-        while step < tc.steps:
-            # The whole global batch, identical on every rank; each rank keeps its slice.
-            idx = torch.randint(0, n_train, (tc.batch_size,), generator=gen_index).to(device)
-            x0, y = train_x[idx], train_y[idx]
-            t = diffusion.sample_timesteps(tc.batch_size, gen_noise, device)
-            noise = torch.randn(x0.shape, generator=gen_noise, device=device)
-            drop = torch.rand(tc.batch_size, generator=gen_noise, device=device) < cfg.model.class_dropout
-            cond = conditioner(y, gen_noise)  # text models draw a caption template per sample
-            with autocast():
-                loss = diffusion.loss(fwd_model, x0[local], t[local], noise[local],
-                                      {k: v[local] for k, v in cond.items()}, drop[local]).mean()
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, model, tc.ema_decay)
-            step += 1
-
-            loss_value = loss.item()
-            if world > 1:  # the global mean: every rank must take the same divergence
-                # decision below on the same step, or the ones that go on would hang
-                lt = torch.tensor([loss_value], device=device)
-                dist.all_reduce(lt)
-                loss_value = lt.item() / world
-            elapsed = time.perf_counter() - t_start
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics.write({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                               "time_s": wall_before + elapsed})
+    run = setup(cfg, dataset, on_model)
+    tc, state = cfg.train, run.state
+    result = TrainResult(math.nan, math.nan, state.step, 0.0, 0.0, run_dir=str(run.run_dir))
+    state.start_clock()
+    if not state.history:
+        evaluate(run, on_eval)
+    result.initial_validation_loss = state.history[0]["validation_loss"]
+    state.model.train()
+    window, loss_value, synced_at = LossWindow(run.device), math.nan, state.step
+    with _progress(tc.progress and run.rank == 0, tc.steps, state.step) as advance:
+        while state.step < tc.steps:
+            window.add(train_step(run))
+            step, last = state.step, state.step == tc.steps
+            log_due = step % tc.log_every == 0 or last
+            eval_due = step % tc.eval_every == 0 or last
+            ckpt_due = bool(tc.ckpt_every) and step % tc.ckpt_every == 0 and not last
+            if not (log_due or eval_due or ckpt_due):
+                advance(step, loss_value)
+                continue
+            # A sync point, on the same step on every rank: all take the same decision below,
+            # or the ones that went on would hang. Checkpoint steps are sync points too, so a
+            # non-finite loss is caught before its weights are saved.
+            loss_value, finite = window.read(run.world)
+            window_start, synced_at = synced_at + 1, step
+            if log_due:
+                run.metrics.write({"step": step, "loss": loss_value,
+                                   "lr": state.scheduler.get_last_lr()[0],
+                                   "time_s": state.wall_time_s})
             advance(step, loss_value)
-            if not math.isfinite(loss_value):
-                result.diverged, result.reason = True, f"loss is {loss_value} at step {step}"
+            if not finite:
+                result.diverged = True
+                result.reason = (f"loss is {loss_value} at step {step}" if not math.isfinite(loss_value)
+                                 else f"loss was not finite at a step in {window_start}..{step}")
                 break
-            if step % tc.eval_every == 0 or step == tc.steps:
-                val = evaluate()
+            if eval_due:
+                val = evaluate(run, on_eval)
                 if not math.isfinite(val) or val > tc.diverge_factor * result.initial_validation_loss:
                     result.diverged = True
                     result.reason = (f"validation loss {val:.4g} at step {step} is above "
                                      f"{tc.diverge_factor} x its start {result.initial_validation_loss:.4g}")
                     break
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-                save(ckpt_path)
+            if ckpt_due and run.rank == 0:
+                save_checkpoint(state, run.ckpt_path)
+    return _finish(run, result)
 
-    result.steps = step
-    result.wall_time_s = wall_before + (time.perf_counter() - t_start)
-    result.flops = float(flops_per_step * step)
-    result.history = history
-    result.validation_loss = history[-1]["validation_loss"] if history else math.nan
+
+def _finish(run: Run, result: TrainResult) -> TrainResult:
+    """Fill in the result; unless diverged, save the checkpoint and the sample grid."""
+    tc, state = run.cfg.train, run.state
+    flops_per_step = 3 * state.model.flops_per_image(run.spec) * tc.batch_size
+    result.steps = state.step
+    result.wall_time_s = state.wall_time_s
+    result.flops = float(flops_per_step * state.step)
+    result.history = state.history
+    result.validation_loss = state.history[-1]["validation_loss"] if state.history else math.nan
     if result.diverged:
         result.validation_loss = math.inf if not math.isfinite(result.validation_loss) else result.validation_loss
-    elif rank == 0 and tc.save:
-        save(ckpt_path)
+    elif run.rank == 0 and tc.save:
+        save_checkpoint(state, run.ckpt_path)
         if tc.samples > 0:
-            result.samples_path = str(run_dir / "samples.png")
-            sample_model = ema if ema is not None else model
-            save_sample_grid(sample_model, diffusion, spec, tc.samples, cfg.diffusion,
-                             Path(result.samples_path), seed=tc.seed, device=device,
-                             class_names=dataset.class_names, conditioner=conditioner)
-    if rank == 0:
-        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+            result.samples_path = str(run.run_dir / "samples.png")
+            sample_model = state.ema if state.ema is not None else state.model
+            save_sample_grid(sample_model, run.diffusion, run.spec, tc.samples, run.cfg.diffusion,
+                             Path(result.samples_path), seed=tc.seed, device=run.device,
+                             class_names=run.dataset.class_names, conditioner=run.conditioner)
+    if run.rank == 0:
+        atomic_write_text(run.run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     return result
 
 

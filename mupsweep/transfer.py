@@ -82,7 +82,7 @@ def _data_spec(cfg: Config):
         return DataSpec(image_size=cfg.data.image_size or size, channels=channels,
                         num_classes=classes)
     from mupsweep.data import load_dataset
-    from mupsweep.train import data_spec_of
+    from mupsweep.parametrize import data_spec_of
 
     return data_spec_of(load_dataset(cfg.data))
 

@@ -18,8 +18,13 @@ from mupsweep.coordcheck import coord_check
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
 from mupsweep.models import DataSpec
-from mupsweep.parametrize import build_model, check_roles, describe_parameters, make_optimizer
-from mupsweep.text import make_conditioner
+from mupsweep.parametrize import (
+    build_model,
+    check_roles,
+    describe_parameters,
+    make_conditioner,
+    make_optimizer,
+)
 from mupsweep.train import train
 
 MODELS = ("uvit", "pixart", "mmdit")

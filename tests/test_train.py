@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, assert_one_line_error, run_cli
 
 from mupsweep.config import compose
 from mupsweep.train import train
@@ -40,8 +40,8 @@ def test_validation_loss_is_deterministic(tmp_path):
 def test_lr_schedule_scales_mup_groups_relatively(tmp_path):
     """Warmup + cosine must keep hidden lr / m relative to the base lr in every group."""
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, make_optimizer
-    from mupsweep.train import data_spec_of, lr_lambda
+    from mupsweep.parametrize import build_model, data_spec_of, make_optimizer
+    from mupsweep.train import lr_lambda
 
     cfg = compose(["model.width=128", "optim.warmup_steps=4", "optim.schedule=cosine",
                    "train.steps=20"])
@@ -85,6 +85,30 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert [h["step"] for h in got["history"]] == [h["step"] for h in expected["history"]]
     steps = [json.loads(x).get("step") for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps), "metrics.jsonl must not repeat steps after a resume"
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls open(path, "w"): any code could run there instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_without_running_them(tmp_path):
+    """A checkpoint from elsewhere must not run code: resume reads tensors and plain values
+    only, and anything else is a one-line error."""
+    run_dir = tmp_path / "run"
+    train(compose([*TINY, "train.steps=2", f"train.run_dir={run_dir}"]))
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    ckpt["note"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(ckpt, run_dir / "last.pt")
+    proc = run_cli("train", *TINY, "train.steps=3", f"train.run_dir={run_dir}")
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert_one_line_error(proc, "last.pt", "train.resume=false")
 
 
 @pytest.mark.parametrize("preset, steps, learned", [

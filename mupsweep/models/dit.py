@@ -14,6 +14,7 @@ from torch import nn
 from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     Attention,
+    FinalLayer,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
@@ -23,7 +24,6 @@ from mupsweep.models.layers import (
     hidden_linear,
     matmul_flops,
     modulate,
-    readout,
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
@@ -49,20 +49,6 @@ class DiTBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """adaLN norm then the readout: D -> p*p*C_out per token."""
-
-    def __init__(self, width: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = readout(width, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 2 * width, adaln=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class DiT(nn.Module):
     """Diffusion transformer with adaLN conditioning on timestep + class label."""
 
@@ -73,7 +59,7 @@ class DiT(nn.Module):
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
         self.patch_size = cfg.patch_size
         D = cfg.width
-        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
 
         self.x_embedder = PatchEmbed(data.image_size, cfg.patch_size, data.channels, D)
         self.t_embedder = TimestepEmbedder(D)

@@ -1,6 +1,6 @@
-"""Shared building blocks. Every layer with weights is made here, and each helper tags the muP
-role of its parameters (`parametrize.set_spec`), so a model file decides a layer's role by
-choosing the helper: `input_linear`, `hidden_linear`, `readout`, ...
+"""Shared building blocks of every model. Every layer with weights is made here, and each helper
+tags the muP role of its parameters (`roles.set_spec`), so a model file decides a layer's role
+by choosing the helper: `input_linear`, `hidden_linear`, `readout`, ...
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mup import MuReadout
 from torch import nn
 
-from mupsweep.parametrize import ParamSpec, Role, set_spec
+from mupsweep.roles import ParamSpec, Role, set_spec
 
 VECTOR_BIAS = ParamSpec(Role.VECTOR, mup_init="zero", sp_init="zero")
 VECTOR_GAIN = ParamSpec(Role.VECTOR, mup_init="one", sp_init="one")
@@ -84,11 +84,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def attention_scale(head_dim: int, base_head_dim: int, attn_mult: float, parametrization: str) -> float:
-    """muP: attn_mult * sqrt(base_head_dim) / head_dim (= 1/sqrt(head_dim) while head_dim is
-    fixed and width grows by heads, the paper's choice). SP: 1/sqrt(head_dim)."""
-    if parametrization == "mup":  # muP: 1/d attention, anchored at the base head_dim
-        return attn_mult * math.sqrt(base_head_dim) / head_dim
+def attention_scale(head_dim: int, attn_mult: float, parametrization: str) -> float:
+    """The softmax scale, attn_mult / sqrt(head_dim), in both parametrizations."""
+    # muP: 1/d anchored at the base head_dim, which is head_dim itself (width grows by heads),
+    # so it equals 1/sqrt(head_dim); written sqrt(d)/d to keep the float runs have always had.
+    if parametrization == "mup":
+        return attn_mult * math.sqrt(head_dim) / head_dim
     return attn_mult / math.sqrt(head_dim)
 
 
@@ -174,6 +175,20 @@ class LabelEmbedder(nn.Module):
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+
+class FinalLayer(nn.Module):
+    """DiT's last layer (MMDiT's too): adaLN norm, then the readout, D -> p*p*C_out per token."""
+
+    def __init__(self, width: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = readout(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 2 * width, adaln=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 # --------------------------------------------------------------------------------------------

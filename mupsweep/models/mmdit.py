@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mupsweep.config import ModelConfig
-from mupsweep.models.dit import FinalLayer
 from mupsweep.models.layers import (
+    FinalLayer,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -42,7 +42,7 @@ from mupsweep.models.layers import (
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
-from mupsweep.text import text_dims, text_settings
+from mupsweep.text_settings import text_dims, text_settings
 
 
 class StreamBlock(nn.Module):
@@ -62,7 +62,7 @@ class StreamBlock(nn.Module):
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(width, int(width * mlp_ratio))
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """-> q, k, v (B, heads, L, head_dim) and the modulation left for post_attention."""
         mod = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)  # each (B, D)
         B, L, _ = x.shape
@@ -70,7 +70,8 @@ class StreamBlock(nn.Module):
         q, k, v = qkv.reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return rms_norm(q, self.ln_q), rms_norm(k, self.ln_k), v, mod[2:]
 
-    def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mod) -> torch.Tensor:
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor,
+                       mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa.unsqueeze(1) * self.proj(attn)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -86,7 +87,8 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(width, head_dim, mlp_ratio, pre_only=last)
         self.x_block = StreamBlock(width, head_dim, mlp_ratio)
 
-    def forward(self, ctx: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor):
+    def forward(self, ctx: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                c: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """ctx: (B, Lc, D), x: (B, N, D), mask: (B, Lc + N) bool, c: (B, D)."""
         qc, kc, vc, mod_c = self.context_block.pre_attention(ctx, c)
         qx, kx, vx, mod_x = self.x_block.pre_attention(x, c)
@@ -114,7 +116,7 @@ class MMDiT(nn.Module):
         self.in_channels = data.channels
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
         self.patch_size = p
-        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
 
         self.x_embedder = PatchEmbed(data.image_size, p, data.channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -128,7 +130,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1)
             for i in range(cfg.depth))
-        self.final_layer = FinalLayer(D, p, self.out_channels)  # DiT's: adaLN norm + readout
+        self.final_layer = FinalLayer(D, p, self.out_channels)  # as DiT's: adaLN norm + readout
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:

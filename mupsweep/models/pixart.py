@@ -47,7 +47,7 @@ from mupsweep.models.layers import (
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
-from mupsweep.text import text_dims
+from mupsweep.text_settings import text_dims
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ class PixArt(nn.Module):
         self.in_channels = data.channels
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
         self.patch_size = p
-        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
         # muP: width-independent std (PixArt's 1/sqrt(D) taken at the base width); SP: 1/sqrt(D)
         table_std = {"mup_std": cfg.base_width**-0.5, "sp_std": D**-0.5}
 

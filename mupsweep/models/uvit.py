@@ -79,7 +79,7 @@ class UViT(nn.Module):
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
         self.patch_size = p
         self.num_patches = (data.image_size // p) ** 2
-        scale = attention_scale(cfg.head_dim, cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
 
         self.patch_embed = PatchEmbed(data.image_size, p, data.channels, D)
         self.time_embed = TimestepEmbedder(D)

@@ -20,9 +20,9 @@ from optuna.trial import Trial
 
 from mupsweep.config import Config, SweepParam, check_config, set_by_path
 from mupsweep.data import ImageDataset
+from mupsweep.parametrize import data_spec_of
 from mupsweep.storage import redact_text
 from mupsweep.sweep.space import suggest
-from mupsweep.train import data_spec_of
 from mupsweep.train import train as run_train
 from mupsweep.util import first_line
 

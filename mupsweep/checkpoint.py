@@ -1,0 +1,102 @@
+"""A run's state and its checkpoint file: what `last.pt` holds, written and read back safely.
+
+`RunState.state_dict()` is what a checkpoint holds and `RunState.load_state_dict()` is what
+resume reads: one list of fields serves both. Every field is a tensor or a plain Python value
+(RNG states are uint8 tensors, the history and config plain dicts), so a checkpoint is read
+with `torch.load(weights_only=True)`: a file from elsewhere cannot run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mupsweep.config import Config, to_dict
+from mupsweep.errors import UserError
+from mupsweep.util import atomic_write
+
+
+class RunState:
+    """Everything a run needs to go on where it stopped: weights, optimizer, lr schedule, EMA,
+    the two generators (data order; timesteps, noise and dropout), the step, the wall time so
+    far, the validation history and the config it was started with."""
+
+    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, ema: nn.Module | None,
+                 gen_index: torch.Generator, gen_noise: torch.Generator):
+        self.cfg = cfg
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.gen_index, self.gen_noise = gen_index, gen_noise
+        self.step = 0
+        self.history: list[dict] = []  # [{"step", "validation_loss"}, ...]
+        self.time_before = 0.0  # wall time spent by earlier processes of this run (resume)
+        self.clock_start = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """This process's wall time counts from here."""
+        self.clock_start = time.perf_counter()
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.time_before + (time.perf_counter() - self.clock_start)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "gen_index": self.gen_index.get_state(),
+            "gen_noise": self.gen_noise.get_state(),  # a CPU uint8 tensor for any device
+            "step": self.step,
+            "wall_time_s": self.wall_time_s,
+            "history": self.history,
+            "config": to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()`'s output. The config is not restored: the caller checks
+        it against its own (`restore`)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.gen_index.set_state(state["gen_index"])
+        self.gen_noise.set_state(state["gen_noise"].to(self.gen_noise.get_state().device))
+        self.step, self.time_before, self.history = state["step"], state["wall_time_s"], state["history"]
+
+
+def save_checkpoint(state: RunState, path: Path) -> None:
+    """Write `state` to `path` atomically: a kill mid-write leaves the previous checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(state.state_dict(), tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's fields, read without running any code the file might hold."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise UserError(f"checkpoint {path} holds Python objects besides tensors and plain "
+                            "values, which could run code when loaded; refused: delete it or set "
+                            "train.resume=false") from None
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
+                        "delete it or set train.resume=false") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise UserError(f"checkpoint {path} is not a mupsweep checkpoint")
+    return ckpt
+
+
+def restore(state: RunState, path: Path) -> None:
+    """Resume `state` from the checkpoint at `path`, which must be of the same model config."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("config", {}).get("model") != to_dict(state.cfg)["model"]:
+        raise UserError(f"{path} was written for a different model config; "
+                        "use another train.run_dir or train.resume=false")
+    state.load_state_dict(ckpt)

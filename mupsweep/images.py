@@ -1,0 +1,65 @@
+"""Sample grids: images from a model, drawn with classifier-free guidance, saved as one PNG.
+
+The training loop writes one at the end of a run (`train.samples`); kept apart from
+`mupsweep.report`, which is a command module above the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mupsweep.config import DiffusionConfig
+from mupsweep.util import atomic_write
+
+if TYPE_CHECKING:  # for the hints only: importing the models would load every architecture
+    from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow
+    from mupsweep.models import DataSpec
+    from mupsweep.text import Conditioner
+
+
+def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:
+    """(B, C, H, W) in [-1, 1] -> one PIL image, `nrow` images per row, 2-pixel gaps."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    B, C, H, W = images.shape
+    if C not in (1, 3):  # latents or other channel counts: show the first channel
+        images, C = images[:, :1], 1
+    rows = math.ceil(B / nrow)
+    pad = 2
+    canvas = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, dtype=np.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        canvas[y:y + H, x:x + W] = images[i].permute(1, 2, 0).numpy()
+    img = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    return img
+
+
+@torch.no_grad()
+def save_sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | RectifiedFlow,
+                     spec: DataSpec, n: int, cfg: DiffusionConfig, path: Path, seed: int,
+                     device: torch.device, class_names: list[str] | None = None,
+                     conditioner: Conditioner | None = None) -> Path:
+    """Sample n images (labels cycle through the classes) with CFG and save a PNG grid.
+    `conditioner` (mupsweep.text) turns the labels into the model's cond dict (text models:
+    each class's first caption); None: {"y": labels}."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn(n, spec.channels, spec.image_size, spec.image_size, generator=g, device=device)
+    labels = torch.arange(n, device=device) % spec.num_classes
+    cond = conditioner(labels) if conditioner is not None else {"y": labels}
+    images = diffusion.sample(model, noise, cond, cfg_scale=cfg.cfg_scale)
+    model.train(was_training)
+    nrow = min(spec.num_classes, n)
+    upscale = max(1, 64 // spec.image_size)
+    grid = image_grid(images, nrow=nrow, upscale=upscale)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path

@@ -1,0 +1,49 @@
+"""muP roles: the tag each parameter carries from where its layer is built.
+
+A layer helper in `mupsweep.models.layers` calls `set_spec` once; `mupsweep.parametrize` reads
+the tag back with `get_spec` for init, optimizer groups, the role check and the parameter
+table. Imports nothing of the project, so the model files and parametrize can both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from torch import nn
+
+
+class Role(str, Enum):
+    INPUT = "input"  # one infinite dim (fan-out), finite fan-in: patch embed, label table
+    HIDDEN = "hidden"  # both dims infinite: qkv, proj, MLP, adaLN modulation
+    OUTPUT = "output"  # infinite fan-in, finite fan-out: the readout (a MuReadout)
+    VECTOR = "vector"  # biases and norm gains
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter is initialized, under muP and under SP."""
+
+    role: Role
+    mup_init: str = "fan_in"  # fan_in: N(0, mult/sqrt(fan_in)) | const: N(0, mult*std) | zero | one
+    std: float = 1.0  # for mup_init=const
+    sp_init: str = "xavier"  # xavier (uniform) | normal (N(0, sp_std)) | zero | one | fan_in
+    sp_std: float = 0.02
+    adaln: bool = False  # an adaLN modulation weight: zero when model.adaln_zero
+
+
+def set_spec(param: nn.Parameter, spec: ParamSpec) -> nn.Parameter:
+    """Tag `param` with its muP role and init; returns it, so helpers can tag inline."""
+    param.mup_spec = spec
+    return param
+
+
+def get_spec(name: str, param: nn.Parameter) -> ParamSpec:
+    """The tag `set_spec` put on `param` (`name` is only for the message). An untagged
+    parameter is a bug in a model file, not a user error."""
+    spec = getattr(param, "mup_spec", None)
+    if spec is None:
+        raise RuntimeError(
+            f"parameter {name} has no muP role; build it with a helper from mupsweep.models.layers"
+        )
+    return spec
