@@ -29,6 +29,7 @@ from torch import nn
 from mupsweep.config import Config, ModelConfig, OptimConfig
 from mupsweep.data import ImageDataset
 from mupsweep.models import DataSpec, get_model_class
+from mupsweep.models.layers import Readout
 from mupsweep.roles import ParamSpec, Role, get_spec
 from mupsweep.text import LabelConditioner, TextConditioner, text_conditioner
 
@@ -178,8 +179,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
             else:
                 p.fill_(std)
     for module in model.modules():
-        if isinstance(module, MuReadout):
-            module.output_mult = cfg.output_mult
+        if isinstance(module, Readout):
+            module.set_multipliers(cfg.output_mult)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,9 +43,32 @@ def hidden_linear(fan_in: int, fan_out: int, bias: bool = True, sp_init: str = "
     return _tag_linear(nn.Linear(fan_in, fan_out, bias=bias), spec)
 
 
-def readout(width: int, fan_out: int, bias: bool = True) -> MuReadout:
+class Readout(MuReadout):
+    """mup's MuReadout (input x output_mult / width_mult, zero init) with both multipliers in
+    a buffer, `multipliers` = (output_mult, width_mult), instead of a Python float and
+    `weight.infshape` read in forward. A packed sweep (`mupsweep.packed`) calls the model
+    through `torch.func.functional_call` with stacked weights, which carry no infshape, and
+    gives each member its own output_mult: a buffer is swapped in and stacked per member like
+    any weight. Same operations in the same order as MuReadout, so the same numbers."""
+
+    def __init__(self, width: int, fan_out: int, bias: bool = True):
+        super().__init__(width, fan_out, bias=bias, readout_zero_init=True)
+        # NaN until `set_multipliers` runs: a readout used before base shapes are set says so
+        self.register_buffer("multipliers", torch.full((2,), math.nan), persistent=False)
+
+    def set_multipliers(self, output_mult: float) -> None:
+        """Record output_mult and, from the base shapes (set them first), the width
+        multiplier."""
+        self.output_mult = output_mult
+        self.multipliers.copy_(torch.tensor([output_mult, self.width_mult()]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * self.multipliers[0] / self.multipliers[1], self.weight, self.bias)
+
+
+def readout(width: int, fan_out: int, bias: bool = True) -> Readout:
     """width -> finite output. muP: MuReadout (output x output_mult / m), zero init."""
-    layer = MuReadout(width, fan_out, bias=bias, readout_zero_init=True)
+    layer = Readout(width, fan_out, bias=bias)
     return _tag_linear(layer, ParamSpec(Role.OUTPUT, mup_init="zero", sp_init="zero"))
 
 
