@@ -49,18 +49,25 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * torch.sqrt(prev) / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * torch.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
+        self.log_betas = torch.log(betas)
+        # Schedule tables copied to each device once: a copy per call would make the host wait
+        # for the accelerator on every training step.
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    @staticmethod
-    def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t] broadcast to like's shape (B, 1, 1, 1), in like's dtype and device."""
-        out = values.to(t.device)[t].to(like.dtype)
+    def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The schedule table `name` at t, broadcast to like's shape (B, 1, 1, 1), in like's
+        dtype and device."""
+        key = (name, t.device)
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(t.device)
+        out = self._on_device[key][t].to(like.dtype)
         return out.view(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.alphas_cumprod, t, x0)
+        a = self._at("alphas_cumprod", t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def loss(self, model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -79,13 +86,13 @@ class GaussianDiffusion:
              t: torch.Tensor) -> torch.Tensor:
         """KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) in bits/dim, eps stop-gradiented (DiT's
         hybrid loss, scaled by num_timesteps/1000 as in improved DDPM)."""
-        min_log = self._at(self.posterior_log_variance, t, x_t)
-        max_log = self._at(torch.log(self.betas), t, x_t)
+        min_log = self._at("posterior_log_variance", t, x_t)
+        max_log = self._at("log_betas", t, x_t)
         frac = (var_out + 1) / 2
         model_log_var = frac * max_log + (1 - frac) * min_log
-        a = self._at(self.alphas_cumprod, t, x_t)
+        a = self._at("alphas_cumprod", t, x_t)
         pred_x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        c1, c2 = self._at(self.posterior_mean_coef1, t, x_t), self._at(self.posterior_mean_coef2, t, x_t)
+        c1, c2 = self._at("posterior_mean_coef1", t, x_t), self._at("posterior_mean_coef2", t, x_t)
         model_mean, true_mean = c1 * pred_x0 + c2 * x_t, c1 * x0 + c2 * x_t
         true_log_var = min_log
         kl = 0.5 * (-1.0 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)

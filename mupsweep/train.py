@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mupsweep.checkpoint import RunState, restore, save_checkpoint
-from mupsweep.config import Config, to_yaml
+from mupsweep.config import Config, TrainConfig, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
@@ -244,21 +244,59 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Batch:
+    """One global batch as a run draws it (`draw_batch`)."""
+
+    x0: torch.Tensor  # (B, C, H, W) images
+    t: torch.Tensor  # (B,) timesteps
+    noise: torch.Tensor  # (B, C, H, W)
+    drop: torch.Tensor  # (B,) bool: conditioning nulled (classifier-free guidance)
+    cond: dict[str, torch.Tensor]  # the model's conditioning, from the labels
+
+
+def draw_indices(num_images: int, batch_size: int, gen_index: torch.Generator) -> torch.Tensor:
+    """Which training images the next global batch holds: (B,) on the CPU, from gen_index."""
+    return torch.randint(0, num_images, (batch_size,), generator=gen_index)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`. CUDA: through pinned memory without a wait, so the host
+    runs on instead of blocking on a pageable copy every step."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def draw_batch(cfg: Config, run_data: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor,
+               diffusion: GaussianDiffusion | RectifiedFlow, conditioner: Conditioner,
+               gen_noise: torch.Generator) -> Batch:
+    """The global batch of images `idx` (`draw_indices`, on the device) of run_data = (train_x,
+    train_y), with what gen_noise draws for it in this order: timesteps, noise, dropout, caption
+    templates. Every rank and every member of a pack draws through here, so a run's batches
+    depend on its generators and nothing else."""
+    train_x, train_y = run_data
+    device, B = train_x.device, idx.shape[0]
+    x0, y = train_x[idx], train_y[idx]  # (B, C, H, W), (B,)
+    t = diffusion.sample_timesteps(B, gen_noise, device)  # (B,)
+    noise = torch.randn(x0.shape, generator=gen_noise, device=device)
+    drop = torch.rand(B, generator=gen_noise, device=device) < cfg.model.class_dropout
+    cond = conditioner(y, gen_noise)  # text models draw a caption template per sample
+    return Batch(x0, t, noise, drop, cond)
+
+
 def train_step(run: Run) -> torch.Tensor:
     """One optimizer step on the next global batch. Returns this rank's loss, still on the
     device: reading it here would make the host wait for the accelerator every step."""
     cfg, state, device = run.cfg, run.state, run.device
-    B, local = cfg.train.batch_size, run.local
+    local = run.local
     # The whole global batch, identical on every rank; each rank keeps its slice.
-    idx = torch.randint(0, run.train_x.shape[0], (B,), generator=state.gen_index).to(device)
-    x0, y = run.train_x[idx], run.train_y[idx]  # (B, C, H, W), (B,)
-    t = run.diffusion.sample_timesteps(B, state.gen_noise, device)  # (B,)
-    noise = torch.randn(x0.shape, generator=state.gen_noise, device=device)
-    drop = torch.rand(B, generator=state.gen_noise, device=device) < cfg.model.class_dropout
-    cond = run.conditioner(y, state.gen_noise)  # text models draw a caption template per sample
+    idx = to_device(draw_indices(run.train_x.shape[0], cfg.train.batch_size, state.gen_index), device)
+    b = draw_batch(cfg, (run.train_x, run.train_y), idx, run.diffusion, run.conditioner,
+                   state.gen_noise)
     with run.autocast():
-        loss = run.diffusion.loss(run.forward_model, x0[local], t[local], noise[local],
-                                  {k: v[local] for k, v in cond.items()}, drop[local]).mean()
+        loss = run.diffusion.loss(run.forward_model, b.x0[local], b.t[local], b.noise[local],
+                                  {k: v[local] for k, v in b.cond.items()}, b.drop[local]).mean()
     loss.backward()
     if cfg.optim.grad_clip > 0:
         nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
@@ -312,6 +350,29 @@ class LossWindow:
 # --------------------------------------------------------------------------------------------
 
 
+def sync_points(step: int, tc: TrainConfig) -> tuple[bool, bool, bool]:
+    """(log, evaluate, checkpoint): what is due after `step` steps. Any of them makes the step a
+    sync point, where the loop reads the losses since the last one."""
+    last = step == tc.steps
+    return (step % tc.log_every == 0 or last, step % tc.eval_every == 0 or last,
+            bool(tc.ckpt_every) and step % tc.ckpt_every == 0 and not last)
+
+
+def loss_divergence(loss_value: float, step: int, window_start: int) -> str:
+    """Why a run stops when a training loss since the last sync point was not finite."""
+    if not math.isfinite(loss_value):
+        return f"loss is {loss_value} at step {step}"
+    return f"loss was not finite at a step in {window_start}..{step}"
+
+
+def validation_divergence(val: float, initial: float, step: int, factor: float) -> str | None:
+    """Why a run stops at this validation loss (not finite, or above factor x its start), or
+    None when it goes on."""
+    if not math.isfinite(val) or val > factor * initial:
+        return f"validation loss {val:.4g} at step {step} is above {factor} x its start {initial:.4g}"
+    return None
+
+
 def train(cfg: Config, on_eval: EvalCallback | None = None,
           dataset: ImageDataset | None = None,
           on_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
@@ -332,10 +393,8 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     with _progress(tc.progress and run.rank == 0, tc.steps, state.step) as advance:
         while state.step < tc.steps:
             window.add(train_step(run))
-            step, last = state.step, state.step == tc.steps
-            log_due = step % tc.log_every == 0 or last
-            eval_due = step % tc.eval_every == 0 or last
-            ckpt_due = bool(tc.ckpt_every) and step % tc.ckpt_every == 0 and not last
+            step = state.step
+            log_due, eval_due, ckpt_due = sync_points(step, tc)
             if not (log_due or eval_due or ckpt_due):
                 advance(step, loss_value)
                 continue
@@ -351,15 +410,14 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             advance(step, loss_value)
             if not finite:
                 result.diverged = True
-                result.reason = (f"loss is {loss_value} at step {step}" if not math.isfinite(loss_value)
-                                 else f"loss was not finite at a step in {window_start}..{step}")
+                result.reason = loss_divergence(loss_value, step, window_start)
                 break
             if eval_due:
                 val = evaluate(run, on_eval)
-                if not math.isfinite(val) or val > tc.diverge_factor * result.initial_validation_loss:
-                    result.diverged = True
-                    result.reason = (f"validation loss {val:.4g} at step {step} is above "
-                                     f"{tc.diverge_factor} x its start {result.initial_validation_loss:.4g}")
+                reason = validation_divergence(val, result.initial_validation_loss, step,
+                                               tc.diverge_factor)
+                if reason:
+                    result.diverged, result.reason = True, reason
                     break
             if ckpt_due and run.rank == 0:
                 save_checkpoint(state, run.ckpt_path)
