@@ -139,6 +139,7 @@ class SweepConfig:
     heartbeat_s: int = 10  # RDB storages: a killed worker's trial FAILs after the grace period
     grace_s: int | None = None  # heartbeat grace period; None: 2 x heartbeat_s (Optuna's default)
     max_retry: int = 2  # a trial failed by a dead worker is re-queued at most this many times
+    pack: int = 1  # trials a worker trains at once as one packed model (mupsweep/packed.py)
     params: list[SweepParam] = field(default_factory=list)  # empty: log2 lr / init / output mult
 
 

@@ -6,10 +6,13 @@ job. When an Optuna upgrade breaks the sweep, read this file first.
 
 from __future__ import annotations
 
+import contextlib
+
 import optuna
 from optuna.storages import BaseStorage
 from optuna.storages._cached_storage import _CachedStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 
 def opened_storage(study: optuna.Study) -> BaseStorage:
@@ -42,3 +45,14 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> FrozenTr
     except optuna.exceptions.UpdateFinishedTrialError:
         return None  # another worker got there first
     return storage.get_trial(trial._trial_id)
+
+
+def heartbeat(study: optuna.Study, trial: Trial) -> contextlib.AbstractContextManager:
+    """Optuna's heartbeat for `trial` while the context is open (a no-op where the storage has
+    none), exactly as `study.optimize` runs it around each trial it runs.
+
+    A worker that trains several trials at once (sweep.pack > 1) asks and tells them itself, so
+    it must run their heartbeats itself: the public API has no way to. Touches the private
+    `optuna.storages._heartbeat.get_heartbeat_thread` (what study.optimize uses),
+    `Study._storage` and `Trial._trial_id` (the storage's key of the trial)."""
+    return get_heartbeat_thread(trial._trial_id, study._storage)

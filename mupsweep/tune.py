@@ -27,6 +27,7 @@ from rich.console import Console
 from mupsweep.best import best_document, write_best_json
 from mupsweep.config import Config
 from mupsweep.errors import UserError
+from mupsweep.sweep.packing import check_pack_settings
 from mupsweep.sweep.space import search_space
 from mupsweep.sweep.study import open_study
 from mupsweep.sweep.workers import FINISHED, run_worker, run_worker_processes, trial_budget
@@ -40,6 +41,7 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     if workers < 1:
         raise UserError(f"--workers={workers} must be >= 1")
     params = search_space(cfg)  # validate everything before any process starts
+    check_pack_settings(cfg, params)
     study = open_study(cfg, params)  # creates the study once, before workers race for it
     budget = trial_budget(cfg, params)
     if budget < cfg.sweep.n_trials:

@@ -1,5 +1,6 @@
 """One trial: suggest the HPs, train them at every proxy width with `mupsweep.train.train`,
-report the validation losses to the pruner, and record the cost.
+report the validation losses to the pruner, and record the cost (`TrialProgress` keeps that
+bookkeeping, so a pack of trials, `mupsweep.sweep.packing`, keeps it the same way).
 
 Intermediate values (what the pruner sees) are the validation losses of every width in turn,
 on one step axis: width i's step s is reported as `i * (train.steps + 1) + s`. Every trial
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from mupsweep.data import ImageDataset
 from mupsweep.parametrize import data_spec_of
 from mupsweep.storage import redact_text
 from mupsweep.sweep.space import suggest
+from mupsweep.train import TrainResult
 from mupsweep.train import train as run_train
 from mupsweep.util import first_line
 
@@ -42,58 +45,98 @@ def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path
     return run_cfg
 
 
+class TrialProgress:
+    """One trial's bookkeeping across its proxy widths: its HPs (suggested here), each width's
+    config and pruner reports, the per-width losses, the FLOPs spent and why it stopped.
+    `objective` drives one through `train()`; a pack (`mupsweep.sweep.packing`) drives one per
+    member through `packed.train_packed`, so both report and record the same way."""
+
+    def __init__(self, trial: Trial, cfg: Config, params: list[SweepParam]):
+        self.trial, self.cfg = trial, cfg
+        self.t0 = time.perf_counter()
+        self.losses: dict[str, float] = {}
+        self.flops = 0.0
+        self.flops_per_step = 0.0  # of the width training now (a pruned run returns no result)
+        self.step = 0  # the last evaluated step of the width training now
+        self.hparams = suggest(trial, params)
+        trial.set_user_attr("hparams", self.hparams)
+
+    def width_config(self, i: int, width: int) -> Config:
+        """The trial's config at proxy width number i."""
+        run_dir = Path(self.cfg.sweep.out_dir) / "trials" / f"{self.trial.number:05d}" / f"w{width}"
+        self.step = 0
+        return trial_config(self.cfg, self.hparams, width, run_dir)
+
+    def on_eval(self, i: int, width: int, run_cfg: Config) -> Callable[[int, float], None]:
+        """The callback of width number i's evaluations: report to the pruner on the step axis
+        i * (steps + 1) + step, and raise TrialPruned when it says so."""
+        offset, start = i * (run_cfg.train.steps + 1), {}
+
+        def on_eval(step: int, loss: float) -> None:
+            self.step = step
+            if step == 0:
+                start["loss"] = loss
+                return
+            # A diverged loss is train()'s to flag (with its reason), not the pruner's.
+            if not math.isfinite(loss) or loss > run_cfg.train.diverge_factor * start.get("loss", math.inf):
+                return
+            self.trial.report(loss, offset + step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned by {self.cfg.sweep.pruner} at width {width} "
+                                         f"step {step} (validation loss {loss:.4g})")
+
+        return on_eval
+
+    def finish_width(self, width: int, result: TrainResult) -> None:
+        """Record a width that trained to its end (raises TrialPruned if it diverged)."""
+        self.flops += result.flops
+        if result.diverged:
+            raise optuna.TrialPruned(f"diverged at width {width}: {result.reason}")
+        self.losses[str(width)] = result.validation_loss
+        self.trial.set_user_attr("losses", self.losses)
+
+    def value(self) -> float:
+        """The objective: the mean final validation loss over the proxy widths."""
+        return sum(self.losses.values()) / len(self.losses)
+
+    def failed(self, e: BaseException) -> None:
+        """Record why the trial stopped: the pruner's or divergence's reason, or the error."""
+        if isinstance(e, optuna.TrialPruned):
+            self.trial.set_user_attr("reason", str(e))
+        elif isinstance(e, Exception):
+            self.trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
+
+    def close(self, wall_time_s: float | None = None) -> None:
+        """Record the cost: FLOPs, and wall time (since this object was made, unless given)."""
+        self.trial.set_user_attr("flops", self.flops)
+        self.trial.set_user_attr("wall_time_s", time.perf_counter() - self.t0
+                                 if wall_time_s is None else wall_time_s)
+
+
 def objective(trial: Trial, cfg: Config, params: list[SweepParam], dataset: ImageDataset) -> float:
     """Suggest the HPs, train them at every proxy width, return the mean final loss.
 
     User attrs: hparams, losses (per width), flops, wall_time_s, reason (why pruned/failed)."""
-    hparams = suggest(trial, params)
-    trial.set_user_attr("hparams", hparams)
-    losses: dict[str, float] = {}
-    cost = {"flops": 0.0, "flops_per_step": 0.0, "step": 0}
-    t0 = time.perf_counter()
+    progress = TrialProgress(trial, cfg, params)
+    spec = data_spec_of(dataset)
     try:
-        spec = data_spec_of(dataset)
         for i, width in enumerate(cfg.sweep.proxy_widths):
-            run_dir = Path(cfg.sweep.out_dir) / "trials" / f"{trial.number:05d}" / f"w{width}"
-            run_cfg = trial_config(cfg, hparams, width, run_dir)
-            offset, start = i * (run_cfg.train.steps + 1), {}
-            cost["step"] = 0
+            run_cfg = progress.width_config(i, width)
 
             def on_model(model, run_cfg=run_cfg) -> None:
                 # train() counts FLOPs the same way; a pruned run never returns its result.
-                cost["flops_per_step"] = 3 * model.flops_per_image(spec) * run_cfg.train.batch_size
-
-            def on_eval(step: int, loss: float, width=width, offset=offset, start=start,
-                        run_cfg=run_cfg) -> None:
-                cost["step"] = step
-                if step == 0:
-                    start["loss"] = loss
-                    return
-                # A diverged loss is train()'s to flag (with its reason), not the pruner's.
-                if not math.isfinite(loss) or loss > run_cfg.train.diverge_factor * start.get("loss", math.inf):
-                    return
-                trial.report(loss, offset + step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned by {cfg.sweep.pruner} at width {width} "
-                                             f"step {step} (validation loss {loss:.4g})")
+                progress.flops_per_step = 3 * model.flops_per_image(spec) * run_cfg.train.batch_size
 
             try:
-                result = run_train(run_cfg, on_eval=on_eval, dataset=dataset, on_model=on_model)
+                result = run_train(run_cfg, on_eval=progress.on_eval(i, width, run_cfg),
+                                   dataset=dataset, on_model=on_model)
             except BaseException:
-                cost["flops"] += cost["flops_per_step"] * cost["step"]
+                progress.flops += progress.flops_per_step * progress.step
                 raise
-            cost["flops"] += result.flops
-            if result.diverged:
-                raise optuna.TrialPruned(f"diverged at width {width}: {result.reason}")
-            losses[str(width)] = result.validation_loss
-            trial.set_user_attr("losses", losses)
-        return sum(losses.values()) / len(losses)
-    except optuna.TrialPruned as e:
-        trial.set_user_attr("reason", str(e))
-        raise
-    except Exception as e:
-        trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
+            progress.finish_width(width, result)
+        return progress.value()
+    except BaseException as e:
+        progress.failed(e)
         raise
     finally:
-        trial.set_user_attr("flops", cost["flops"])
-        trial.set_user_attr("wall_time_s", time.perf_counter() - t0)
+        progress.close()

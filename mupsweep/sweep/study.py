@@ -22,7 +22,9 @@ def make_sampler(cfg: Config, params: list[SweepParam], worker: int = 0) -> optu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed)
+            # A pack asks for several trials before any finishes: the constant liar treats the
+            # running ones as bad results, so the pack's HP sets spread out instead of bunching.
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=cfg.sweep.pack > 1)
         if name == "gp":
             return optuna.samplers.GPSampler(seed=seed)
         if name == "random":

@@ -10,10 +10,15 @@ Dead workers: RDB storages (SQLite, PostgreSQL, ...) run Optuna's heartbeat: a t
 worker stopped beating for `sweep.grace_s` is set FAIL and re-queued with the same parameters
 (RetryHeartbeatStaleTrialCallback). Optuna 5.0's JournalStorage has no heartbeat, so every
 worker also fails RUNNING trials whose recorded worker process (same host) no longer exists.
+
+Packs (sweep.pack = K > 1): a worker asks for up to K trials at once (never more than the
+budget leaves free), runs Optuna's heartbeat for each and trains them as one packed model
+(`sweep.packing`); a dead pack worker's trials are failed and re-queued like any others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -27,11 +32,13 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.data import ImageDataset, load_dataset
-from mupsweep.optuna_adapter import fail_trial
-from mupsweep.storage import uses_heartbeat
-from mupsweep.sweep.objective import objective
+from mupsweep.optuna_adapter import fail_trial, heartbeat
+from mupsweep.storage import redact_text, uses_heartbeat
+from mupsweep.sweep.objective import TrialProgress, objective
+from mupsweep.sweep.packing import check_pack_settings, train_trials_packed
 from mupsweep.sweep.space import grid, search_space
 from mupsweep.sweep.study import open_study
+from mupsweep.util import first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the states the budget counts
 POLL_S = 1.0  # how often a waiting worker / the parent of --workers looks at the storage
@@ -91,6 +98,7 @@ def run_worker(cfg: Config, worker: int = 0,
     Returns early, leaving the budget unmet, after MAX_CONSECUTIVE_FAILURES failed trials in a
     row: a config that fails every trial should stop, not loop."""
     params = search_space(cfg)
+    check_pack_settings(cfg, params)
     study = open_study(cfg, params, worker)
     budget = trial_budget(cfg, params)
     dataset = None  # loaded once per process, only if there is work to do
@@ -106,10 +114,14 @@ def run_worker(cfg: Config, worker: int = 0,
             continue
         if dataset is None:
             dataset = load_dataset(cfg.data)
-        trial = _run_one(study, cfg, params, dataset, budget)
-        failed = trial is not None and trial.state == TrialState.FAIL
-        surplus = trial is not None and trial.user_attrs.get("reason", "").startswith("surplus")
-        failures = failures + 1 if failed and not surplus else 0
+        if cfg.sweep.pack > 1:
+            finished = _run_pack(study, cfg, params, dataset, budget)
+        else:
+            finished = [t for t in [_run_one(study, cfg, params, dataset, budget)] if t is not None]
+        for trial in finished:
+            failed = trial.state == TrialState.FAIL
+            surplus = trial.user_attrs.get("reason", "").startswith("surplus")
+            failures = failures + 1 if failed and not surplus else 0
         if on_trial is not None:
             on_trial(study)
         if failures >= MAX_CONSECUTIVE_FAILURES:
@@ -139,6 +151,48 @@ def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset
     study.optimize(one_trial, n_trials=1, catch=(Exception,),
                    callbacks=[lambda _study, trial: finished.append(trial)])
     return finished[0] if finished else None
+
+
+def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset: ImageDataset,
+              budget: int) -> list[FrozenTrial]:
+    """Up to sweep.pack trials asked one after another (enqueued HP sets first; TPE's constant
+    liar sees the earlier ones running) and trained as one pack (`sweep.packing`), each under
+    Optuna's heartbeat, then told, as `study.optimize` does for one: a value is COMPLETE,
+    TrialPruned is PRUNED, any other error a FAIL. Returns the finished trials."""
+    done, running = _counts(study)
+    asked: list[TrialProgress] = []
+    finished: list[FrozenTrial] = []
+    with contextlib.ExitStack() as heartbeats:
+        try:
+            for _ in range(min(cfg.sweep.pack, budget - done - running)):
+                trial = study.ask()
+                # The budget rule of _run_one: a trial that another worker's made surplus yields.
+                earlier = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                           if t.state in FINISHED or t.number < trial.number]
+                if len(earlier) >= budget:
+                    trial.set_user_attr("reason", "surplus: the budget was reached by other workers")
+                    finished.append(study.tell(trial, state=TrialState.FAIL))
+                    break
+                heartbeats.enter_context(heartbeat(study, trial))
+                trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+                try:
+                    asked.append(TrialProgress(trial, cfg, params))  # suggests its HPs
+                except Exception as e:
+                    trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
+                    finished.append(study.tell(trial, state=TrialState.FAIL))
+            outcomes = train_trials_packed(asked, cfg, dataset)
+        except BaseException:  # Ctrl-C, a storage error: as study.optimize, fail the trials
+            for p in asked:
+                study.tell(p.trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+    for p, outcome in zip(asked, outcomes, strict=True):
+        if isinstance(outcome, optuna.TrialPruned):
+            finished.append(study.tell(p.trial, state=TrialState.PRUNED))
+        elif isinstance(outcome, BaseException):
+            finished.append(study.tell(p.trial, state=TrialState.FAIL))
+        else:
+            finished.append(study.tell(p.trial, outcome))
+    return finished
 
 
 class _Surplus(Exception):
