@@ -373,7 +373,7 @@ class Pack:
 
     def keep(self, keep: list[int]) -> None:
         """Only the members at positions `keep` stay in the pack."""
-        index = torch.tensor(keep, device=self.device)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.weights.keep(index)
         self.optimizer.keep(keep, index)
         self.members = [self.members[k] for k in keep]

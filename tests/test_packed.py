@@ -129,6 +129,17 @@ def test_a_member_that_leaves_does_not_change_the_others(tmp_path):
     assert diverged.reason.split(" at step ")[1] == unpacked.reason.split(" at step ")[1]
 
 
+def test_a_pack_whose_members_all_leave_at_once_ends_cleanly(tmp_path):
+    base = compose(["model=dit-tiny", *SMALL])
+
+    def prune(step: int, loss: float) -> None:
+        if step == 4:
+            raise RuntimeError("stop")
+
+    out = train_packed(member_configs(base, tmp_path, MEMBERS[:2]), on_evals=[prune, prune])
+    assert [(str(o.error), o.result.steps) for o in out] == [("stop", 4), ("stop", 4)]
+
+
 def test_packed_adamw_is_torch_adamw_per_member():
     """Two members with different lr, weight decay, betas, eps and schedules, on the same
     random gradients: PackedAdamW's weights equal MuAdamW's (muP: hidden lr / m, wd x m)."""

@@ -61,16 +61,14 @@ def train_trials_packed(progresses: list[TrialProgress], cfg: Config,
             cfgs.append(run_cfg)
             on_evals.append(progresses[k].on_eval(i, width, run_cfg))
             members.append(k)
-        if not members:
-            break
         t0 = time.perf_counter()
         try:
-            results = train_packed(cfgs, on_evals, dataset)
+            results = train_packed(cfgs, on_evals, dataset) if members else []
         except Exception as e:  # the pack as a whole failed (out of memory, ...): so did each
             for k in members:
                 outcomes[k] = e
                 wall[k] += (time.perf_counter() - t0) / len(members)
-            break
+            results = []
         for k, r in zip(members, results, strict=True):
             wall[k] += r.result.wall_time_s
             if r.error is not None:  # its on_eval raised: pruned, or the study failed it
@@ -82,7 +80,7 @@ def train_trials_packed(progresses: list[TrialProgress], cfg: Config,
             except optuna.TrialPruned as e:  # diverged
                 outcomes[k] = e
         going = [k for k in members if outcomes[k] is None]
-    for k in going:
+    for k in going:  # every width trained to its end
         outcomes[k] = progresses[k].value()
     for progress, outcome, seconds in zip(progresses, outcomes, wall, strict=True):
         if isinstance(outcome, BaseException):

@@ -165,13 +165,15 @@ def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], datase
     with contextlib.ExitStack() as heartbeats:
         try:
             for _ in range(min(cfg.sweep.pack, budget - done - running)):
-                trial = study.ask()
+                with warnings.catch_warnings():  # "heartbeat is for Study.optimize": we run it
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = study.ask()
                 # The budget rule of _run_one: a trial that another worker's made surplus yields.
                 earlier = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
                            if t.state in FINISHED or t.number < trial.number]
                 if len(earlier) >= budget:
                     trial.set_user_attr("reason", "surplus: the budget was reached by other workers")
-                    finished.append(study.tell(trial, state=TrialState.FAIL))
+                    finished.append(_tell(study, trial, state=TrialState.FAIL))
                     break
                 heartbeats.enter_context(heartbeat(study, trial))
                 trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -179,20 +181,35 @@ def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], datase
                     asked.append(TrialProgress(trial, cfg, params))  # suggests its HPs
                 except Exception as e:
                     trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
-                    finished.append(study.tell(trial, state=TrialState.FAIL))
+                    finished.append(_tell(study, trial, state=TrialState.FAIL))
+            for p in asked:
+                p.trial.set_user_attr("pack_size", len(asked))
             outcomes = train_trials_packed(asked, cfg, dataset)
         except BaseException:  # Ctrl-C, a storage error: as study.optimize, fail the trials
             for p in asked:
-                study.tell(p.trial, state=TrialState.FAIL, skip_if_finished=True)
+                _tell(study, p.trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
     for p, outcome in zip(asked, outcomes, strict=True):
         if isinstance(outcome, optuna.TrialPruned):
-            finished.append(study.tell(p.trial, state=TrialState.PRUNED))
+            finished.append(_tell(study, p.trial, state=TrialState.PRUNED))
         elif isinstance(outcome, BaseException):
-            finished.append(study.tell(p.trial, state=TrialState.FAIL))
+            finished.append(_tell(study, p.trial, state=TrialState.FAIL))
         else:
-            finished.append(study.tell(p.trial, outcome))
+            finished.append(_tell(study, p.trial, outcome))
     return finished
+
+
+def _tell(study: optuna.Study, trial: Trial, value: float | None = None, **kwargs) -> FrozenTrial:
+    """`study.tell`. GridSampler calls `Study.stop` once its last point is told, which raises
+    RuntimeError outside `study.optimize` after the trial is stored (Optuna documents this for
+    ask-and-tell); the budget, not the sampler, ends our sweeps, so that error is dropped."""
+    try:
+        return study.tell(trial, value, **kwargs)
+    except RuntimeError:
+        stored = study.get_trials(deepcopy=False)[trial.number]
+        if not (isinstance(study.sampler, optuna.samplers.GridSampler) and stored.state.is_finished()):
+            raise
+        return stored
 
 
 class _Surplus(Exception):
