@@ -183,7 +183,9 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
              lrs: str = typer.Option("-12:-5", "--log2-lr", help="log2 lr grid LOW:HIGH[:STEP]"),
              seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
-             workers: int = typer.Option(1, "--workers", help="worker processes per study")) -> None:
+             workers: int = typer.Option(1, "--workers", help="worker processes per study"),
+             pack: int = typer.Option(None, "--pack", help="grid points trained at once as one "
+                                      "packed model (default: the whole grid; 1: one at a time)")) -> None:
     """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
     import optuna
 
@@ -209,7 +211,7 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     cfg = _compose(overrides)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = run_validate(cfg, ints(widths, "--widths"), grid, ints(seeds, "--seeds"), pars,
-                          workers=workers)
+                          workers=workers, pack=pack)
     err.print(Path(result.table_md).read_text(), highlight=False)
     err.print(f"figure {result.figure}", highlight=False)
     if json_out:

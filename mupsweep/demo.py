@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mupsweep.best import best_document
-from mupsweep.config import SweepParam, compose
+from mupsweep.config import Config, SweepParam, compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.report import write_report
 from mupsweep.train import train
@@ -23,6 +23,23 @@ from mupsweep.tune import tune
 
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256
+PACK = 12  # trials trained at once (sweep.pack): scripts/bench_sweep.py measures the choice
+
+
+def demo_sweep_config(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300,
+                      pack: int | None = None) -> Config:
+    """The demo's sweep: lr on proxies of width 32 and 64, TPE + Hyperband. `pack` trials train
+    at once (default: PACK, or all trials when fewer)."""
+    cfg = compose([
+        f"sweep.proxy_widths=[{','.join(map(str, PROXY_WIDTHS))}]", f"sweep.n_trials={n_trials}",
+        f"sweep.out_dir={out_dir}", "sweep.study=demo", f"train.steps={proxy_steps}",
+        f"train.eval_every={max(1, proxy_steps // 3)}", "train.val_size=256",
+        f"sweep.pack={pack if pack is not None else min(PACK, n_trials)}",
+    ])
+    # The demo sweeps lr alone, so the lr-vs-loss picture per width is a clean curve; a real
+    # sweep adds the init and output multipliers (the default search space).
+    cfg.sweep.params = [SweepParam(name="optim.lr", type="float", low=-11.0, high=-4.0, log2=True)]
+    return cfg
 
 
 def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_steps: int = 1200,
@@ -43,14 +60,7 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
                                          "plot": r.plot_path}
 
     console.rule(f"2/4 tune: {n_trials} trials at proxy widths {PROXY_WIDTHS}")
-    sweep_cfg = compose([
-        f"sweep.proxy_widths=[{','.join(map(str, PROXY_WIDTHS))}]", f"sweep.n_trials={n_trials}",
-        f"sweep.out_dir={out_dir}/sweep", "sweep.study=demo", f"train.steps={proxy_steps}",
-        f"train.eval_every={proxy_steps // 3}", "train.val_size=256",
-    ])
-    # The demo sweeps lr alone, so the lr-vs-loss picture per width is a clean curve; a real
-    # sweep adds the init and output multipliers (the default search space).
-    sweep_cfg.sweep.params = [SweepParam(name="optim.lr", type="float", low=-11.0, high=-4.0, log2=True)]
+    sweep_cfg = demo_sweep_config(out_dir / "sweep", n_trials, proxy_steps)
     best = best_document(tune(sweep_cfg))
     summary["tune"] = {k: best[k] for k in ("value", "trial", "hparams", "cost")}
 

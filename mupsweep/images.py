@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mupsweep.config import DiffusionConfig
 from mupsweep.util import atomic_write
 
 if TYPE_CHECKING:  # for the hints only: importing the models would load every architecture
+    from PIL import Image
+
     from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow
     from mupsweep.models import DataSpec
     from mupsweep.text import Conditioner
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # for the hints only: importing the models would load every a
 
 def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:
     """(B, C, H, W) in [-1, 1] -> one PIL image, `nrow` images per row, 2-pixel gaps."""
+    from PIL import Image  # here, not above: the training loop imports this module, and a
+    # run that draws no samples (a GPU benchmark, a sweep trial) need not have Pillow
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     B, C, H, W = images.shape
     if C not in (1, 3):  # latents or other channel counts: show the first channel

@@ -135,30 +135,88 @@ def attention_backend_for_vmap(device: torch.device | str = "cpu") -> contextlib
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ParamGroup:
+    """Parameters that get the same AdamW settings in every member (muP: one role and width),
+    with each member's settings, read from that member's own optimizer."""
+
+    names: list[str]
+    settings: list[tuple[float, float, float, float, float]]  # per member: lr, wd, b1, b2, eps
+
+
+def adamw_groups(models: list[nn.Module], cfgs: list[Config]) -> tuple[list[ParamGroup], list[float]]:
+    """The parameters grouped by their AdamW settings in every member, as
+    `parametrize.make_optimizer` sets them for each (muP: hidden weights lr / m, weight decay x
+    m), and each member's first group's lr (what train() logs as "lr")."""
+    settings: dict[str, list[tuple[float, ...]]] = {n: [] for n, _ in models[0].named_parameters()}
+    logged_lr = []
+    for model, cfg in zip(models, cfgs, strict=True):
+        optimizer = make_optimizer(model, cfg.model, cfg.optim)
+        if type(optimizer) is not torch.optim.AdamW:
+            raise UserError(f"a pack trains with AdamW; this config's optimizer is "
+                            f"{type(optimizer).__name__}: set sweep.pack=1")
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            if group["amsgrad"] or group["maximize"]:
+                raise UserError("a pack's AdamW has no amsgrad or maximize: set sweep.pack=1")
+            for p in group["params"]:
+                settings[name_of[id(p)]].append((group["lr"], group["weight_decay"],
+                                                 *group["betas"], group["eps"]))
+        logged_lr.append(optimizer.param_groups[0]["lr"])
+    untrained = [n for n, s in settings.items() if len(s) != len(models)]
+    if untrained:
+        raise UserError(f"parameter {untrained[0]} is not trained by its optimizer; a pack "
+                        "trains every parameter: set sweep.pack=1")
+    by_settings: dict[tuple, list[str]] = {}
+    for name, member_settings in settings.items():
+        by_settings.setdefault(tuple(member_settings), []).append(name)
+    return [ParamGroup(names, list(key)) for key, names in by_settings.items()], logged_lr
+
+
 class StackedWeights:
-    """The members' parameters and buffers stacked [K, ...], run through one module's code.
+    """The members' parameters and buffers stacked along a first dim of size K, run through one
+    module's code.
 
     `module` is member 0's model, as `build_model` made it (base shapes set, roles checked); its
-    forward runs with each member's tensors swapped in by `functional_call`. Buffers are stacked
-    too, so each member's readout multipliers (`layers.Readout`) travel with it."""
+    forward runs with each member's tensors swapped in by `functional_call`. Each group of
+    parameters (`ParamGroup`) lives in one flat tensor [K, n] (`flats`), so the optimizer takes
+    a dozen operations per group instead of per parameter; `params` are [K, *shape] views of
+    it. Buffers are stacked too, so each member's readout multipliers (`layers.Readout`)
+    travel with it."""
 
-    def __init__(self, models: list[nn.Module]):
+    def __init__(self, models: list[nn.Module], groups: list[list[str]]):
         self.module = models[0]
-        self.params: dict[str, torch.Tensor] = {
-            name: torch.stack([m.get_parameter(name).detach() for m in models]).requires_grad_()
-            for name, _ in self.module.named_parameters()}
+        self.groups = groups
+        self.shapes = {n: tuple(p.shape) for n, p in self.module.named_parameters()}
+        self.flats: list[torch.Tensor] = [
+            torch.stack([torch.cat([m.get_parameter(n).detach().flatten() for n in names])
+                         for m in models]).requires_grad_()
+            for names in groups]
         self.buffers: dict[str, torch.Tensor] = {
             name: torch.stack([m.get_buffer(name) for m in models])
             for name, _ in self.module.named_buffers()}
 
     @property
     def size(self) -> int:
-        return next(iter(self.params.values())).shape[0]
+        return self.flats[0].shape[0]
+
+    def unflatten(self, flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-group flat tensors [K, n] (the weights, their gradients, ...) as one [K, *shape]
+        view per parameter."""
+        views = {}
+        for names, flat in zip(self.groups, flats, strict=True):
+            pieces = flat.split([math.prod(self.shapes[n]) for n in names], dim=1)
+            for name, piece in zip(names, pieces, strict=True):
+                views[name] = piece.view(flat.shape[0], *self.shapes[name])
+        return views
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.unflatten(self.flats)
 
     def keep(self, index: torch.Tensor) -> None:
         """Only the members at `index` (in that order) stay."""
-        self.params = {n: p.detach().index_select(0, index).requires_grad_()
-                       for n, p in self.params.items()}
+        self.flats = [f.detach().index_select(0, index).requires_grad_() for f in self.flats]
         self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
@@ -189,56 +247,34 @@ class StackedWeights:
         return vmap(member_losses)(self.params, self.buffers)
 
 
-@dataclass
-class _ParamGroup:
-    """Parameters that get the same AdamW settings in every member (muP: one role and width)."""
-
-    names: list[str]
-    settings: list[tuple[float, float, float, float, float]]  # per member: lr, wd, b1, b2, eps
-
-
 class PackedAdamW:
-    """AdamW over stacked [K, ...] weights with each member's own settings.
+    """AdamW over stacked weights with each member's own settings.
 
     torch.optim.AdamW's arithmetic, step for step (decoupled weight decay p *= 1 - lr*wd; first
     and second moments; bias corrections; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)), with lr,
-    weight decay, betas and eps per member and parameter, read from the optimizer that
-    `parametrize.make_optimizer` builds for that member (muP: hidden weights lr / m, weight
-    decay x m; so the rule lives in one place), times that member's lr schedule. torch's AdamW
-    cannot do this: its lr is one number per parameter group, and a stacked tensor holds K."""
+    weight decay, betas and eps per member and parameter group (`adamw_groups`, which reads them
+    from each member's own optimizer, so the muP rule lives in one place), times that member's
+    lr schedule (`train.lr_lambda`). torch's AdamW cannot do this: its lr is one number per
+    parameter group, and a stacked tensor holds K members."""
 
     COEFFICIENTS = 7  # per group and member: decay, 1-b1, b2, 1-b2, -lr/bc1, sqrt(bc2), eps
 
-    def __init__(self, weights: StackedWeights, models: list[nn.Module], cfgs: list[Config]):
-        self.weights = weights
+    def __init__(self, weights: StackedWeights, groups: list[ParamGroup], cfgs: list[Config],
+                 logged_lr: list[float]):
+        self.weights, self.groups = weights, groups
         self.schedules = [lr_lambda(cfg) for cfg in cfgs]
         self.grad_clip = [cfg.optim.grad_clip for cfg in cfgs]
-        settings: dict[str, list[tuple[float, ...]]] = {n: [] for n in weights.params}
-        self.logged_lr: list[float] = []  # each member's first group's lr, which train() logs
-        for model, cfg in zip(models, cfgs, strict=True):
-            optimizer = make_optimizer(model, cfg.model, cfg.optim)
-            if type(optimizer) is not torch.optim.AdamW:
-                raise UserError(f"a pack trains with AdamW; this config's optimizer is "
-                                f"{type(optimizer).__name__}: set sweep.pack=1")
-            name_of = {id(p): n for n, p in model.named_parameters()}
-            for group in optimizer.param_groups:
-                if group["amsgrad"] or group["maximize"]:
-                    raise UserError("a pack's AdamW has no amsgrad or maximize: set sweep.pack=1")
-                for p in group["params"]:
-                    settings[name_of[id(p)]].append((group["lr"], group["weight_decay"],
-                                                     *group["betas"], group["eps"]))
-            self.logged_lr.append(optimizer.param_groups[0]["lr"])
-        untrained = [n for n, s in settings.items() if len(s) != len(models)]
-        if untrained:
-            raise UserError(f"parameter {untrained[0]} is not trained by its optimizer; a pack "
-                            "trains every parameter: set sweep.pack=1")
-        by_settings: dict[tuple, list[str]] = {}
-        for name, member_settings in settings.items():
-            by_settings.setdefault(tuple(member_settings), []).append(name)
-        self.groups = [_ParamGroup(names, [tuple(s) for s in key]) for key, names in by_settings.items()]
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in weights.params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in weights.params.items()}
+        self.logged_lr = logged_lr
+        self.exp_avg = [torch.zeros_like(f) for f in weights.flats]
+        self.exp_avg_sq = [torch.zeros_like(f) for f in weights.flats]
         self.steps = 0
+        self._clip_tensors()
+
+    def _clip_tensors(self) -> None:
+        """Each member's max gradient norm on the device, made once (not a copy per step)."""
+        device = self.weights.flats[0].device
+        self.max_norm = torch.tensor([c if c > 0 else 1.0 for c in self.grad_clip], device=device)
+        self.clipped = torch.tensor([c > 0 for c in self.grad_clip], device=device)
 
     def lr(self, name: str, k: int) -> float:
         """The lr member k's parameter `name` trains with at the next step."""
@@ -252,7 +288,7 @@ class PackedAdamW:
         return self.logged_lr[k] * self.schedules[k](self.steps)
 
     def _coefficients(self, device: torch.device) -> torch.Tensor:
-        """(groups, K, COEFFICIENTS) for the next step, computed in double precision on the
+        """(COEFFICIENTS, groups, K, 1) for the next step, computed in double precision on the
         host as torch's AdamW computes its Python scalars, then sent to the device at once."""
         s = self.steps + 1
         rows = []
@@ -263,57 +299,52 @@ class PackedAdamW:
                 bc1, bc2 = 1 - b1**s, 1 - b2**s
                 row.append((1 - lr * wd, 1 - b1, b2, 1 - b2, -(lr / bc1), bc2**0.5, eps))
             rows.append(row)
-        return to_device(torch.tensor(rows, dtype=torch.float64).float(), device)
+        coef = torch.tensor(rows, dtype=torch.float64).float().permute(2, 0, 1).unsqueeze(-1)
+        return to_device(coef.contiguous(), device)
 
     @torch.no_grad()
     def clip_grad_norms(self) -> None:
         """Each member's gradient scaled to norm <= its optim.grad_clip (where > 0), as
-        torch.nn.utils.clip_grad_norm_ does for one model: the norm of the parameters' norms."""
+        torch.nn.utils.clip_grad_norm_ does for one model."""
         if not any(c > 0 for c in self.grad_clip):
             return
-        grads = [p.grad for p in self.weights.params.values()]
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
-        total = torch.linalg.vector_norm(norms, dim=0)  # (K,)
-        max_norm = torch.tensor([c if c > 0 else 1.0 for c in self.grad_clip], device=total.device)
-        clipped = torch.tensor([c > 0 for c in self.grad_clip], device=total.device)
-        coef = torch.where(clipped, torch.clamp(max_norm / (total + 1e-6), max=1.0), 1.0)
+        grads = [f.grad for f in self.weights.flats]
+        total = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)  # (K,)
+        coef = torch.where(self.clipped, torch.clamp(self.max_norm / (total + 1e-6), max=1.0), 1.0)
         for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
+            g.mul_(coef[:, None])
 
     @torch.no_grad()
     def step(self) -> None:
-        params = self.weights.params
-        device = next(iter(params.values())).device
-        coef = self._coefficients(device)
+        flats = self.weights.flats
+        coef = self._coefficients(flats[0].device)
         for gi, g in enumerate(self.groups):
-            decays_any = any(s[1] != 0 for s in g.settings)
-            for name in g.names:
-                p, grad = params[name], params[name].grad
-                m, v = self.exp_avg[name], self.exp_avg_sq[name]
-                c = coef[gi].t().reshape(self.COEFFICIENTS, -1, *([1] * (p.ndim - 1)))
-                decay, one_minus_b1, b2, one_minus_b2, neg_step_size, bc2_sqrt, eps = c.unbind(0)
-                if decays_any:
-                    p.mul_(decay)
-                m.lerp_(grad, one_minus_b1)
-                v.mul_(b2).add_(one_minus_b2 * grad * grad)  # addcmul's order: (value * g) * g
-                denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                p.add_(neg_step_size * m / denom)  # addcdiv's order: (value * m) / denom
+            p, grad, m, v = flats[gi], flats[gi].grad, self.exp_avg[gi], self.exp_avg_sq[gi]
+            decay, one_minus_b1, b2, one_minus_b2, neg_step_size, bc2_sqrt, eps = coef[:, gi]
+            if any(s[1] != 0 for s in g.settings):  # torch skips the decay when wd == 0
+                p.mul_(decay)
+            m.lerp_(grad, one_minus_b1)
+            v.mul_(b2).add_(one_minus_b2 * grad * grad)  # addcmul's order: (value * g) * g
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            p.add_(neg_step_size * m / denom)  # addcdiv's order: (value * m) / denom
         self.steps += 1
 
     def zero_grad(self) -> None:
-        for p in self.weights.params.values():
-            p.grad = None
+        for f in self.weights.flats:
+            f.grad = None
 
     def keep(self, keep: list[int], index: torch.Tensor) -> None:
         """Only the members at positions `keep` (`index` on the device) stay; call after
         `StackedWeights.keep`."""
-        self.exp_avg = {n: t.index_select(0, index) for n, t in self.exp_avg.items()}
-        self.exp_avg_sq = {n: t.index_select(0, index) for n, t in self.exp_avg_sq.items()}
+        self.exp_avg = [t.index_select(0, index) for t in self.exp_avg]
+        self.exp_avg_sq = [t.index_select(0, index) for t in self.exp_avg_sq]
         for g in self.groups:
             g.settings = [g.settings[k] for k in keep]
         self.schedules = [self.schedules[k] for k in keep]
         self.grad_clip = [self.grad_clip[k] for k in keep]
         self.logged_lr = [self.logged_lr[k] for k in keep]
+        self._clip_tensors()
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,8 +438,9 @@ def setup_pack(cfgs: list[Config], on_evals: list[EvalCallback | None],
             gen_noise=torch.Generator(device).manual_seed(seed + 2),
             metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=0, enabled=True),
             result=TrainResult(math.nan, math.nan, 0, 0.0, 0.0, run_dir=str(run_dir))))
-    weights = StackedWeights(models)
-    optimizer = PackedAdamW(weights, models, cfgs)
+    groups, logged_lr = adamw_groups(models, cfgs)
+    weights = StackedWeights(models, [g.names for g in groups])
+    optimizer = PackedAdamW(weights, groups, cfgs, logged_lr)
     flops_per_step = 3 * models[0].flops_per_image(conditioner.data_spec) * tc.batch_size
     del models[1:]  # their weights are in the stack now
     return Pack(cfg=cfg, members=members, weights=weights, optimizer=optimizer, device=device,

@@ -131,8 +131,12 @@ def grid_config(cfg: Config, parametrization: str, log2_lrs: list[float], seeds:
 
 def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[int],
              parametrizations: tuple[str, ...] = ("sp", "mup"), workers: int = 1,
-             out_dir: str | None = None) -> ValidationResult:
-    """Run (or resume) the grid for each parametrization and judge the transfer."""
+             out_dir: str | None = None, pack: int | None = None) -> ValidationResult:
+    """Run (or resume) the grid for each parametrization and judge the transfer.
+
+    pack: grid points trained at once as one packed model (sweep.pack); None: the whole grid
+    split evenly over the workers, so with one worker each width's lr x seed grid is one pack
+    (mupsweep.packed)."""
     if len(widths) < 2 or len(log2_lrs) < 3:
         raise UserError("validate needs at least 2 widths and 3 learning rates")
     out = Path(out_dir or cfg.sweep.out_dir)
@@ -140,6 +144,7 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     result = ValidationResult()
     for par in parametrizations:
         run = grid_config(cfg, par, log2_lrs, seeds, widths, cfg.sweep.study)
+        run.sweep.pack = pack if pack is not None else math.ceil(run.sweep.n_trials / max(1, workers))
         study = tune(run, workers=workers)
         result.verdicts[par] = verdict(best_document(study), par)
         result.verdicts[par].table.to_csv(out / f"validate_{par}.csv", index=False)

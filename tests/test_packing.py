@@ -145,3 +145,21 @@ def test_a_killed_pack_worker_has_its_trials_failed_and_retried(tmp_path):
 def test_bad_pack_settings_are_one_line(tmp_path, args, needles):
     proc = run_cli("tune", *FAST, f"sweep.out_dir={tmp_path}", *args, timeout=60)
     assert_one_line_error(proc, *needles)
+
+
+def test_validate_trains_each_width_of_its_grid_as_one_pack(tmp_path):
+    """validate packs the lr grid by default and reads the same losses as one trial at a time."""
+    from mupsweep.validate import validate
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = compose([*FAST, f"sweep.out_dir={tmp_path}"])
+    tables = {}
+    for pack in (None, 1):
+        cfg.sweep.study = f"grid-{pack}"
+        result = validate(cfg, widths=[32, 64], log2_lrs=[-9.0, -8.0, -7.0], seeds=[0],
+                          parametrizations=("mup",), out_dir=str(tmp_path / f"v{pack}"), pack=pack)
+        tables[pack] = result.verdicts["mup"].table.sort_values(["width", "log2_lr"])
+    study = optuna.load_study(study_name="grid-None-mup", storage=f"sqlite:///{tmp_path}/study.db")
+    assert [t.user_attrs["pack_size"] for t in study.trials] == [3, 3, 3]
+    assert len(tables[1]) == 6
+    assert tables[None]["loss"].tolist() == pytest.approx(tables[1]["loss"].tolist(), rel=1e-4)
