@@ -57,8 +57,11 @@ def log(msg: str) -> None:
 
 
 def enqueued_lrs(n: int) -> list[float]:
-    """n log2 learning rates spread evenly over the demo's range [-11, -4]."""
-    return [-11.0 + 7.0 * (i + 0.5) / n for i in range(n)]
+    """n log2 learning rates spread evenly over the demo's range [-11, -4], in a fixed shuffled
+    order (as a sampler's first draws would come; in rising order the pruner never prunes)."""
+    lrs = [-11.0 + 7.0 * (i + 0.5) / n for i in range(n)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return [lrs[i] for i in order]
 
 
 def run_sweep(out: Path, pack: int, trials: int, steps: int) -> dict:
@@ -237,6 +240,38 @@ def one_pack(args: argparse.Namespace, width: int, tmp: str) -> dict:
     return out
 
 
+def member_memory(args: argparse.Namespace, width: int, k: int = 2) -> dict:
+    """What one member of a pack holds, counted on the meta device (no memory, no time): the
+    activations autograd saves for backward in a pack of k (fp32; bf16 autocast saves less),
+    divided by k, and its weights, gradients and two AdamW moments (fp32)."""
+    from mupsweep.diffusion import make_diffusion
+    from mupsweep.packed import StackedWeights, adamw_groups
+    from mupsweep.parametrize import build_model, data_spec_of
+    from mupsweep.train import Batch
+
+    cfgs = [member_config(args, width, i, "unused") for i in range(k)]
+    spec = data_spec_of(random_dataset(args))
+    with torch.device("meta"):
+        models = [build_model(c.model, spec, "meta") for c in cfgs]
+        groups, _ = adamw_groups(models, cfgs)
+        weights = StackedWeights(models, [g.names for g in groups])
+        B, size = args.batch, args.image_size
+        batch = Batch(torch.empty(k, B, 1, size, size), torch.zeros(k, B, dtype=torch.long),
+                      torch.empty(k, B, 1, size, size), torch.zeros(k, B, dtype=torch.bool),
+                      {"y": torch.zeros(k, B, dtype=torch.long)})
+    saved = [0]
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        weights.losses(make_diffusion(cfgs[0].diffusion), batch)
+    params = sum(f[0].numel() for f in weights.flats)
+    return {"activations_gib": saved[0] / k / 2**30, "params_m": params / 1e6,
+            "weights_grads_moments_gib": 16 * params / 2**30}
+
+
 def throughput_mode(args: argparse.Namespace) -> dict:
     if args.quick:  # a smoke run of the same code on small sizes
         args.widths, args.k, args.batch, args.depth, args.steps, args.warmup = "32,64", 4, 16, 2, 5, 2
@@ -247,7 +282,12 @@ def throughput_mode(args: argparse.Namespace) -> dict:
             sep = separate_processes(args, width, tmp)
             log(f"width {width}: one pack of {args.k} ...")
             pk = one_pack(args, width, tmp)
-        row = {"width": width, "separate": sep, "packed": pk,
+        memory = member_memory(args, width)
+        per_member = memory["activations_gib"] + memory["weights_grads_moments_gib"]
+        if args.device.startswith("cuda"):
+            memory["device_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+            memory["members_that_fit_fp32_bound"] = int(memory["device_gib"] // per_member)
+        row = {"width": width, "separate": sep, "packed": pk, "memory_per_member": memory,
                "speedup": pk["member_steps_per_s"] / sep["member_steps_per_s"]}
         for how in ("separate", "packed"):
             r = row[how]

@@ -11,7 +11,9 @@ backward of K members three ways:
             member dim folded into the batch dim).
 
 Rounds interleave the three ways so machine noise hits them alike; the median of rounds is
-printed, in ms per call, and the speed-up of each against the loop.
+printed, in ms per call (CPU time when torch runs one thread, OMP_NUM_THREADS=1: on a shared
+machine that is what the work costs alone; else wall time), and each way's speed-up against
+the loop.
 
     python scripts/bench_vmap.py                       # K=12, widths 32 and 64, batch 64, 16 tokens
     python scripts/bench_vmap.py --k 4 --widths 32,256 --json
@@ -37,12 +39,18 @@ from mupsweep.packed import attention_backend_for_vmap
 from mupsweep.parametrize import build_model
 
 
+def clock() -> float:
+    """CPU time with one thread (the time the work would take alone on a shared machine),
+    wall time otherwise."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 def timed(fn: Callable[[], None], reps: int) -> float:
     fn()  # warm-up
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+    return (clock() - t0) / reps * 1e3
 
 
 def fwd_bwd(out: torch.Tensor) -> None:

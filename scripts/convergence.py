@@ -10,6 +10,10 @@ With the tool's own functions (the same ones the CLI calls):
      as % of one target run (FLOPs and wall time), and a loss-vs-steps figure.
 
     python scripts/convergence.py --out runs/convergence            # ~12 min on 2 CPU cores
+
+`--pack K` trains K trials at once as one packed model (sweep.pack). `--sweep-only` stops after
+the sweep and times the target on a short run (`--target-time-steps`), enough for the tuning
+cost: the sweep's FLOPs and wall time as a share of one target run's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import optuna
@@ -43,6 +48,35 @@ def steps_to_reach(history: list[dict], target: float) -> int | None:
     return None
 
 
+def tuning_cost(args: argparse.Namespace, out: Path, best: dict, sweep_wall: float,
+                sweep_cpu: float) -> dict:
+    """The sweep's cost against one target run of --target-steps, the target timed on a short
+    run of --target-time-steps (its step rate; the FLOPs are exact)."""
+    steps = args.target_time_steps
+    t = transfer(best, width=args.target_width, steps=steps, overrides=[
+        f"train.run_dir={out}/target-timing", f"train.eval_every={steps}", "train.resume=false",
+        "train.save=false", "train.samples=0", "train.progress=false"])
+    cpu0 = time.process_time()
+    run = train(t.config)
+    target_cpu = (time.process_time() - cpu0) * args.target_steps / steps
+    target_flops = run.flops * args.target_steps / steps
+    target_wall = run.wall_time_s * args.target_steps / steps
+    summary = {
+        "pack": args.pack, "proxy_widths": best["proxy_widths"], "trials": best["cost"],
+        "sweep_flops": best["cost"]["flops"], "sweep_wall_s": sweep_wall, "sweep_cpu_s": sweep_cpu,
+        "target_steps": args.target_steps, "target_flops": target_flops,
+        "target_wall_s": target_wall, "target_cpu_s": target_cpu,
+        "sweep_pct_of_target_flops": 100 * best["cost"]["flops"] / target_flops,
+        "sweep_pct_of_target_wall": 100 * sweep_wall / target_wall,
+        "sweep_pct_of_target_cpu": 100 * sweep_cpu / target_cpu,
+        "proxy_gflops_per_s": best["cost"]["flops"] / sweep_wall / 1e9,
+        "target_gflops_per_s": target_flops / target_wall / 1e9,
+        "transferred_hparams": best["hparams"],
+    }
+    (out / "tuning_cost.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/convergence")
@@ -54,6 +88,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--data", default="digits")
     ap.add_argument("--model", default="dit-tiny")
+    ap.add_argument("--pack", type=int, default=1, help="sweep.pack: trials trained at once")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the sweep and a timing run of the target (the tuning cost)")
+    ap.add_argument("--target-time-steps", type=int, default=200)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,8 +102,14 @@ def main() -> None:
     # 1. tune on the proxies
     sweep = compose([*common, f"sweep.proxy_widths=[{args.proxy_widths}]",
                      f"sweep.n_trials={args.trials}", f"sweep.out_dir={out}/sweep", "sweep.study=convergence",
-                     f"train.steps={args.proxy_steps}", f"train.eval_every={args.proxy_steps // 4}"])
+                     f"train.steps={args.proxy_steps}", f"train.eval_every={args.proxy_steps // 4}",
+                     f"sweep.pack={args.pack}"])
+    t0, cpu0 = time.perf_counter(), time.process_time()
     best = best_document(tune(sweep))
+    sweep_wall, sweep_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    if args.sweep_only:
+        print(json.dumps(tuning_cost(args, out, best, sweep_wall, sweep_cpu), indent=2))
+        return
 
     # 2. transfer + train muP at the target width
     eval_every = max(10, args.target_steps // 40)

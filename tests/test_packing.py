@@ -64,6 +64,11 @@ def test_a_packed_sweep_gives_each_trial_its_unpacked_result(tmp_path):
         for width, loss in a.user_attrs["losses"].items():
             assert b.user_attrs["losses"][width] == pytest.approx(loss, rel=1e-4)
         assert b.value == pytest.approx(a.value, rel=1e-4)
+        # what the pruner saw: the same values on the same step axis (width i, step s at
+        # i * (steps + 1) + s)
+        assert sorted(b.intermediate_values) == sorted(a.intermediate_values) == [3, 6, 10, 13]
+        assert [b.intermediate_values[s] for s in (3, 6, 10, 13)] == pytest.approx(
+            [a.intermediate_values[s] for s in (3, 6, 10, 13)], rel=1e-4)
         assert b.user_attrs["flops"] == a.user_attrs["flops"]
         assert b.user_attrs["wall_time_s"] > 0
         assert b.user_attrs["worker"]["pid"] > 0
