@@ -34,6 +34,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -194,7 +195,7 @@ def _one_process(args: argparse.Namespace, width: int, k: int, run_dir: str, bar
     for _ in range(args.warmup):
         train_step(run)
     sync(args.device)
-    barrier.wait()
+    barrier.wait(timeout=args.timeout)  # a process that failed breaks it: the others stop too
     start = time.time()
     for _ in range(args.steps):
         train_step(run)
@@ -209,9 +210,21 @@ def separate_processes(args: argparse.Namespace, width: int, tmp: str) -> dict:
              for k in range(args.k)]
     for p in procs:
         p.start()
-    spans = [results.get(timeout=args.timeout) for _ in procs]
+    spans, deadline = [], time.time() + args.timeout
+    while len(spans) < len(procs) and time.time() < deadline:
+        try:
+            spans.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break  # one failed (out of memory, ...): the barrier lets the others go
     for p in procs:
-        p.join()
+        p.join(timeout=max(1.0, deadline - time.time()))
+        if p.is_alive():
+            p.terminate()
+    if len(spans) < len(procs):
+        codes = sorted({p.exitcode for p in procs})
+        return {"error": f"{len(procs) - len(spans)} of {len(procs)} processes did not finish "
+                         f"(exit codes {codes})"}
     wall = max(s[2] for s in spans) - min(s[1] for s in spans)
     return {"wall_s": wall, "member_steps_per_s": args.k * args.steps / wall}
 
@@ -233,11 +246,18 @@ def one_pack(args: argparse.Namespace, width: int, tmp: str) -> dict:
         train_step(pack)
     sync(args.device)
     wall = time.time() - start
-    out = {"wall_s": wall, "member_steps_per_s": args.k * args.steps / wall,
-           "flops_per_member_step": pack.flops_per_step}
+    out = {"wall_s": wall, "member_steps_per_s": args.k * args.steps / wall}
     if args.device.startswith("cuda"):
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def model_flops_per_image(args: argparse.Namespace, width: int) -> int:
+    from mupsweep.parametrize import build_model, data_spec_of
+
+    spec = data_spec_of(random_dataset(args))
+    with torch.device("meta"):
+        return build_model(member_config(args, width, 0, "unused").model, spec, "meta").flops_per_image(spec)
 
 
 def member_memory(args: argparse.Namespace, width: int, k: int = 2) -> dict:
@@ -281,20 +301,27 @@ def throughput_mode(args: argparse.Namespace) -> dict:
             log(f"width {width}: {args.k} separate processes ...")
             sep = separate_processes(args, width, tmp)
             log(f"width {width}: one pack of {args.k} ...")
-            pk = one_pack(args, width, tmp)
+            try:
+                pk = one_pack(args, width, tmp)
+            except torch.OutOfMemoryError as e:  # say where a pack stops fitting, go on
+                pk = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+                torch.cuda.empty_cache()
         memory = member_memory(args, width)
         per_member = memory["activations_gib"] + memory["weights_grads_moments_gib"]
         if args.device.startswith("cuda"):
             memory["device_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
             memory["members_that_fit_fp32_bound"] = int(memory["device_gib"] // per_member)
-        row = {"width": width, "separate": sep, "packed": pk, "memory_per_member": memory,
-               "speedup": pk["member_steps_per_s"] / sep["member_steps_per_s"]}
+        row = {"width": width, "separate": sep, "packed": pk, "memory_per_member": memory}
+        flops = 3 * model_flops_per_image(args, width) * args.batch
         for how in ("separate", "packed"):
             r = row[how]
-            r["trials_per_hour"] = r["member_steps_per_s"] * 3600 / TRIAL_STEPS
-            r["tflops_per_s"] = r["member_steps_per_s"] * pk["flops_per_member_step"] / 1e12
-        log(f"  separate {sep['member_steps_per_s']:.1f} member-steps/s, packed "
-            f"{pk['member_steps_per_s']:.1f}: {row['speedup']:.2f}x")
+            if "error" not in r:
+                r["trials_per_hour"] = r["member_steps_per_s"] * 3600 / TRIAL_STEPS
+                r["tflops_per_s"] = r["member_steps_per_s"] * flops / 1e12
+        if "error" not in sep and "error" not in pk:
+            row["speedup"] = pk["member_steps_per_s"] / sep["member_steps_per_s"]
+        log(f"  separate: {sep.get('member_steps_per_s', sep.get('error'))} member-steps/s; "
+            f"packed: {pk.get('member_steps_per_s', pk.get('error'))}; speedup {row.get('speedup')}")
         rows.append(row)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     return {"mode": "throughput", "device": device, "k": args.k, "depth": args.depth,
@@ -317,7 +344,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="throughput: timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="throughput: untimed steps first")
     ap.add_argument("--threads-per-process", type=int, default=1, help="throughput: CPU threads")
-    ap.add_argument("--timeout", type=float, default=400, help="throughput: seconds per width")
+    ap.add_argument("--timeout", type=float, default=200, help="throughput: seconds per width")
     args = ap.parse_args()
     if args.device is None:
         doc = sweep_mode(args)
