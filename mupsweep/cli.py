@@ -185,7 +185,7 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
              workers: int = typer.Option(1, "--workers", help="worker processes per study"),
              pack: int = typer.Option(None, "--pack", help="grid points trained at once as one "
-                                      "packed model (default: the whole grid; 1: one at a time)")) -> None:
+                                      "packed model (default: the whole grid on a GPU, 1 on a CPU)")) -> None:
     """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
     import optuna
 

@@ -17,25 +17,29 @@ from mupsweep.best import best_document
 from mupsweep.config import Config, SweepParam, compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.report import write_report
+from mupsweep.sweep.packing import packs_by_default
 from mupsweep.train import train
 from mupsweep.transfer import transfer, write_config
 from mupsweep.tune import tune
 
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256
-PACK = 12  # trials trained at once (sweep.pack): scripts/bench_sweep.py measures the choice
+PACK = 12  # trials trained at once on a GPU (sweep.pack); scripts/bench_sweep.py measures it
 
 
 def demo_sweep_config(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300,
                       pack: int | None = None) -> Config:
     """The demo's sweep: lr on proxies of width 32 and 64, TPE + Hyperband. `pack` trials train
-    at once (default: PACK, or all trials when fewer)."""
+    at once; default: on a GPU, PACK (or every trial when fewer), on a CPU one at a time
+    (`sweep.packing.packs_by_default`)."""
     cfg = compose([
         f"sweep.proxy_widths=[{','.join(map(str, PROXY_WIDTHS))}]", f"sweep.n_trials={n_trials}",
         f"sweep.out_dir={out_dir}", "sweep.study=demo", f"train.steps={proxy_steps}",
         f"train.eval_every={max(1, proxy_steps // 3)}", "train.val_size=256",
-        f"sweep.pack={pack if pack is not None else min(PACK, n_trials)}",
     ])
+    if pack is None:
+        pack = min(PACK, n_trials) if packs_by_default(cfg) else 1
+    cfg.sweep.pack = pack
     # The demo sweeps lr alone, so the lr-vs-loss picture per width is a clean curve; a real
     # sweep adds the init and output multipliers (the default search space).
     cfg.sweep.params = [SweepParam(name="optim.lr", type="float", low=-11.0, high=-4.0, log2=True)]

@@ -27,7 +27,7 @@ from rich.console import Console
 from mupsweep.best import best_document, write_best_json
 from mupsweep.config import Config
 from mupsweep.errors import UserError
-from mupsweep.sweep.packing import check_pack_settings
+from mupsweep.sweep.packing import check_pack_settings, pruning_note
 from mupsweep.sweep.space import search_space
 from mupsweep.sweep.study import open_study
 from mupsweep.sweep.workers import FINISHED, run_worker, run_worker_processes, trial_budget
@@ -47,6 +47,9 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     if budget < cfg.sweep.n_trials:
         Console(stderr=True).print(f"the grid has {budget} points: running {budget} trials, "
                                    f"not sweep.n_trials={cfg.sweep.n_trials}", highlight=False)
+    note = pruning_note(cfg, budget)
+    if note:
+        Console(stderr=True).print(f"warning: {note}", highlight=False)
     progress = _Progress(budget)
     with progress:
         progress.start(study)

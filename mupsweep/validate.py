@@ -21,6 +21,7 @@ import pandas as pd
 from mupsweep.best import best_document
 from mupsweep.config import Config, SweepParam
 from mupsweep.errors import UserError
+from mupsweep.sweep.packing import packs_by_default
 from mupsweep.tune import tune
 
 
@@ -134,9 +135,10 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
              out_dir: str | None = None, pack: int | None = None) -> ValidationResult:
     """Run (or resume) the grid for each parametrization and judge the transfer.
 
-    pack: grid points trained at once as one packed model (sweep.pack); None: the whole grid
-    split evenly over the workers, so with one worker each width's lr x seed grid is one pack
-    (mupsweep.packed)."""
+    pack: grid points trained at once as one packed model (sweep.pack). None: on a GPU the
+    whole grid split evenly over the workers, so with one worker each width's lr x seed grid is
+    one pack; on a CPU, where packing wide models is slower, one at a time
+    (`sweep.packing.packs_by_default`)."""
     if len(widths) < 2 or len(log2_lrs) < 3:
         raise UserError("validate needs at least 2 widths and 3 learning rates")
     out = Path(out_dir or cfg.sweep.out_dir)
@@ -144,7 +146,9 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     result = ValidationResult()
     for par in parametrizations:
         run = grid_config(cfg, par, log2_lrs, seeds, widths, cfg.sweep.study)
-        run.sweep.pack = pack if pack is not None else math.ceil(run.sweep.n_trials / max(1, workers))
+        if pack is None:
+            pack = math.ceil(run.sweep.n_trials / max(1, workers)) if packs_by_default(run) else 1
+        run.sweep.pack = pack
         study = tune(run, workers=workers)
         result.verdicts[par] = verdict(best_document(study), par)
         result.verdicts[par].table.to_csv(out / f"validate_{par}.csv", index=False)

@@ -94,6 +94,17 @@ def test_packs_fill_the_budget_exactly_and_a_divergent_member_is_pruned(tmp_path
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values())
 
 
+def test_a_pack_of_every_trial_warns_that_the_pruner_cannot_prune(tmp_path):
+    """Hyperband sizes its rungs from the first finished trial: in one pack of all trials none
+    finishes first, so none is pruned; tune says so instead of leaving the user to wonder."""
+    proc = run_cli("tune", *FAST, f"sweep.out_dir={tmp_path}", "sweep.n_trials=2", "sweep.pack=2",
+                   "sweep.sampler=random")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep.pack=2 packs all 2 trials at once" in " ".join(proc.stderr.split())
+    proc = run_cli("tune", *FAST, f"sweep.out_dir={tmp_path}/b", "sweep.n_trials=2", "sweep.pack=1")
+    assert "packs all" not in proc.stderr
+
+
 def test_two_pack_workers_share_a_journal_study(tmp_path):
     journal = tmp_path / "study.journal"
     proc = run_cli("tune", *FAST, f"sweep.out_dir={tmp_path}/sweep", "sweep.n_trials=5",
@@ -153,18 +164,18 @@ def test_bad_pack_settings_are_one_line(tmp_path, args, needles):
 
 
 def test_validate_trains_each_width_of_its_grid_as_one_pack(tmp_path):
-    """validate packs the lr grid by default and reads the same losses as one trial at a time."""
+    """validate's lr grid as one pack reads the same losses as one trial at a time."""
     from mupsweep.validate import validate
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = compose([*FAST, f"sweep.out_dir={tmp_path}"])
     tables = {}
-    for pack in (None, 1):
+    for pack in (3, 1):
         cfg.sweep.study = f"grid-{pack}"
         result = validate(cfg, widths=[32, 64], log2_lrs=[-9.0, -8.0, -7.0], seeds=[0],
                           parametrizations=("mup",), out_dir=str(tmp_path / f"v{pack}"), pack=pack)
         tables[pack] = result.verdicts["mup"].table.sort_values(["width", "log2_lr"])
-    study = optuna.load_study(study_name="grid-None-mup", storage=f"sqlite:///{tmp_path}/study.db")
+    study = optuna.load_study(study_name="grid-3-mup", storage=f"sqlite:///{tmp_path}/study.db")
     assert [t.user_attrs["pack_size"] for t in study.trials] == [3, 3, 3]
     assert len(tables[1]) == 6
-    assert tables[None]["loss"].tolist() == pytest.approx(tables[1]["loss"].tolist(), rel=1e-4)
+    assert tables[3]["loss"].tolist() == pytest.approx(tables[1]["loss"].tolist(), rel=1e-4)

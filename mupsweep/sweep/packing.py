@@ -21,6 +21,7 @@ from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
 from mupsweep.packed import PER_MEMBER_KEYS, is_per_member, train_packed
 from mupsweep.sweep.objective import TrialProgress
+from mupsweep.train import resolve_device
 
 
 def check_pack_settings(cfg: Config, params: list[SweepParam]) -> None:
@@ -39,6 +40,26 @@ def check_pack_settings(cfg: Config, params: list[SweepParam]) -> None:
     if cfg.train.compile:
         raise UserError(f"sweep.pack={pack} trains trials eagerly; set train.compile=false, or "
                         "sweep.pack=1 to compile each trial")
+
+
+def pruning_note(cfg: Config, budget: int) -> str | None:
+    """A warning when packs leave the pruner nothing to go on: Optuna's pruners judge a trial
+    against trials that finished (Hyperband and successive halving size their rungs from the
+    first; median waits for five), and the trials of the first pack all finish together. None
+    when pruning is unaffected."""
+    if cfg.sweep.pack > 1 and cfg.sweep.pruner != "none" and cfg.sweep.pack >= budget:
+        return (f"sweep.pack={cfg.sweep.pack} packs all {budget} trials at once, so the "
+                f"{cfg.sweep.pruner} pruner, which needs finished trials, prunes none; pack "
+                "fewer (a third of the trials keeps most of the pruning)")
+    return None
+
+
+def packs_by_default(cfg: Config) -> bool:
+    """Whether a command that picks sweep.pack itself (demo, validate) should pack: on a GPU,
+    which one narrow proxy leaves mostly idle; not on a CPU, where a pack is at most ~1.3x
+    faster per FLOP at widths 32-64 and slower than one trial at a time at width 256
+    (docs/benchmarks.md)."""
+    return resolve_device(cfg.train.device).type == "cuda"
 
 
 def train_trials_packed(progresses: list[TrialProgress], cfg: Config,
