@@ -184,9 +184,13 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
              seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
              workers: int = typer.Option(1, "--workers", help="worker processes per study")) -> None:
-    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
+    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)
+
+    Each grid point runs once, whatever --workers; re-run the same command to resume. Exit 1
+    when a grid has missing points (re-run to complete it)."""
     import optuna
 
+    from mupsweep.validate import check_grid, parse_log2_grid
     from mupsweep.validate import validate as run_validate
 
     def ints(text: str, what: str) -> list[int]:
@@ -195,25 +199,30 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         except ValueError:
             raise UserError(f"{what}={text!r}: give comma-separated integers") from None
 
-    try:
-        parts = [float(x) for x in lrs.split(":")]
-        lo, hi, step = (parts + [1.0])[:3] if len(parts) in (2, 3) else (0, -1, 1)
-    except ValueError:
-        lo, hi, step = 0, -1, 1
-    if lo >= hi or step <= 0:
-        raise UserError(f"--log2-lr={lrs!r}: give LOW:HIGH[:STEP] with LOW < HIGH, e.g. -12:-5")
-    grid = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+    grid, note = parse_log2_grid(lrs)
+    width_list, seed_list = ints(widths, "--widths"), ints(seeds, "--seeds")
+    check_grid(width_list, grid, seed_list)
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
-    if not pars or any(p not in ("sp", "mup") for p in pars):
+    if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
     cfg = _compose(overrides)
+    if note:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    result = run_validate(cfg, ints(widths, "--widths"), grid, ints(seeds, "--seeds"), pars,
-                          workers=workers)
-    err.print(Path(result.table_md).read_text(), highlight=False)
-    err.print(f"figure {result.figure}", highlight=False)
+    try:
+        result = run_validate(cfg, width_list, grid, seed_list, pars, workers=workers)
+    except RuntimeError as e:  # a worker process died: the studies are intact
+        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if json_out:
         _print_json(result.summary())
+    if result.incomplete:
+        for why in result.incomplete.values():
+            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
