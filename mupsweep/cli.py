@@ -136,13 +136,26 @@ def _print_slopes(r) -> None:
 def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, data_spec_of, describe_parameters, make_optimizer
+    from mupsweep.parametrize import (
+        base_shape_widths,
+        build_model,
+        data_spec_of,
+        describe_parameters,
+        make_optimizer,
+    )
 
     cfg = _compose(overrides, config)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
-    table = Table(title=f"{cfg.model.arch} width {cfg.model.width} ({cfg.model.parametrization}, "
-                  f"base width {cfg.model.base_width}, lr {cfg.optim.lr:g})", title_justify="left")
+    m = cfg.model
+    if m.parametrization == "mup":
+        base, delta = base_shape_widths(m)
+        shapes = (f"base shapes: width {base} ({base // m.head_dim} heads of {m.head_dim}), "
+                  f"delta {delta} ({delta // m.head_dim} heads)")
+    else:
+        shapes = "SP: no base shapes (every width multiplier is 1)"
+    table = Table(title=f"{m.arch} width {m.width} ({m.parametrization}, {shapes}, "
+                  f"lr {cfg.optim.lr:g})", title_justify="left")
     for col in ("parameter", "shape", "role", "init", "init std", "lr", "lr x"):
         table.add_column(col, justify="left" if col in ("parameter", "role", "init") else "right",
                          no_wrap=col == "parameter")
@@ -333,13 +346,14 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
 
     Train it with `mupsweep train --config TARGET.yaml`."""
+    from mupsweep.transfer import check_output, write_config
     from mupsweep.transfer import transfer as run_transfer
-    from mupsweep.transfer import write_config
 
     if out is None:
         raise UserError("no output: give -o TARGET.yaml (or -o - to print the YAML on stdout)")
     if out == "-" and json_out:
         raise UserError("-o - and --json both want stdout; write the YAML to a file with -o")
+    check_output(out)
     doc, overrides = _best_doc(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
                           force=force)
