@@ -1,7 +1,7 @@
 """Best proxy trial -> resolved config for the full-width model, with drift and cost checks.
 
 Under muP the learning rate, init multiplier and output multiplier tuned on a narrow proxy stay
-optimal when only the width grows (DESIGN.md section 4). `transfer()` turns the sweep's "best
+optimal when only the width grows. `transfer()` turns the sweep's "best
 document" (written by `mupsweep tune` as best.json) into a target `Config`:
 
 1. start from the sweep's base config (`best["base_config"]`);
