@@ -230,7 +230,7 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
         params = search_space(run)
         _refuse_another_grid(open_study(run, params), params)
         study = tune(run, workers=workers)
-        why = _incomplete(study, params)
+        why = _incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
         if why:
             result.incomplete[par] = why
             continue
@@ -268,7 +268,7 @@ def _refuse_another_grid(study, params: list[SweepParam]) -> None:
                         "--seeds as before, or another sweep.study")
 
 
-def _incomplete(study, params: list[SweepParam]) -> str | None:
+def _incomplete(study, params: list[SweepParam], trials_csv: Path) -> str | None:
     """Why the grid cannot be judged yet (its missing points), or None when it is complete."""
     missing = missing_grid_points(study, params)
     if not missing:
@@ -281,7 +281,7 @@ def _incomplete(study, params: list[SweepParam]) -> str | None:
         runs = "; ".join(" and ".join(map(str, d)) for d in duplicates[:3])
         return (f"{line}: trials {runs} ran the same point (an older mupsweep's grid was not "
                 "exact under --workers); re-run with another sweep.study")
-    return f"{line}: its trials failed (see trials.csv); re-run to complete the grid"
+    return f"{line}: its trials failed (reasons in {trials_csv}); re-run to complete the grid"
 
 
 def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:

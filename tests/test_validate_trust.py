@@ -106,15 +106,6 @@ def test_sqlite_pops_each_enqueued_trial_once(tmp_path):
     assert popped == collections.Counter(range(n))  # each once, none lost
 
 
-def test_grid_with_two_workers_is_exact(tmp_path):
-    """Plain `tune sweep.sampler=grid --workers 2`: 4 points, 4 trials, each point once."""
-    out = tmp_path / "sweep"
-    tune_cli(out, "sweep.sampler=grid", "sweep.pruner=none", "sweep.n_trials=4", "--workers", "2",
-             "sweep.params=[{name:optim.lr,type:float,log2:true,low:-10,high:-7,step:1}]")
-    study = load(f"sqlite:///{out}/study.db")
-    assert finished_points(study) == {(("optim.lr:log2", e),): 1 for e in (-10.0, -9.0, -8.0, -7.0)}
-
-
 def test_duplicate_seed_choices_do_not_loop(tmp_path):
     """A grid that lists a value twice has fewer distinct points than its product of lengths:
     the budget is the distinct points, so the sweep ends instead of waiting for a point that
@@ -176,9 +167,9 @@ def test_grid_with_failed_points_says_re_run(tmp_path):
     assert enqueue_grid(study, params) == 1  # only the missing point
     assert enqueue_grid(study, params) == 0  # idempotent
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
-    why = _incomplete(study, params)
+    why = _incomplete(study, params, out / "mup" / "trials.csv")
     assert why is not None and "missing 1 of 3 points (2^-7 seed 0)" in why
-    assert why.endswith("re-run to complete the grid")
+    assert why.endswith(f"reasons in {out}/mup/trials.csv); re-run to complete the grid")
 
 
 def test_study_of_another_grid_is_refused(tmp_path):
