@@ -100,7 +100,25 @@ def check_best_document(doc: Any, source: str) -> dict[str, Any]:
         raise UserError(f"{source}: 'proxy_widths' must be a list of integers")
     if not isinstance(doc.get("trials", []), list):
         raise UserError(f"{source}: 'trials' must be a list")
+    for i, trial in enumerate(doc.get("trials", [])):
+        problem = _trial_problem(trial)
+        if problem:
+            raise UserError(f"{source}: trials[{i}] {problem} (each trial is an object: "
+                            "number, state, value, hparams, losses)")
     return doc
+
+
+def _trial_problem(trial: Any) -> str | None:
+    """What is wrong with one entry of 'trials' for the readers (report, transfer), or None."""
+    if not isinstance(trial, dict):
+        return f"is {json.dumps(trial)[:40]}, not an object"
+    for key, types, what in (("hparams", dict, "an object"), ("losses", dict, "an object"),
+                             ("value", int | float, "a number"), ("number", int, "an integer"),
+                             ("state", str, "a string")):
+        value = trial.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"has {key} {json.dumps(value)[:40]}, not {what} or null"
+    return None
 
 
 def load_best(path: str | Path) -> dict[str, Any]:

@@ -136,13 +136,26 @@ def _print_slopes(r) -> None:
 def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, data_spec_of, describe_parameters, make_optimizer
+    from mupsweep.parametrize import (
+        base_shape_widths,
+        build_model,
+        data_spec_of,
+        describe_parameters,
+        make_optimizer,
+    )
 
     cfg = _compose(overrides, config)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
-    table = Table(title=f"{cfg.model.arch} width {cfg.model.width} ({cfg.model.parametrization}, "
-                  f"base width {cfg.model.base_width}, lr {cfg.optim.lr:g})", title_justify="left")
+    m = cfg.model
+    if m.parametrization == "mup":
+        base, delta = base_shape_widths(m)
+        shapes = (f"base shapes: width {base} ({base // m.head_dim} heads of {m.head_dim}), "
+                  f"delta {delta} ({delta // m.head_dim} heads)")
+    else:
+        shapes = "SP: no base shapes (every width multiplier is 1)"
+    table = Table(title=f"{m.arch} width {m.width} ({m.parametrization}, {shapes}, "
+                  f"lr {cfg.optim.lr:g})", title_justify="left")
     for col in ("parameter", "shape", "role", "init", "init std", "lr", "lr x"):
         table.add_column(col, justify="left" if col in ("parameter", "role", "init") else "right",
                          no_wrap=col == "parameter")
@@ -184,9 +197,13 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
              seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
              workers: int = typer.Option(1, "--workers", help="worker processes per study")) -> None:
-    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
+    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)
+
+    Each grid point runs once, whatever --workers; re-run the same command to resume. Exit 1
+    when a grid has missing points (re-run to complete it)."""
     import optuna
 
+    from mupsweep.validate import check_grid, parse_log2_grid
     from mupsweep.validate import validate as run_validate
 
     def ints(text: str, what: str) -> list[int]:
@@ -195,25 +212,30 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         except ValueError:
             raise UserError(f"{what}={text!r}: give comma-separated integers") from None
 
-    try:
-        parts = [float(x) for x in lrs.split(":")]
-        lo, hi, step = (parts + [1.0])[:3] if len(parts) in (2, 3) else (0, -1, 1)
-    except ValueError:
-        lo, hi, step = 0, -1, 1
-    if lo >= hi or step <= 0:
-        raise UserError(f"--log2-lr={lrs!r}: give LOW:HIGH[:STEP] with LOW < HIGH, e.g. -12:-5")
-    grid = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+    grid, note = parse_log2_grid(lrs)
+    width_list, seed_list = ints(widths, "--widths"), ints(seeds, "--seeds")
+    check_grid(width_list, grid, seed_list)
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
-    if not pars or any(p not in ("sp", "mup") for p in pars):
+    if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
     cfg = _compose(overrides)
+    if note:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    result = run_validate(cfg, ints(widths, "--widths"), grid, ints(seeds, "--seeds"), pars,
-                          workers=workers)
-    err.print(Path(result.table_md).read_text(), highlight=False)
-    err.print(f"figure {result.figure}", highlight=False)
+    try:
+        result = run_validate(cfg, width_list, grid, seed_list, pars, workers=workers)
+    except RuntimeError as e:  # a worker process died: the studies are intact
+        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if json_out:
         _print_json(result.summary())
+    if result.incomplete:
+        for why in result.incomplete.values():
+            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,13 +346,14 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
 
     Train it with `mupsweep train --config TARGET.yaml`."""
+    from mupsweep.transfer import check_output, write_config
     from mupsweep.transfer import transfer as run_transfer
-    from mupsweep.transfer import write_config
 
     if out is None:
         raise UserError("no output: give -o TARGET.yaml (or -o - to print the YAML on stdout)")
     if out == "-" and json_out:
         raise UserError("-o - and --json both want stdout; write the YAML to a file with -o")
+    check_output(out)
     doc, overrides = _best_doc(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
                           force=force)

@@ -16,6 +16,7 @@ from rich.console import Console
 from mupsweep.best import best_document
 from mupsweep.config import SweepParam, compose
 from mupsweep.coordcheck import coord_check
+from mupsweep.errors import UserError
 from mupsweep.report import write_report
 from mupsweep.train import train
 from mupsweep.transfer import transfer, write_config
@@ -28,6 +29,10 @@ TARGET_WIDTH = 256
 def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_steps: int = 1200,
              console: Console | None = None) -> dict:
     """Run every stage; return a summary (each stage's key numbers and file paths)."""
+    for name, value in (("--trials", n_trials), ("proxy_steps", proxy_steps),
+                        ("target_steps", target_steps)):
+        if value < 1:  # refused now, not after the coordinate check has run
+            raise UserError(f"{name}={value}: give at least 1")
     console = console or Console(stderr=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"out_dir": str(out_dir)}

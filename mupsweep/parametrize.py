@@ -108,6 +108,11 @@ def build_model(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | st
     return model
 
 
+def base_shape_widths(cfg: ModelConfig) -> tuple[int, int]:
+    """(base width, delta width) of the muP base shapes; delta defaults to 2 x base."""
+    return cfg.base_width, cfg.delta_width or 2 * cfg.base_width
+
+
 def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec: DataSpec) -> None:
     """muP: base shapes from models at base_width and delta_width (built on the meta device,
     so no memory is spent). SP: every width multiplier is 1 (MuReadout is then a plain Linear
@@ -116,9 +121,9 @@ def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec: DataSpec) 
         set_base_shapes(model, None, rescale_params=False)
         return
     cls = get_model_class(cfg.arch)
-    delta_width = cfg.delta_width or 2 * cfg.base_width
+    base_width, delta_width = base_shape_widths(cfg)
     with torch.device("meta"):
-        base = cls(dataclasses.replace(cfg, width=cfg.base_width), data_spec)
+        base = cls(dataclasses.replace(cfg, width=base_width), data_spec)
         delta = cls(dataclasses.replace(cfg, width=delta_width), data_spec)
     set_base_shapes(model, base, delta=delta, rescale_params=False)
     check_roles(model)

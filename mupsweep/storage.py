@@ -182,8 +182,32 @@ def _rdb(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
-                                          **heartbeat)
+        storage = optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
+                                             **heartbeat)
+    if url.startswith("sqlite"):
+        _serialize_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _serialize_sqlite_transactions(engine: Any) -> None:
+    """Make every SQLite transaction BEGIN IMMEDIATE (SQLAlchemy's documented recipe).
+
+    Python's sqlite3 driver runs a SELECT outside any transaction, so Optuna's "pop a WAITING
+    trial" (read its state, then set it RUNNING; atomic on PostgreSQL through SELECT ... FOR
+    UPDATE) let two worker processes take the same enqueued trial: both trained it and the
+    second crashed telling a finished trial. An immediate transaction takes the write lock
+    first, so the read and the update are one step; the other workers wait (timeout 300 s)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _driver_leaves_begin_to_us(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks reconnect with them
 
 
 def _with_driver(url: str) -> str:

@@ -28,7 +28,7 @@ from mupsweep.best import best_document, write_best_json
 from mupsweep.config import Config
 from mupsweep.errors import UserError
 from mupsweep.sweep.space import search_space
-from mupsweep.sweep.study import open_study
+from mupsweep.sweep.study import enqueue_grid, open_study
 from mupsweep.sweep.workers import FINISHED, run_worker, run_worker_processes, trial_budget
 
 
@@ -41,6 +41,8 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
         raise UserError(f"--workers={workers} must be >= 1")
     params = search_space(cfg)  # validate everything before any process starts
     study = open_study(cfg, params)  # creates the study once, before workers race for it
+    if cfg.sweep.sampler == "grid":
+        enqueue_grid(study, params)  # here, once, so that workers starting together find it
     budget = trial_budget(cfg, params)
     if budget < cfg.sweep.n_trials:
         Console(stderr=True).print(f"the grid has {budget} points: running {budget} trials, "

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +38,30 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A private PostgreSQL 15 cluster on a free port, run as the postgres OS user; one per test
+    session, shared by test_tune.py and test_transfer_trust.py (each test uses its own study)."""
+    bin_dir = Path("/usr/lib/postgresql/15/bin")
+    if not (bin_dir / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries are not installed")
+    data = Path(tempfile.mkdtemp(prefix="mupsweep-pg-"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as postgres, which owns DIR
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_pg, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
+    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-o",
+        f"-p {port} -c listen_addresses=127.0.0.1 -k {data}", "-l", str(data / "log"), "start", "-w")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "stop", "-m", "fast"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)

@@ -4,6 +4,7 @@ its Optuna parameter name, and the grid for sweep.sampler=grid."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any
 
@@ -139,3 +140,14 @@ def grid(params: list[SweepParam]) -> dict[str, list[Any]]:
         values = [p.low + k * step for k in range(n)]
         space[optuna_name(p)] = [int(v) for v in values] if p.type == "int" else [float(v) for v in values]
     return space
+
+
+def grid_points(params: list[SweepParam]) -> list[dict[str, Any]]:
+    """Every point of the grid, as Optuna params {optuna name: value}, in a fixed order."""
+    space = grid(params)
+    return [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
+
+
+def point_key(point: dict[str, Any]) -> tuple:
+    """A hashable identity of a grid point; floats rounded so 0.1 + 0.2 matches 0.3."""
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in point.items()))

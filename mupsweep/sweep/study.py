@@ -1,5 +1,12 @@
 """The study: create or load it in its storage, record the base config, refuse a study made
-for another model, and pick the sampler and pruner."""
+for another model, pick the sampler and pruner, and keep a grid exact.
+
+A grid (sweep.sampler=grid) is not sampled: its points are enqueued once, when `tune` opens
+the study (`enqueue_grid`, idempotent on resume), and every worker pops them from Optuna's
+queue, which hands each WAITING trial to one worker only. A trial that finds its point already
+run, or no point at all, yields before it trains (`grid_conflict`), so each point runs exactly
+once whatever the number of workers; a point whose trial failed is enqueued again.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,12 @@ import warnings
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from mupsweep.config import Config, SweepParam, to_dict
 from mupsweep.errors import UserError
 from mupsweep.storage import open_for_tune, redact_text, storage_spec
-from mupsweep.sweep.space import grid, search_space
+from mupsweep.sweep.space import grid, grid_points, point_key, search_space
 from mupsweep.util import first_line
 
 
@@ -28,7 +36,12 @@ def make_sampler(cfg: Config, params: list[SweepParam], worker: int = 0) -> optu
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "grid":
-            return optuna.samplers.GridSampler(grid(params), seed=seed)
+            grid(params)  # a float axis without a step fails here, before any worker starts
+            # Optuna's GridSampler is not exact under parallel workers (each worker shuffles the
+            # grid with its own seed; two may pick one point). The points are enqueued instead
+            # (enqueue_grid); this sampler only meets a trial that found none waiting, and that
+            # trial yields before it samples anything (grid_conflict).
+            return optuna.samplers.RandomSampler(seed=seed)
     raise UserError(f"sweep.sampler={name!r}: use tpe, gp, random or grid")
 
 
@@ -90,3 +103,65 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None, worker: int 
         study.set_user_attr("model_signature", signature)
         study.set_user_attr("storage", spec.label)
     return study
+
+
+# --------------------------------------------------------------------------------------------
+# An exact grid: enqueued points, each run once
+# --------------------------------------------------------------------------------------------
+
+# The states in which a trial holds its grid point: it will run, runs, or ran it.
+_HOLDING = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def trial_point(t: FrozenTrial) -> tuple | None:
+    """The grid point a trial holds: the params it was enqueued with, else the ones it drew;
+    None for a trial that has neither yet."""
+    point = t.system_attrs.get("fixed_params") or t.params
+    return point_key(point) if point else None
+
+
+def enqueue_grid(study: optuna.Study, params: list[SweepParam]) -> int:
+    """Enqueue every grid point no trial holds (none WAITING, RUNNING, COMPLETE or PRUNED with
+    it): all of them for a new study, the missing ones on resume or after a failed trial.
+    Returns how many were enqueued."""
+    held = {trial_point(t) for t in study.get_trials(deepcopy=False, states=_HOLDING)}
+    added = 0
+    for point in grid_points(params):
+        if point_key(point) not in held:
+            study.enqueue_trial(point)
+            held.add(point_key(point))  # a value listed twice in choices is one point
+            added += 1
+    return added
+
+
+def grid_conflict(study: optuna.Study, number: int) -> str | None:
+    """Why trial `number` (just started) must not run, or None: it has no grid point (it was
+    not popped from the queue), or another trial ran its point, or one with a lower number
+    holds it. Every worker applies the same rule, so exactly one trial runs each point."""
+    trials = study.get_trials(deepcopy=False)
+    me = next(t for t in trials if t.number == number)
+    point = trial_point(me)
+    if point is None:
+        return "no grid point was waiting (the others are running or done)"
+    for t in trials:
+        if t.number == number or t.state not in _HOLDING or trial_point(t) != point:
+            continue
+        if t.state in _FINISHED or t.number < number:
+            return f"grid point {dict(point)} is run by trial {t.number}"
+    return None
+
+
+def missing_grid_points(study: optuna.Study, params: list[SweepParam]) -> list[dict]:
+    """The grid points without a COMPLETE or PRUNED trial, as Optuna params."""
+    done = {trial_point(t) for t in study.get_trials(deepcopy=False, states=_FINISHED)}
+    return [p for p in grid_points(params) if point_key(p) not in done]
+
+
+def duplicate_grid_trials(study: optuna.Study) -> list[list[int]]:
+    """Groups of finished trials that ran the same point (only an older mupsweep, whose grid
+    was sampled, could leave them), each as its trial numbers."""
+    by_point: dict[tuple, list[int]] = {}
+    for t in study.get_trials(deepcopy=False, states=_FINISHED):
+        by_point.setdefault(trial_point(t), []).append(t.number)
+    return [numbers for numbers in by_point.values() if len(numbers) > 1]

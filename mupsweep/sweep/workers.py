@@ -14,7 +14,6 @@ worker also fails RUNNING trials whose recorded worker process (same host) no lo
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import socket
@@ -30,8 +29,8 @@ from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.optuna_adapter import fail_trial
 from mupsweep.storage import uses_heartbeat
 from mupsweep.sweep.objective import objective
-from mupsweep.sweep.space import grid, search_space
-from mupsweep.sweep.study import open_study
+from mupsweep.sweep.space import grid_points, point_key, search_space
+from mupsweep.sweep.study import enqueue_grid, grid_conflict, open_study
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the states the budget counts
 POLL_S = 1.0  # how often a waiting worker / the parent of --workers looks at the storage
@@ -39,9 +38,9 @@ MAX_CONSECUTIVE_FAILURES = 3  # a worker whose trials keep failing stops (the co
 
 
 def trial_budget(cfg: Config, params: list[SweepParam]) -> int:
-    """n_trials, but never more than the grid has points (GridSampler would repeat them)."""
+    """n_trials, but never more than the grid has distinct points (each runs once)."""
     if cfg.sweep.sampler == "grid":
-        return min(cfg.sweep.n_trials, math.prod(len(v) for v in grid(params).values()))
+        return min(cfg.sweep.n_trials, len({point_key(p) for p in grid_points(params)}))
     return cfg.sweep.n_trials
 
 
@@ -104,6 +103,8 @@ def run_worker(cfg: Config, worker: int = 0,
             # The last trials are running elsewhere; one may still fail and need a stand-in.
             time.sleep(POLL_S)
             continue
+        if cfg.sweep.sampler == "grid":
+            enqueue_grid(study, params)  # a point whose trial failed waits again
         if dataset is None:
             dataset = load_dataset(cfg.data)
         trial = _run_one(study, cfg, params, dataset, budget)
@@ -130,6 +131,10 @@ def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset
                    if t.state in FINISHED or t.number < trial.number]
         if len(earlier) >= budget:
             trial.set_user_attr("reason", "surplus: the budget was reached by other workers")
+            raise _Surplus()
+        conflict = grid_conflict(study, trial.number) if cfg.sweep.sampler == "grid" else None
+        if conflict:  # each grid point runs once, whatever the number of workers
+            trial.set_user_attr("reason", f"surplus: {conflict}")
             raise _Surplus()
         # Who runs the trial: fail_dead_trials fails it when this process is gone.
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
