@@ -77,7 +77,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     killed_at = torch.load(ckpt, weights_only=False)["step"]
     assert killed_at < 300, "the run finished before it could be killed"
 
-    resumed = run_cli("train", *common, f"train.run_dir={run_dir}", "--json")
+    resumed = run_cli("train", *common, f"train.run_dir={run_dir}", "train.resume=true", "--json")
     assert resumed.returncode == 0, resumed.stderr
     got = json.loads(resumed.stdout)
     assert got["steps"] == 300
@@ -106,9 +106,11 @@ def test_a_checkpoint_holding_pickled_objects_is_refused_without_running_them(tm
     marker = tmp_path / "code-ran"
     ckpt["note"] = _RunsCodeWhenUnpickled(marker)
     torch.save(ckpt, run_dir / "last.pt")
-    proc = run_cli("train", *TINY, "train.steps=3", f"train.run_dir={run_dir}")
+    proc = run_cli("train", *TINY, "train.steps=3", f"train.run_dir={run_dir}", "train.resume=true")
     assert not marker.exists(), "loading the checkpoint ran code"
-    assert_one_line_error(proc, "last.pt", "train.resume=false")
+    # the way out it names: train.resume=false no longer is one (a directory that holds a run
+    # is refused without resume), so the message names another run directory instead
+    assert_one_line_error(proc, "last.pt", "another train.run_dir")
 
 
 @pytest.mark.parametrize("preset, steps, learned", [
