@@ -50,13 +50,26 @@ def _compose(overrides: list[str] | None, config: Path | None = None):
 
 @app.command()
 def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON,
+          resume: Path = typer.Option(None, "--resume", help="continue the run in this run "
+                                      "directory: its config.yaml is the base, with overrides "
+                                      "on top (train.steps may grow)"),
           nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="DDP processes (torchrun)"),
           nnodes: str = typer.Option("1", "--nnodes", help="torchrun --nnodes"),
           rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="torchrun rendezvous host:port"),
           node_rank: int = typer.Option(None, "--node-rank", help="torchrun --node-rank")) -> None:
-    """Train a model (a full run, or any config): checkpoints, metrics, samples, summary."""
-    cfg = _compose(overrides, config)  # validate here, before any process is started
+    """Train a model (a full run, or any config): checkpoints, metrics, samples, summary.
+
+    Each run gets a new directory (runs/train/<date>_<time>) unless train.run_dir is given;
+    exit 1 when the run diverged."""
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node={nproc_per_node}: give 1 or more processes")
+    cfg = _train_config(overrides, config, resume)  # validate before any process starts
     if nproc_per_node > 1 or nnodes != "1":
+        if cfg.train.run_dir is not None:  # refuse here, before torchrun repeats it per rank
+            from mupsweep.rundir import RunDirLock, check_run_dir
+
+            check_run_dir(cfg, Path(cfg.train.run_dir))
+            RunDirLock(Path(cfg.train.run_dir)).check_free()
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
                   f"--nnodes={nnodes}"]
         if rdzv_endpoint:
@@ -66,6 +79,8 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
         args = ["-m", "mupsweep.cli", "train", *(overrides or [])]
         if config:
             args += ["--config", str(config)]
+        if resume:
+            args += ["--resume", str(resume)]
         if json_out:
             args += ["--json"]
         raise typer.Exit(subprocess.call(launch + args))
@@ -75,12 +90,33 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
     result = run_train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    status = "diverged: " + result.reason if result.diverged else "done"
-    err.print(f"[bold]{status}[/]  validation loss {result.initial_validation_loss:.4f} -> "
+    status = "[red]diverged:[/] " + escape(result.reason) if result.diverged else "[bold]done[/]"
+    err.print(f"{status}  validation loss {result.initial_validation_loss:.4f} -> "
               f"{result.validation_loss:.4f} in {result.steps} steps, {result.wall_time_s:.1f} s; "
-              f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""))
+              f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""),
+              highlight=False, soft_wrap=True)
     if json_out:
         _print_json(result.to_dict())
+    if result.diverged:  # the run's own check failed: its numbers must not pass for a result
+        raise typer.Exit(1)
+
+
+def _train_config(overrides: list[str] | None, config: Path | None, resume: Path | None):
+    """The run's config. `--resume R [overrides]` is `--config R/config.yaml [overrides]
+    train.run_dir=R train.resume=true`."""
+    if resume is None:
+        return _compose(overrides, config)
+    if config is not None:
+        raise UserError("--resume takes the run's own config.yaml as the base; drop --config")
+    for item in overrides or []:
+        if item.split("=", 1)[0].lstrip("+") in ("train.run_dir", "train.resume"):
+            raise UserError(f"--resume {resume} sets train.run_dir and train.resume; drop {item}")
+    if not (resume / "config.yaml").is_file():
+        raise UserError(f"--resume {resume}: no run to continue there ({resume / 'config.yaml'} "
+                        "not found)")
+    cfg = _compose(overrides, resume / "config.yaml")
+    cfg.train.run_dir, cfg.train.resume = str(resume), True
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------

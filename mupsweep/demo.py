@@ -61,7 +61,8 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
 
     console.rule(f"3/4 transfer to width {TARGET_WIDTH} and train")
     result = transfer(best, width=TARGET_WIDTH, steps=target_steps, overrides=[
-        f"train.run_dir={out_dir}/target", f"train.eval_every={target_steps // 6}",
+        # resume: re-running the demo continues (or just reports) its target run
+        f"train.run_dir={out_dir}/target", "train.resume=true", f"train.eval_every={target_steps // 6}",
         "train.ema_decay=0.99", "train.samples=30", "train.progress=true"])
     for w in result.warnings:
         console.print(f"warning: {w}", highlight=False)

@@ -224,3 +224,19 @@ def describe_parameters(model: nn.Module, cfg: ModelConfig, optimizer: torch.opt
                 "width_mult": float(p.infshape.width_mult()) if p.infshape.ninf() else 1.0,
             })
     return rows
+
+
+def role_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Role -> index of the optimizer's param group that holds that role's parameters, so a
+    role's current lr (after the schedule) is read from its group. Each role has one lr (the
+    table above); a role spread over groups of different lrs is a bug, raised here."""
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in group_of:
+            continue
+        role, i = get_spec(name, p).role.value, group_of[id(p)]
+        first = out.setdefault(role, i)
+        if optimizer.param_groups[first]["lr"] != optimizer.param_groups[i]["lr"]:
+            raise RuntimeError(f"{name}: role {role} has two learning rates in the optimizer")
+    return {r.value: out[r.value] for r in Role if r.value in out}

@@ -36,6 +36,27 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 @pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run `mupsweep ARGS` through the CLI's own entry point in this process, from tmp_path;
+    returns what `run_cli` would. For cases refused before any work: no interpreter start."""
+    from mupsweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
 

@@ -26,7 +26,7 @@ def test_missing_data_dir(tmp_path):
 
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"this is not a checkpoint")
-    proc = run_cli("train", *TINY, "train.steps=2", f"train.run_dir={tmp_path}")
+    proc = run_cli("train", *TINY, "train.steps=2", f"train.run_dir={tmp_path}", "train.resume=true")
     assert_one_line_error(proc, "corrupt", str(tmp_path / "last.pt"))
 
 

@@ -21,6 +21,7 @@ from optuna.trial import Trial
 from mupsweep.config import Config, SweepParam, check_config, set_by_path
 from mupsweep.data import ImageDataset
 from mupsweep.parametrize import data_spec_of
+from mupsweep.rundir import new_run_dir
 from mupsweep.storage import redact_text
 from mupsweep.sweep.space import suggest
 from mupsweep.train import train as run_train
@@ -29,7 +30,7 @@ from mupsweep.util import first_line
 
 def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path) -> Config:
     """The base config with the trial's values at one proxy width: no checkpoints, no resume
-    (a trial always starts fresh), no per-step progress bar."""
+    (a trial always starts fresh, in a new `run_dir`), no per-step progress bar."""
     run_cfg = copy.deepcopy(cfg)
     for key, value in hparams.items():
         set_by_path(run_cfg, key, value)
@@ -54,7 +55,8 @@ def objective(trial: Trial, cfg: Config, params: list[SweepParam], dataset: Imag
     try:
         spec = data_spec_of(dataset)
         for i, width in enumerate(cfg.sweep.proxy_widths):
-            run_dir = Path(cfg.sweep.out_dir) / "trials" / f"{trial.number:05d}" / f"w{width}"
+            # A new directory (w64, or w64-1 beside a stale one from an earlier study)
+            run_dir = new_run_dir(Path(cfg.sweep.out_dir) / "trials" / f"{trial.number:05d}", f"w{width}")
             run_cfg = trial_config(cfg, hparams, width, run_dir)
             offset, start = i * (run_cfg.train.steps + 1), {}
             cost["step"] = 0
