@@ -34,7 +34,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     learn_sigma: bool = False  # predict the variance too (DiT's learned-range sigma, hybrid loss)
     class_dropout: float = 0.1  # label dropout for classifier-free guidance (null class)
-    base_width: int = 32  # muP base shape width; must be <= width and divisible by head_dim
+    base_width: int = 32  # muP base shape width (divisible by head_dim); a proxy may be narrower
+    # than it (width multiplier < 1), as the paper's DiT-XL/2 proxy of width 144 at base 288 is
     delta_width: int | None = None  # second width for base shapes (default 2 x base_width)
     init_mult: float = 1.0  # sigma_init: global multiplier on every init std (an HP)
     output_mult: float = 1.0  # multiplier on the readout (MuReadout's output_mult; an HP)
@@ -429,9 +430,6 @@ def _relations(cfg: Config) -> list[str]:
                    f"width = heads x head_dim, try {max(1, m.width // m.head_dim) * m.head_dim}")
     if m.base_width >= 1 and m.head_dim >= 1 and m.base_width % m.head_dim:
         out.append(f"model.base_width={m.base_width} is not divisible by model.head_dim={m.head_dim}")
-    if m.base_width > m.width >= 1:
-        out.append(f"model.base_width={m.base_width} is larger than model.width={m.width}; "
-                   "the base width is the narrow reference model, set it <= width")
     if m.delta_width is not None and m.delta_width >= 1 and (
             m.delta_width == m.base_width or m.delta_width % max(1, m.head_dim)):
         out.append(f"model.delta_width={m.delta_width} must differ from model.base_width and be "

@@ -90,9 +90,9 @@ def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True) -> C
     """Run the check for cfg.model at cfg.coord.widths; returns slopes and the verdict."""
     cc = cfg.coord
     m = cfg.model
-    if len(cc.widths) < 2 or any(w < m.base_width or w % m.head_dim for w in cc.widths):
-        raise UserError(f"coord.widths={cc.widths}: need two or more widths, each a multiple of "
-                        f"model.head_dim={m.head_dim} and >= model.base_width={m.base_width}")
+    if len(cc.widths) < 2 or any(w < m.head_dim or w % m.head_dim for w in cc.widths):
+        raise UserError(f"coord.widths={cc.widths}: need two or more widths, each a positive "
+                        f"multiple of model.head_dim={m.head_dim}")
     dataset = load_dataset(cfg.data)
     recorders = []
     with tempfile.TemporaryDirectory() as tmp:

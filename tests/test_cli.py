@@ -9,7 +9,7 @@ from conftest import TINY, assert_one_line_error, run_cli
 @pytest.mark.parametrize("override, needle", [
     ("model.no_such_key=1", "no_such_key"),
     ("model.width=70", "model.width=70 is not divisible by model.head_dim=16"),
-    ("model.base_width=128", "model.base_width=128 is larger than model.width=64"),
+    ("model.base_width=40", "model.base_width=40 is not divisible by model.head_dim=16"),
     ("optim.lr=0", "optim.lr"),
     ("optim.lr=-1e-3", "optim.lr"),
     ("model.parametrization=ntk", "model.parametrization"),
