@@ -38,6 +38,12 @@ class ModelConfig:
     output_mult: float = 1.0  # multiplier on the readout (MuReadout's output_mult; an HP)
     attn_mult: float = 1.0  # multiplier on the attention logit scale
     adaln_zero: bool | None = None  # zero-init adaLN modulation; None = mup: False, sp: True
+    # Transfer across depth (mupsweep/completep.py): none = today's muP, depth is not scaled;
+    # completep = every residual branch x (base_depth / depth)^depth_alpha and the optimizer of
+    # Dey et al. 2025, Table 1 (needs parametrization=mup).
+    depth_parametrization: str = "none"  # none | completep
+    base_depth: int | None = None  # the depth the tuned HPs belong to; None = depth (m_L = 1)
+    depth_alpha: float = 1.0  # 1 = CompleteP, 0.5 = depth-muP (Yang et al. 2023); in [0.5, 1]
     # Extra architecture-specific settings (U-ViT skips, PixArt/MMDiT text dims, ...).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -282,6 +288,7 @@ def check_config(cfg: Config) -> None:
                        ("model.attn_mult", m.attn_mult)):
         if not value > 0:
             raise UserError(f"{key}={value} must be > 0")
+    check_depth_config(m)
     if not o.lr > 0:
         raise UserError(f"optim.lr={o.lr} must be > 0")
     if o.schedule not in ("constant", "cosine"):
@@ -298,3 +305,19 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"diffusion.kind={cfg.diffusion.kind!r}: use ddpm or rectified_flow")
     if not 0 < cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+
+
+def check_depth_config(m: ModelConfig) -> None:
+    """The depth parametrization's keys (see mupsweep/completep.py)."""
+    if m.depth_parametrization not in ("none", "completep"):
+        raise UserError(f"model.depth_parametrization={m.depth_parametrization!r}: use none or completep")
+    if m.base_depth is not None and m.base_depth <= 0:
+        raise UserError(f"model.base_depth={m.base_depth} must be a positive integer (or null: the depth)")
+    if not 0.5 <= m.depth_alpha <= 1.0:
+        raise UserError(f"model.depth_alpha={m.depth_alpha} must be in [0.5, 1] "
+                        "(1: CompleteP, 0.5: depth-muP)")
+    if m.depth_parametrization == "completep" and m.parametrization != "mup":
+        # CompleteP's Table 1 is muP plus depth factors; under SP the width factors it builds
+        # on are absent and HPs do not transfer across width, so there is nothing to complete.
+        raise UserError("model.depth_parametrization=completep needs model.parametrization=mup "
+                        f"(got {m.parametrization}); use depth_parametrization=none with sp")
