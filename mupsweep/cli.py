@@ -90,12 +90,18 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
 
 @app.command("coord-check")
 def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
-                both: bool = typer.Option(False, "--both", help="also run SP, to show it fail")) -> None:
-    """Prove the parametrization is muP: activation size vs width over the first steps."""
+                both: bool = typer.Option(False, "--both", help="also run SP (with --depths: the "
+                                          "other depth parametrization), to show it fail"),
+                depths: str = typer.Option(None, "--depths", help="check across depth instead, "
+                                           "width fixed: comma-separated depths, e.g. 2,4,8,16")) -> None:
+    """Prove the parametrization is muP: activation size vs width over the first steps
+    (with --depths: activation size and per-step update of the residual stream vs depth)."""
     from mupsweep.config import set_by_path
     from mupsweep.coordcheck import coord_check as run_check
 
     cfg = _compose(overrides)
+    if depths is not None:
+        _coord_check_depths(cfg, _int_list(depths, "--depths"), both, json_out)
     parametrizations = [cfg.model.parametrization] + (["sp" if cfg.model.parametrization == "mup" else "mup"] if both else [])
     results = []
     for par in parametrizations:
@@ -110,9 +116,41 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     raise typer.Exit(0 if results[0].passed else 1)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what}={text!r}: give comma-separated integers") from None
+    if not values:
+        raise UserError(f"{what}={text!r}: give comma-separated integers")
+    return values
+
+
+def _coord_check_depths(cfg, depths: list[int], both: bool, json_out: bool) -> None:
+    """coord-check --depths: the depth parametrization asked for (and with --both the other
+    one); exits with the first one's verdict."""
+    from mupsweep.config import check_config, set_by_path
+    from mupsweep.coordcheck import coord_check as run_check
+
+    first = cfg.model.depth_parametrization
+    results = []
+    for par in [first] + ([{"none": "completep"}.get(first, "none")] if both else []):
+        set_by_path(cfg, "model.depth_parametrization", par)
+        check_config(cfg)
+        base = cfg.model.base_depth if cfg.model.base_depth is not None else min(depths)
+        with err.status(f"depth coordinate check ({par}, base depth {base}) at depths {depths}, "
+                        f"width {cfg.model.width} ..."):
+            r = run_check(cfg, out_dir=cfg.coord.out_dir, depths=depths)
+        results.append(r)
+        _print_slopes(r)
+    if json_out:
+        _print_json([r.summary() for r in results])
+    raise typer.Exit(0 if results[0].passed else 1)
+
+
 def _print_slopes(r) -> None:
     pivot = r.slopes.pivot(index="module", columns="step", values="slope")
-    table = Table(title=f"coordinate check [{r.parametrization}]: slope of log2 mean|act| vs log2 width",
+    table = Table(title=f"coordinate check [{r.parametrization}]: slope of log2 mean|act| vs log2 {r.axis}",
                   title_justify="left")
     table.add_column("module")
     for step in pivot.columns:
@@ -135,21 +173,40 @@ def _print_slopes(r) -> None:
 @app.command()
 def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
+    from mupsweep.completep import base_depth_of
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, data_spec_of, describe_parameters, make_optimizer
+    from mupsweep.parametrize import (
+        build_model,
+        data_spec_of,
+        describe_blocks,
+        describe_parameters,
+        make_optimizer,
+    )
 
     cfg = _compose(overrides, config)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
-    table = Table(title=f"{cfg.model.arch} width {cfg.model.width} ({cfg.model.parametrization}, "
-                  f"base width {cfg.model.base_width}, lr {cfg.optim.lr:g})", title_justify="left")
-    for col in ("parameter", "shape", "role", "init", "init std", "lr", "lr x"):
+    m = cfg.model
+    depth = (f", depth {m.depth}" if m.depth_parametrization == "none" else
+             f", depth {m.depth} ({m.depth_parametrization}, base depth {base_depth_of(m)}, "
+             f"alpha {m.depth_alpha:g})")
+    table = Table(title=f"{m.arch} width {m.width} ({m.parametrization}, base width "
+                  f"{m.base_width}{depth}, lr {cfg.optim.lr:g})", title_justify="left")
+    for col in ("parameter", "shape", "role", "block", "init", "init std", "lr", "lr x",
+                "depth lr x", "eps"):
         table.add_column(col, justify="left" if col in ("parameter", "role", "init") else "right",
                          no_wrap=col == "parameter")
     for r in rows:
-        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"], r["init"],
-                      f"{r['init_std']:.4g}", f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}")
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"],
+                      "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
+                      f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
+                      f"{r['eps']:.3g}")
     err.print(table)
+    blocks = describe_blocks(model)
+    mults = sorted({b["residual_mult"] for b in blocks})
+    err.print(f"{len(blocks)} residual blocks, each branch added x "
+              f"{', '.join(f'{v:.4g}' for v in mults)} "
+              f"({'m_L^-alpha = (base_depth / depth)^alpha' if m.depth_parametrization == 'completep' else 'no depth scaling'})")
     n = sum(math.prod(r["shape"]) for r in rows)
     err.print(f"{len(rows)} tensors, {n:,} parameters")
     if json_out:
@@ -179,12 +236,19 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
 
 @app.command()
 def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
-             widths: str = typer.Option("32,64,128,256", "--widths", help="comma-separated widths"),
+             widths: str = typer.Option(None, "--widths", help="comma-separated widths "
+                                        "[default: 32,64,128,256; with --depths: model.width, or "
+                                        "one width per depth for a joint grid]"),
              lrs: str = typer.Option("-12:-5", "--log2-lr", help="log2 lr grid LOW:HIGH[:STEP]"),
              seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
-             workers: int = typer.Option(1, "--workers", help="worker processes per study")) -> None:
-    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
+             workers: int = typer.Option(1, "--workers", help="worker processes per study"),
+             depths: str = typer.Option(None, "--depths", help="grid across depth instead: "
+                                        "comma-separated depths, e.g. 2,4,8,16 (muP, none vs completep)"),
+             depth_pars: str = typer.Option("none,completep", "--depth-parametrizations",
+                                            help="with --depths: none,completep or one of them")) -> None:
+    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)
+    With --depths: log2 lr x depth (or x (width, depth) with as many --widths), none vs completep."""
     import optuna
 
     from mupsweep.validate import validate as run_validate
@@ -203,6 +267,11 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     if lo >= hi or step <= 0:
         raise UserError(f"--log2-lr={lrs!r}: give LOW:HIGH[:STEP] with LOW < HIGH, e.g. -12:-5")
     grid = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+    if depths is not None:
+        _validate_depths(overrides, widths, depths, depth_pars, grid, ints(seeds, "--seeds"),
+                         workers, json_out)
+        return
+    widths = widths or "32,64,128,256"
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
     if not pars or any(p not in ("sp", "mup") for p in pars):
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
@@ -210,6 +279,32 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = run_validate(cfg, ints(widths, "--widths"), grid, ints(seeds, "--seeds"), pars,
                           workers=workers)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
+    if json_out:
+        _print_json(result.summary())
+
+
+def _validate_depths(overrides: list[str] | None, widths: str | None, depths: str,
+                     depth_pars: str, grid: list[float], seeds: list[int], workers: int,
+                     json_out: bool) -> None:
+    """validate --depths: shapes (model.width, d), or (w, d) pairs for a joint grid."""
+    import optuna
+
+    from mupsweep.validate_depth import validate_depths
+
+    ds = _int_list(depths, "--depths")
+    pars = tuple(p.strip() for p in depth_pars.split(",") if p.strip())
+    if not pars or any(p not in ("none", "completep") for p in pars):
+        raise UserError(f"--depth-parametrizations={depth_pars!r}: use none, completep or both")
+    cfg = _compose(overrides)
+    ws = _int_list(widths, "--widths") if widths is not None else [cfg.model.width] * len(ds)
+    if len(ws) != len(ds):
+        raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
+                        "a joint grid, or leave --widths out to keep model.width")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = validate_depths(cfg, list(zip(ws, ds, strict=True)), grid, seeds, pars,
+                             workers=workers)
     err.print(Path(result.table_md).read_text(), highlight=False)
     err.print(f"figure {result.figure}", highlight=False)
     if json_out:
@@ -317,6 +412,8 @@ def _best_doc(best: str | None, storage: str | None, study: str | None,
 def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  width: int = typer.Option(None, "--width", help="target model.width"),
                  preset: str = typer.Option(None, "--preset", help="target model preset, e.g. dit-xl-2"),
+                 depth: int = typer.Option(None, "--depth", help="target model.depth (HPs carry "
+                                           "over under model.depth_parametrization=completep)"),
                  steps: int = typer.Option(None, "--steps", help="target train.steps"),
                  out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
                  force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
@@ -333,7 +430,7 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
         raise UserError("-o - and --json both want stdout; write the YAML to a file with -o")
     doc, overrides = _best_doc(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
-                          force=force)
+                          force=force, depth=depth)
     if result.unreliable:
         _print_lr_by_width(result.drift)
     for w in result.warnings:
