@@ -150,8 +150,8 @@ def _coord_check_depths(cfg, depths: list[int], both: bool, json_out: bool) -> N
 
 def _print_slopes(r) -> None:
     pivot = r.slopes.pivot(index="module", columns="step", values="slope")
-    table = Table(title=f"coordinate check [{r.parametrization}]: slope of log2 mean|act| vs log2 {r.axis}",
-                  title_justify="left")
+    table = Table(title=escape(f"coordinate check [{r.parametrization}]: slope of log2 mean|act| "
+                               f"vs log2 {r.axis}"), title_justify="left")
     table.add_column("module")
     for step in pivot.columns:
         table.add_column(f"step {step}", justify="right")
