@@ -272,11 +272,11 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     pct = (100.0 * sweep_flops / target_flops
            if isinstance(sweep_flops, int | float) and target_flops else None)
     cost_line = _cost_line(cost, per_image, target_flops, pct, cfg)
-    proxy_share = proxy_step_share(proxy, best["proxy_widths"], per_image)
+    proxy_share = proxy_flops_share(proxy, best["proxy_widths"], per_image)
     if proxy_share:
-        cost_line += "; " + ", ".join(
-            f"a proxy step (width {w}, depth {proxy.model.depth}) = {share:.3g}% of a target step"
-            for w, share in proxy_share.items())
+        cost_line += "; per image, " + ", ".join(
+            f"the proxy (width {w}, depth {proxy.model.depth}) costs {share:.3g}%"
+            for w, share in proxy_share.items()) + " of the target"
 
     cfg.provenance = {
         "source": "mupsweep transfer",
@@ -294,7 +294,7 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         "target_depth": cfg.model.depth,
         "depth_parametrization": proxy.model.depth_parametrization,
         "base_depth": base_depth_of(proxy.model),
-        "proxy_step_pct": {str(w): v for w, v in proxy_share.items()},
+        "proxy_flops_pct": {str(w): v for w, v in proxy_share.items()},  # per image
         "preset": preset,
         "hparams": {str(k): _plain(v) for k, v in best["hparams"].items()},
         "lr_by_width": {str(r["width"]): r["lr"] for r in rows},
@@ -338,8 +338,8 @@ def depth_warnings(proxy: Config, target: Config) -> list[str]:
     return out
 
 
-def proxy_step_share(proxy: Config, widths: list[int], target_per_image: float | None) -> dict[int, float]:
-    """FLOPs of one proxy step at each proxy width as % of one target step (same batch)."""
+def proxy_flops_share(proxy: Config, widths: list[int], target_per_image: float | None) -> dict[int, float]:
+    """FLOPs per image of the proxy at each proxy width, as % of the target's."""
     import copy
 
     if not target_per_image:

@@ -45,9 +45,9 @@ def test_shallow_proxy_transfers_to_a_deep_wide_target_that_trains(tmp_path, com
     assert (m["width"], m["depth"], m["base_depth"], m["depth_parametrization"]) == (256, 16, 2, "completep")
     prov = out["provenance"]
     assert (prov["proxy_depth"], prov["target_depth"], prov["base_depth"]) == (2, 16, 2)
-    # the cost ledger: one proxy step is a small share of one target step
-    assert 0 < prov["proxy_step_pct"]["32"] < 5
-    assert "a proxy step (width 32, depth 2) =" in " ".join(proc.stderr.split())
+    # the cost ledger: per image the proxy is a small share of the target
+    assert 0 < prov["proxy_flops_pct"]["32"] < 5
+    assert "per image, the proxy (width 32, depth 2) costs" in " ".join(proc.stderr.split())
 
     # the target really is CompleteP at m_L = 8: every branch x 1/8, and it trains
     rows = json.loads(run_cli("inspect", "--config", str(target), "--json").stdout)
@@ -62,7 +62,7 @@ def test_preset_from_a_shallow_proxy(completep_best):
     m = r.config.model
     assert (m.depth, m.base_depth, m.width, m.learn_sigma) == (28, 2, 1152, True)
     assert not any("model.depth" in w for w in r.warnings), r.warnings
-    assert r.provenance["proxy_step_pct"]["32"] < 0.1
+    assert r.provenance["proxy_flops_pct"]["32"] < 0.1
 
 
 def test_depth_warning_stays_under_none(none_best):
