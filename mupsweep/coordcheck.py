@@ -151,9 +151,10 @@ def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True,
     cc = cfg.coord
     m = cfg.model
     if depths is not None:
-        if len(depths) < 2 or any(d <= 0 for d in depths):
-            raise UserError(f"--depths={depths}: need two or more positive depths")
-        sizes, axis = sorted(depths), "depth"
+        if len(set(depths)) < 2 or any(d <= 0 for d in depths):
+            raise UserError(f"--depths={','.join(map(str, depths))}: need two or more different "
+                            "positive depths")
+        sizes, axis = sorted(set(depths)), "depth"
         base_depth = m.base_depth if m.base_depth is not None else sizes[0]
     else:
         if len(cc.widths) < 2 or any(w < m.base_width or w % m.head_dim for w in cc.widths):
