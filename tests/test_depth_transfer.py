@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import assert_one_line_error, run_cli
 
 from mupsweep.best import load_best
+from mupsweep.config import compose
+from mupsweep.errors import UserError
 from mupsweep.transfer import transfer
+from mupsweep.validate_depth import validate_depths
 
 PROXY = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=6",
          "train.eval_every=3", "train.val_size=32", "train.batch_size=16", "sweep.proxy_widths=[32]",
@@ -32,6 +36,11 @@ def completep_best(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def none_best(tmp_path_factory) -> str:
     return _tune(tmp_path_factory.mktemp("tune-none"), "none")
+
+
+@pytest.fixture(scope="module")
+def none_dir(none_best) -> str:
+    return str(Path(none_best).parent)
 
 
 def test_shallow_proxy_transfers_to_a_deep_wide_target_that_trains(tmp_path, completep_best):
@@ -81,11 +90,10 @@ def test_changed_base_depth_or_parametrization_warns(completep_best):
     assert any("model.depth=2 but target" not in w for w in r.warnings)
 
 
-def test_study_of_another_depth_parametrization_is_refused(tmp_path):
-    first = run_cli("tune", *PROXY, "sweep.n_trials=1", f"sweep.out_dir={tmp_path}")
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = run_cli("tune", *PROXY, "sweep.n_trials=1", "model.depth_parametrization=completep",
-                    f"sweep.out_dir={tmp_path}")
+def test_study_of_another_depth_parametrization_is_refused(none_dir):
+    """The none study's storage, asked to continue under completep: its trials would mix."""
+    again = run_cli("tune", *PROXY, "model.depth_parametrization=completep",
+                    f"sweep.out_dir={none_dir}")
     assert_one_line_error(again, "depth_parametrization", "use another --study name")
 
 
@@ -126,8 +134,16 @@ def test_validate_joint_width_and_depth(tmp_path):
 @pytest.mark.parametrize(("args", "needle"), [
     (["--widths", "32", "--depths", "2,4"], "one width per depth"),
     (["--depths", "2,4", "--depth-parametrizations", "deep"], "--depth-parametrizations"),
-    (["--depths", "4,2"], "increasing depths"),
 ])
 def test_validate_depths_bad_input(tmp_path, args, needle):
     assert_one_line_error(run_cli("validate", *GRID[:-1], f"sweep.out_dir={tmp_path}", *args),
                           needle)
+
+
+def test_validate_depths_refuses_before_training(tmp_path):
+    cfg = compose(["model=dit-tiny", f"sweep.out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="increasing depths"):
+        validate_depths(cfg, [(64, 4), (64, 2)], [-10, -9, -8], [0])
+    with pytest.raises(UserError, match="not muP"):
+        validate_depths(compose(["model.parametrization=sp"]), [(64, 2), (64, 4)], [-10, -9, -8], [0])
+    assert not list(tmp_path.iterdir())  # nothing was trained or written
