@@ -126,12 +126,18 @@ def _train_config(overrides: list[str] | None, config: Path | None, resume: Path
 
 @app.command("coord-check")
 def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
-                both: bool = typer.Option(False, "--both", help="also run SP, to show it fail")) -> None:
-    """Prove the parametrization is muP: activation size vs width over the first steps."""
+                both: bool = typer.Option(False, "--both", help="also run SP (with --depths: the "
+                                          "other depth parametrization), to show it fail"),
+                depths: str = typer.Option(None, "--depths", help="check across depth instead, "
+                                           "width fixed: comma-separated depths, e.g. 2,4,8,16")) -> None:
+    """Prove the parametrization is muP: activation size vs width over the first steps
+    (with --depths: activation size and per-step update of the residual stream vs depth)."""
     from mupsweep.config import set_by_path
     from mupsweep.coordcheck import coord_check as run_check
 
     cfg = _compose(overrides)
+    if depths is not None:
+        _coord_check_depths(cfg, _int_list(depths, "--depths"), both, json_out)
     parametrizations = [cfg.model.parametrization] + (["sp" if cfg.model.parametrization == "mup" else "mup"] if both else [])
     results = []
     for par in parametrizations:
@@ -146,10 +152,42 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     raise typer.Exit(0 if results[0].passed else 1)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what}={text!r}: give comma-separated integers") from None
+    if not values:
+        raise UserError(f"{what}={text!r}: give comma-separated integers")
+    return values
+
+
+def _coord_check_depths(cfg, depths: list[int], both: bool, json_out: bool) -> None:
+    """coord-check --depths: the depth parametrization asked for (and with --both the other
+    one); exits with the first one's verdict."""
+    from mupsweep.config import check_config, set_by_path
+    from mupsweep.coordcheck import coord_check as run_check
+
+    first = cfg.model.depth_parametrization
+    results = []
+    for par in [first] + ([{"none": "completep"}.get(first, "none")] if both else []):
+        set_by_path(cfg, "model.depth_parametrization", par)
+        check_config(cfg)
+        base = cfg.model.base_depth if cfg.model.base_depth is not None else min(depths)
+        with err.status(f"depth coordinate check ({par}, base depth {base}) at depths {depths}, "
+                        f"width {cfg.model.width} ..."):
+            r = run_check(cfg, out_dir=cfg.coord.out_dir, depths=depths)
+        results.append(r)
+        _print_slopes(r)
+    if json_out:
+        _print_json([r.summary() for r in results])
+    raise typer.Exit(0 if results[0].passed else 1)
+
+
 def _print_slopes(r) -> None:
     pivot = r.slopes.pivot(index="module", columns="step", values="slope")
-    table = Table(title=f"coordinate check [{r.parametrization}]: slope of log2 mean|act| vs log2 width",
-                  title_justify="left")
+    table = Table(title=escape(f"coordinate check [{r.parametrization}]: slope of log2 mean|act| "
+                               f"vs log2 {r.axis}"), title_justify="left")
     table.add_column("module")
     for step in pivot.columns:
         table.add_column(f"step {step}", justify="right")
@@ -171,11 +209,13 @@ def _print_slopes(r) -> None:
 @app.command()
 def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
+    from mupsweep.completep import base_depth_of
     from mupsweep.data import load_dataset
     from mupsweep.parametrize import (
         base_shape_widths,
         build_model,
         data_spec_of,
+        describe_blocks,
         describe_parameters,
         make_optimizer,
     )
@@ -190,15 +230,26 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
                   f"delta {delta} ({delta // m.head_dim} heads)")
     else:
         shapes = "SP: no base shapes (every width multiplier is 1)"
-    table = Table(title=f"{m.arch} width {m.width} ({m.parametrization}, {shapes}, "
+    depth = (f", depth {m.depth}" if m.depth_parametrization == "none" else
+             f", depth {m.depth} ({m.depth_parametrization}, base depth {base_depth_of(m)}, "
+             f"alpha {m.depth_alpha:g})")
+    table = Table(title=f"{m.arch} width {m.width} ({m.parametrization}, {shapes}{depth}, "
                   f"lr {cfg.optim.lr:g})", title_justify="left")
-    for col in ("parameter", "shape", "role", "init", "init std", "lr", "lr x"):
+    for col in ("parameter", "shape", "role", "block", "init", "init std", "lr", "lr x",
+                "depth lr x", "eps"):
         table.add_column(col, justify="left" if col in ("parameter", "role", "init") else "right",
                          no_wrap=col == "parameter")
     for r in rows:
-        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"], r["init"],
-                      f"{r['init_std']:.4g}", f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}")
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"],
+                      "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
+                      f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
+                      f"{r['eps']:.3g}")
     err.print(table)
+    blocks = describe_blocks(model)
+    mults = sorted({b["residual_mult"] for b in blocks})
+    err.print(f"{len(blocks)} residual blocks, each branch added x "
+              f"{', '.join(f'{v:.4g}' for v in mults)} "
+              f"({'m_L^-alpha = (base_depth / depth)^alpha' if m.depth_parametrization == 'completep' else 'no depth scaling'})")
     n = sum(math.prod(r["shape"]) for r in rows)
     err.print(f"{len(rows)} tensors, {n:,} parameters")
     if json_out:
@@ -228,15 +279,22 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
 
 @app.command()
 def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
-             widths: str = typer.Option("32,64,128,256", "--widths", help="comma-separated widths"),
+             widths: str = typer.Option(None, "--widths", help="comma-separated widths "
+                                        "[default: 32,64,128,256; with --depths: model.width, or "
+                                        "one width per depth for a joint grid]"),
              lrs: str = typer.Option("-12:-5", "--log2-lr", help="log2 lr grid LOW:HIGH[:STEP]"),
              seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
-             workers: int = typer.Option(1, "--workers", help="worker processes per study")) -> None:
+             workers: int = typer.Option(1, "--workers", help="worker processes per study"),
+             depths: str = typer.Option(None, "--depths", help="grid across depth instead: "
+                                        "comma-separated depths, e.g. 2,4,8,16 (muP, none vs completep)"),
+             depth_pars: str = typer.Option("none,completep", "--depth-parametrizations",
+                                            help="with --depths: none,completep or one of them")) -> None:
     """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)
 
-    Each grid point runs once, whatever --workers; re-run the same command to resume. Exit 1
-    when a grid has missing points (re-run to complete it)."""
+    With --depths: log2 lr x depth (or x (width, depth) with as many --widths), none vs
+    completep. Each grid point runs once, whatever --workers; re-run the same command to
+    resume. Exit 1 when a grid has missing points (re-run to complete it)."""
     import optuna
 
     from mupsweep.validate import check_grid, parse_log2_grid
@@ -249,14 +307,18 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
             raise UserError(f"{what}={text!r}: give comma-separated integers") from None
 
     grid, note = parse_log2_grid(lrs)
-    width_list, seed_list = ints(widths, "--widths"), ints(seeds, "--seeds")
+    if note:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if depths is not None:
+        _validate_depths(overrides, widths, depths, depth_pars, grid, ints(seeds, "--seeds"),
+                         workers, json_out)
+        return
+    width_list, seed_list = ints(widths or "32,64,128,256", "--widths"), ints(seeds, "--seeds")
     check_grid(width_list, grid, seed_list)
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
     if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
     cfg = _compose(overrides)
-    if note:
-        err.print(f"note: {note}", highlight=False, soft_wrap=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         result = run_validate(cfg, width_list, grid, seed_list, pars, workers=workers)
@@ -264,6 +326,36 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    if json_out:
+        _print_json(result.summary())
+    if result.incomplete:
+        for why in result.incomplete.values():
+            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
+
+
+def _validate_depths(overrides: list[str] | None, widths: str | None, depths: str,
+                     depth_pars: str, grid: list[float], seeds: list[int], workers: int,
+                     json_out: bool) -> None:
+    """validate --depths: shapes (model.width, d), or (w, d) pairs for a joint grid."""
+    import optuna
+
+    from mupsweep.validate_depth import validate_depths
+
+    ds = _int_list(depths, "--depths")
+    pars = tuple(p.strip() for p in depth_pars.split(",") if p.strip())
+    if not pars or any(p not in ("none", "completep") for p in pars):
+        raise UserError(f"--depth-parametrizations={depth_pars!r}: use none, completep or both")
+    cfg = _compose(overrides)
+    ws = _int_list(widths, "--widths") if widths is not None else [cfg.model.width] * len(ds)
+    if len(ws) != len(ds):
+        raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
+                        "a joint grid, or leave --widths out to keep model.width")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = validate_depths(cfg, list(zip(ws, ds, strict=True)), grid, seeds, pars,
+                             workers=workers)
     if json_out:
         _print_json(result.summary())
     if result.incomplete:
@@ -375,6 +467,8 @@ def _best_doc(best: str | None, storage: str | None, study: str | None,
 def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  width: int = typer.Option(None, "--width", help="target model.width"),
                  preset: str = typer.Option(None, "--preset", help="target model preset, e.g. dit-xl-2"),
+                 depth: int = typer.Option(None, "--depth", help="target model.depth (HPs carry "
+                                           "over under model.depth_parametrization=completep)"),
                  steps: int = typer.Option(None, "--steps", help="target train.steps"),
                  out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
                  force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
@@ -392,7 +486,7 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     check_output(out)
     doc, overrides = _best_doc(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
-                          force=force)
+                          force=force, depth=depth)
     if result.unreliable:
         _print_lr_by_width(result.drift)
     for w in result.warnings:

@@ -41,6 +41,12 @@ class ModelConfig:
     output_mult: float = 1.0  # multiplier on the readout (MuReadout's output_mult; an HP)
     attn_mult: float = 1.0  # multiplier on the attention logit scale
     adaln_zero: bool | None = None  # zero-init adaLN modulation; None = mup: False, sp: True
+    # Transfer across depth (mupsweep/completep.py): none = today's muP, depth is not scaled;
+    # completep = every residual branch x (base_depth / depth)^depth_alpha and the optimizer of
+    # Dey et al. 2025, Table 1 (needs parametrization=mup).
+    depth_parametrization: str = "none"  # none | completep
+    base_depth: int | None = None  # the depth the tuned HPs belong to; None = depth (m_L = 1)
+    depth_alpha: float = 1.0  # 1 = CompleteP, 0.5 = depth-muP (Yang et al. 2023); in [0.5, 1]
     # Extra architecture-specific settings (U-ViT skips, PixArt/MMDiT text dims, ...).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -349,6 +355,7 @@ RANGES: dict[str, Range] = {
     "model.patch_size": AT_LEAST_1, "model.mlp_ratio": POSITIVE, "model.class_dropout": UNIT,
     "model.base_width": AT_LEAST_1, "model.delta_width": AT_LEAST_1,
     "model.init_mult": POSITIVE, "model.output_mult": POSITIVE, "model.attn_mult": POSITIVE,
+    "model.base_depth": AT_LEAST_1, "model.depth_alpha": Range(0.5, 1),  # 1 CompleteP, 0.5 depth-muP
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True), "data.split_seed": SEED,
     "data.image_size": AT_LEAST_1, "data.max_items": Range(2), "data.latent_scale": POSITIVE,
     "diffusion.num_timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
@@ -373,6 +380,7 @@ RANGES: dict[str, Range] = {
 # sweep.pruner are checked where the names are looked up: registry, data loaders, study).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.parametrization": ("mup", "sp"),
+    "model.depth_parametrization": ("none", "completep"),
     "diffusion.kind": ("ddpm", "rectified_flow"),
     "optim.schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16"),
@@ -449,6 +457,11 @@ def _relations(cfg: Config) -> list[str]:
     if o.warmup_steps > t.steps >= 0:
         out.append(f"optim.warmup_steps={o.warmup_steps} is more than train.steps={t.steps}: the "
                    "run would end before its lr reaches optim.lr; lower the warmup or train longer")
+    if m.depth_parametrization == "completep" and m.parametrization == "sp":
+        # CompleteP's Table 1 is muP plus depth factors; under SP the width factors it builds
+        # on are absent and HPs do not transfer across width, so there is nothing to complete.
+        out.append("model.depth_parametrization=completep needs model.parametrization=mup "
+                   "(got sp); use depth_parametrization=none with sp")
     if s.grace_s is not None and s.heartbeat_s > 0 and s.grace_s <= s.heartbeat_s:
         out.append(f"sweep.grace_s={s.grace_s} must be more than sweep.heartbeat_s={s.heartbeat_s}, "
                    "or a live worker's trial is failed between two heartbeats")

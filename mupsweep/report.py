@@ -31,8 +31,9 @@ def _pyplot():
     return plt
 
 
-def plot_coord_check(table, widths: list[int], path: Path, title: str) -> Path:
-    """One panel per recorded step: mean |activation| vs width (log-log), a line per module."""
+def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str = "width") -> Path:
+    """One panel per recorded step: mean |activation| vs width (or `axis`: depth), log-log, a
+    line per module."""
     plt = _pyplot()
     steps = sorted(table["step"].unique())
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.4), sharey=True)
@@ -40,12 +41,12 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str) -> Path:
     for ax, step in zip(axes, steps, strict=True):
         sub = table[table["step"] == step]
         for module, g in sub.groupby("module", sort=False):
-            g = g.groupby("width")["l1"].mean()
+            g = g.groupby(axis)["l1"].mean()
             ax.plot(g.index, g.values, marker="o", ms=3, lw=1, label=module)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"step {step}")
-        ax.set_xlabel("width")
+        ax.set_xlabel(axis)
     axes[0].set_ylabel("mean |activation|")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)

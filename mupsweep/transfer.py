@@ -24,6 +24,10 @@ an error unless `force`), proxy and target differing in something width transfer
 width (a clip threshold is not a muP-transferred HP), and lr drift: with two or more proxy
 widths, each width's best lr should agree within one octave, or the transfer is unreliable.
 
+Depth: a study tuned with model.depth_parametrization=completep transfers across depth too
+(`--depth`, or a preset's depth): the target keeps the proxy's base depth and alpha, and a
+depth difference is no longer a warning. Under none it stays one.
+
 The document's shape is fixed by `mupsweep.best`; this module only reads it.
 """
 
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mupsweep.best import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
+from mupsweep.completep import base_depth_of
 from mupsweep.config import CONFIG_DIR, Config, compose, from_dict, set_by_path
 from mupsweep.errors import UserError
 from mupsweep.storage import redact_url
@@ -259,7 +264,7 @@ def _base_config(best: dict[str, Any]) -> Config:
 
 def transfer(best: dict[str, Any], width: int | None = None, preset: str | None = None,
              overrides: list[str] | tuple[str, ...] = (), steps: int | None = None,
-             force: bool = False) -> TransferResult:
+             force: bool = False, depth: int | None = None) -> TransferResult:
     """Build the target config from a best document (see the module docstring for the order).
 
     Raises UserError for an SP study (unless `force`), for a missing target (no width, preset
@@ -275,8 +280,9 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
             raise UserError(f"{msg}; re-tune with mup, or pass --force to write it anyway")
         warnings.append(msg + " (--force given)")
 
-    if width is None and preset is None and not any(o.startswith("model.width=") for o in overrides):
-        raise UserError("no target given: pass --width N and/or --preset NAME "
+    if width is None and preset is None and depth is None and not any(
+            o.startswith(("model.width=", "model.depth=")) for o in overrides):
+        raise UserError("no target given: pass --width N, --depth N and/or --preset NAME "
                         f"(presets: {', '.join(list_presets())})")
 
     if best.get("trial") is None and not best["hparams"]:
@@ -294,6 +300,11 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         warnings += preset_warnings
     if width is not None:
         cfg.model.width = width
+    if depth is not None:
+        cfg.model.depth = depth
+    if proxy.model.depth_parametrization == "completep":
+        # The tuned HPs belong to the proxy's base depth, as they do to its base width.
+        cfg.model.base_depth = base_depth_of(proxy.model)
 
     # 2. The tuned HPs: resolved values keyed by config path.
     for key, value in best["hparams"].items():
@@ -322,11 +333,16 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     # 5. What width transfer does not cover.
     for key in NOT_TRANSFERRED:
         a, b = _get(proxy, key), _get(cfg, key)
+        if key == "model.depth" and transfers_across_depth(proxy, cfg):
+            continue  # CompleteP carries the tuned HPs across depth
         if a != b:
             why = ("muP base shapes differ, so the tuned HPs mean something else"
                    if key in ("model.base_width", "model.delta_width") else
                    "not covered by width transfer; the tuned HPs may not be optimal")
+            if key == "model.depth":
+                why += " (tune with model.depth_parametrization=completep to transfer across depth)"
             warnings.append(f"proxy {key}={a} but target {key}={b}: {why}")
+    warnings += depth_warnings(proxy, cfg)
 
     # A clip threshold binds on the global gradient norm, which falls as width grows under muP
     # (dit-tiny at init on digits, batch 64: 1.13 at width 32, 0.41 at 256, 0.28 at 512), so
@@ -361,6 +377,11 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     pct = (100.0 * sweep_flops / target_flops
            if isinstance(sweep_flops, int | float) and target_flops else None)
     cost_line = _cost_line(cost, per_image, target_flops, pct, cfg)
+    proxy_share = proxy_flops_share(proxy, best["proxy_widths"], per_image)
+    if proxy_share:
+        cost_line += "; per image, " + ", ".join(
+            f"the proxy (width {w}, depth {proxy.model.depth}) costs {share:.3g}%"
+            for w, share in proxy_share.items()) + " of the target"
 
     cfg.provenance = {
         "source": "mupsweep transfer",
@@ -374,6 +395,11 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         "delta_width": proxy.model.delta_width,
         "head_dim": proxy.model.head_dim,
         "target_width": cfg.model.width,
+        "proxy_depth": proxy.model.depth,
+        "target_depth": cfg.model.depth,
+        "depth_parametrization": proxy.model.depth_parametrization,
+        "base_depth": base_depth_of(proxy.model),
+        "proxy_flops_pct": {str(w): v for w, v in proxy_share.items()},  # per image
         "preset": preset,
         "hparams": {str(k): _plain(v) for k, v in best["hparams"].items()},
         "lr_by_width": {str(r["width"]): r["lr"] for r in rows},
@@ -399,6 +425,51 @@ def _accepted(overridden: dict[str, dict[str, Any]], cfg: Config) -> dict[str, d
         if target != values["proxy"]:
             out[key] = {**values, "target": target}
     return out
+
+
+def transfers_across_depth(proxy: Config, target: Config) -> bool:
+    """Whether the tuned HPs carry over a change of depth: both completep, same base depth
+    and alpha (mupsweep/completep.py)."""
+    p, t = proxy.model, target.model
+    return (p.depth_parametrization == t.depth_parametrization == "completep"
+            and base_depth_of(p) == base_depth_of(t) and p.depth_alpha == t.depth_alpha)
+
+
+def depth_warnings(proxy: Config, target: Config) -> list[str]:
+    """A depth parametrization, base depth or alpha that differs from the proxy's: the tuned
+    HPs then belong to another parametrization."""
+    p, t = proxy.model, target.model
+    if p.depth_parametrization != t.depth_parametrization:
+        return [f"proxy model.depth_parametrization={p.depth_parametrization} but target "
+                f"{t.depth_parametrization}: the tuned HPs belong to the proxy's parametrization"]
+    if p.depth_parametrization == "none":
+        return []
+    out = []
+    if base_depth_of(p) != base_depth_of(t):
+        out.append(f"proxy base depth {base_depth_of(p)} but target model.base_depth="
+                   f"{base_depth_of(t)}: CompleteP's depth factors are relative to the base "
+                   "depth, so the tuned HPs mean something else")
+    if p.depth_alpha != t.depth_alpha:
+        out.append(f"proxy model.depth_alpha={p.depth_alpha} but target {t.depth_alpha}: "
+                   "the tuned HPs belong to the proxy's alpha")
+    return out
+
+
+def proxy_flops_share(proxy: Config, widths: list[int], target_per_image: float | None) -> dict[int, float]:
+    """FLOPs per image of the proxy at each proxy width, as % of the target's."""
+    import copy
+
+    if not target_per_image:
+        return {}
+    share = {}
+    for w in widths:
+        probe = copy.deepcopy(proxy)
+        probe.model.width = int(w)
+        try:
+            share[int(w)] = 100.0 * estimate_train_flops(probe)[0] / target_per_image
+        except UserError:  # the data is not on this machine: the ledger says less
+            return {}
+    return share
 
 
 def _plain(v: Any) -> Any:

@@ -151,21 +151,28 @@ def verdict(doc: dict, parametrization: str) -> Verdict:
     best = best_per_width(table)
     losses = best["loss_at_best"].to_numpy()
     wider = bool(np.all(np.diff(losses) < 0))
-    diverged = best[best["all_diverged"]]
-    if len(diverged):
-        why = f"every lr diverged at width {_widths(diverged)}: lower --log2-lr"
-        return Verdict(parametrization, table, best, None, wider, why)
-    edge = best[best["at_edge"]]
-    if len(edge):
-        parts = [f"2^{x:g} (width {_widths(g)})" for x, g in edge.groupby("best_log2_lr")]
-        why = f"optimum at the grid edge {', '.join(parts)}: widen --log2-lr"
+    why = why_not_judged(best, "width")
+    if why:
         return Verdict(parametrization, table, best, None, wider, why)
     drift = abs(best["fit_log2_lr"].iloc[-1] - best["fit_log2_lr"].iloc[0])
     return Verdict(parametrization, table, best, float(drift), wider)
 
 
-def _widths(rows: pd.DataFrame) -> str:
-    return ", ".join(str(int(w)) for w in rows["width"])
+def why_not_judged(best: pd.DataFrame, axis: str) -> str | None:
+    """Why a drift figure cannot be read off `best` (rows of best_per_width, one per `axis`
+    value): every lr diverged somewhere, or an optimum sits on the grid edge. None: judge."""
+    diverged = best[best["all_diverged"]]
+    if len(diverged):
+        return f"every lr diverged at {axis} {_values(diverged, axis)}: lower --log2-lr"
+    edge = best[best["at_edge"]]
+    if len(edge):
+        parts = [f"2^{x:g} ({axis} {_values(g, axis)})" for x, g in edge.groupby("best_log2_lr")]
+        return f"optimum at the grid edge {', '.join(parts)}: widen --log2-lr"
+    return None
+
+
+def _values(rows: pd.DataFrame, axis: str) -> str:
+    return ", ".join(str(int(w)) for w in rows[axis])
 
 
 @dataclass
@@ -227,14 +234,11 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     result = ValidationResult()
     for par in parametrizations:
         run = grid_config(cfg, par, log2_lrs, seeds, widths, cfg.sweep.study, out)
-        params = search_space(run)
-        _refuse_another_grid(open_study(run, params), params)
-        study = tune(run, workers=workers)
-        why = _incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
+        doc, why = run_grid(run, workers)
         if why:
             result.incomplete[par] = why
             continue
-        result.verdicts[par] = verdict(best_document(study), par)
+        result.verdicts[par] = verdict(doc, par)
         table = result.verdicts[par].table
         atomic_write_text(out / f"validate_{par}.csv", table.to_csv(index=False))
     if result.incomplete:
@@ -242,6 +246,16 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     result.figure = str(plot_validation(result.verdicts, out / "validate.png"))
     result.table_md = str(atomic_write_text(out / "validate.md", validation_markdown(result.verdicts)))
     return result
+
+
+def run_grid(run: Config, workers: int = 1) -> tuple[dict | None, str | None]:
+    """Run (or resume) one grid study: (its best document, None), or (None, why it cannot be
+    judged) when points are missing. A study holding another grid's points is refused."""
+    params = search_space(run)
+    _refuse_another_grid(open_study(run, params), params)
+    study = tune(run, workers=workers)
+    why = _incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
+    return (None, why) if why else (best_document(study), None)
 
 
 def _point_text(point: dict) -> str:

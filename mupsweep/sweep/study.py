@@ -63,9 +63,13 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 def _model_signature(cfg: Config) -> dict[str, Any]:
     """What must match for trials of one study to be comparable."""
     m = cfg.model
-    return {"arch": m.arch, "parametrization": m.parametrization, "depth": m.depth,
-            "head_dim": m.head_dim, "patch_size": m.patch_size,
-            "proxy_widths": list(cfg.sweep.proxy_widths), "data": cfg.data.name}
+    signature = {"arch": m.arch, "parametrization": m.parametrization, "depth": m.depth,
+                 "head_dim": m.head_dim, "patch_size": m.patch_size,
+                 "proxy_widths": list(cfg.sweep.proxy_widths), "data": cfg.data.name}
+    if m.depth_parametrization != "none":  # only then: studies made before it still match
+        signature.update(depth_parametrization=m.depth_parametrization,
+                         base_depth=m.base_depth, depth_alpha=m.depth_alpha)
+    return signature
 
 
 def open_study(cfg: Config, params: list[SweepParam] | None = None, worker: int = 0) -> optuna.Study:
