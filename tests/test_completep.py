@@ -71,14 +71,14 @@ def test_completep_at_base_depth_is_todays_mup_bit_for_bit(arch):
         assert step == 0 or a.abs().mean() > 0  # zero-init readout: 0 before the first step
 
 
-def test_completep_at_base_depth_trains_like_today():
+def test_completep_at_base_depth_trains_like_today(tmp_path):
     """The same through `train()` on real digits: identical validation history."""
     data = load_dataset(compose([]).data)
     base = ["model=dit-tiny", "model.width=32", "train.steps=4", "train.eval_every=2",
             "train.val_size=32", "train.batch_size=16", "train.progress=false",
             "train.save=false", "train.resume=false", "optim.lr=0.01"]
-    today = train(compose([*base, "train.run_dir=/tmp/mupsweep-cp-a"]), dataset=data)
-    cp = train(compose([*base, "train.run_dir=/tmp/mupsweep-cp-b",
+    today = train(compose([*base, f"train.run_dir={tmp_path}/a"]), dataset=data)
+    cp = train(compose([*base, f"train.run_dir={tmp_path}/b",
                         "model.depth_parametrization=completep", "model.base_depth=4"]), dataset=data)
     assert [h["validation_loss"] for h in today.history] == [h["validation_loss"] for h in cp.history]
     assert cp.validation_loss < cp.initial_validation_loss
