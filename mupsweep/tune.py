@@ -32,6 +32,7 @@ from mupsweep.config import Config
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
 from mupsweep.sweep.objective import check_trial_setup
+from mupsweep.sweep.retry import INTERRUPTED, SURPLUS
 from mupsweep.sweep.space import search_space
 from mupsweep.sweep.study import open_study
 from mupsweep.sweep.workers import (
@@ -92,9 +93,9 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     problem = shortfall(doc, budget, exits)
     if problem:
         raise SweepFailed(problem, study)
-    for e in exits:  # the others made up for it
-        console.print(f"[yellow]warning:[/] {escape(e.describe())}; its trial was retried",
-                      highlight=False, soft_wrap=True)
+    for e in exits:
+        console.print(f"[yellow]warning:[/] {escape(e.describe())}; the other workers made up "
+                      "for it", highlight=False, soft_wrap=True)
     return study
 
 
@@ -109,7 +110,8 @@ def shortfall(doc: dict[str, Any], budget: int, exits: list[WorkerExit] | None =
         head = f"sweep incomplete: {done}/{budget} trials finished"
         if exits:
             return f"{head} ({'; '.join(e.describe() for e in exits)}); re-run the same command to continue"
-        failed = [t for t in trials if t["state"] == "FAIL" and t["reason"]]
+        failed = [t for t in trials if t["state"] == "FAIL" and t["reason"]
+                  and t["reason"] not in (INTERRUPTED, SURPLUS)]
         if failed:
             return f"{head}: trials keep failing, the last with: {failed[-1]['reason']}"
         return head

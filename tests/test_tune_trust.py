@@ -25,7 +25,7 @@ from mupsweep.errors import UserError
 from mupsweep.sweep.retry import INTERRUPTED, SURPLUS
 from mupsweep.sweep.study import open_study
 from mupsweep.sweep.workers import EXIT_BAD_INPUT, run_worker_processes
-from mupsweep.tune import tune, write_outputs
+from mupsweep.tune import shortfall, tune, write_outputs
 
 # Trials long enough to signal mid-trial (about 7 s each on one core).
 LONG = ["train.steps=400", "train.eval_every=50", "sweep.pruner=none"]
@@ -354,6 +354,14 @@ def test_surplus_and_interrupted_trials_are_not_counted_as_failed(tmp_path):
         study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"reason": reason}))
     cost = best_document(study)["cost"]
     assert (cost["n_failed"], cost["n_surplus"], cost["n_interrupted"]) == (1, 1, 1)
+
+
+def test_a_shortfall_names_the_last_real_failure_not_an_interrupt():
+    doc = {"trial": None, "trials": [
+        {"state": "FAIL", "reason": "RuntimeError: boom"},
+        {"state": "FAIL", "reason": INTERRUPTED}, {"state": "FAIL", "reason": SURPLUS}]}
+    assert shortfall(doc, budget=2) == ("sweep incomplete: 0/2 trials finished: trials keep "
+                                        "failing, the last with: RuntimeError: boom")
 
 
 def test_trials_csv_is_replaced_not_rewritten_in_place(tmp_path):
