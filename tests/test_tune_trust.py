@@ -89,6 +89,16 @@ def test_a_resumed_study_draws_new_points(tmp_path, sampler):
     assert hp_sets(fresh) == hp_sets(study)
 
 
+def test_a_resumed_grid_runs_every_point_once(tmp_path):
+    """Grid trial n runs point n of one order fixed by sweep.seed: a per-trial (or per-worker)
+    seed would reorder the grid under later trials and run it with repeats and gaps."""
+    grid = ["sweep.sampler=grid", "sweep.pruner=none",
+            "sweep.params=[{name:optim.lr,type:categorical,choices:[0.001,0.002,0.003,0.004]}]"]
+    tune(cfg_of(tmp_path, *grid, "sweep.n_trials=2"))
+    study = tune(cfg_of(tmp_path, *grid, "sweep.n_trials=4"))
+    assert sorted(t.params["optim.lr"] for t in study.trials) == [0.001, 0.002, 0.003, 0.004]
+
+
 def test_another_tune_command_with_the_same_seed_draws_new_points(tmp_path):
     out = tmp_path / "sweep"
     procs = [popen_tune(out, "sweep.n_trials=4", "sweep.sampler=random", "sweep.heartbeat_s=2")

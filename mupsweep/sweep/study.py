@@ -26,24 +26,26 @@ from mupsweep.util import first_line
 
 
 def make_sampler(cfg: Config, params: list[SweepParam]) -> optuna.samplers.BaseSampler:
-    """The sampler named by sweep.sampler, seeded per trial (see `TrialSeededSampler`)."""
+    """The sampler named by sweep.sampler. tpe, gp and random are seeded per trial (see
+    `TrialSeededSampler`). grid shuffles the grid once with sweep.seed, and trial n runs point
+    n of that order, so every process must use the same seed: another seed per worker or per
+    trial would give trial n another point, and the grid would be run with repeats and gaps."""
     name = cfg.sweep.sampler
-    if name not in ("tpe", "gp", "random", "grid"):
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid(params), seed=cfg.sweep.seed)
+    if name not in ("tpe", "gp", "random"):
         raise UserError(f"sweep.sampler={name!r}: use tpe, gp, random or grid")
-    space = grid(params) if name == "grid" else None
 
     def make(seed: int) -> optuna.samplers.BaseSampler:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if name == "tpe":
-                # constant_liar: another worker's running trial counts as a bad result, so
-                # parallel workers do not all sample next to the same good point.
-                return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-            if name == "gp":
+        if name == "tpe":
+            # constant_liar: another worker's running trial counts as a bad result, so
+            # parallel workers do not all sample next to the same good point.
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        if name == "gp":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.samplers.GPSampler(seed=seed)
-            if name == "random":
-                return optuna.samplers.RandomSampler(seed=seed)
-            return optuna.samplers.GridSampler(space, seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
 
     return TrialSeededSampler(make, cfg.sweep.seed)
 
@@ -60,8 +62,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     re-run, a resumed study, another `--workers` process or another machine (same sweep.seed
     or not) never replays points already drawn. What is reproducible: with `random` (and the
     random start-up trials of tpe / gp), trial n gets the same point for the same sweep.seed,
-    whichever worker runs it and whenever; a single worker's tpe / gp / grid sweep repeats
-    exactly, fresh or resumed, as long as the same trials are finished when each is sampled.
+    whichever worker runs it and whenever; a single worker's tpe / gp sweep repeats exactly,
+    fresh or resumed, as long as the same trials are finished when each is sampled.
     What is not: with several workers, which trials are finished when a trial is sampled
     depends on timing, and so do tpe's and gp's later points. A re-queued trial (a dead or
     interrupted worker's) keeps its parameters and takes the next number.
