@@ -380,13 +380,13 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     """Sweep lr / init / output multiplier on narrow proxies; sweep.n_trials is the global budget.
 
     Re-run the same command (here or on another machine, same --storage) to add workers or to
-    continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json."""
+    continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json. Exit 1 when
+    the sweep ran but has nothing to transfer (budget not met, or no trial completed)."""
     import optuna
 
     from mupsweep.best import best_document
     from mupsweep.config import set_by_path
-    from mupsweep.sweep.space import search_space
-    from mupsweep.sweep.workers import trial_budget
+    from mupsweep.tune import SweepFailed
     from mupsweep.tune import tune as run_tune
 
     cfg = _compose(overrides)
@@ -397,19 +397,17 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial lines instead
     try:
         result = run_tune(cfg, workers=workers)
-    except RuntimeError as e:  # a worker process died: the study is intact, re-run to continue
-        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
-                  highlight=False, soft_wrap=True)
+    except SweepFailed as e:  # best.json and trials.csv are written; show what there is
+        _print_best_trials(best_document(e.study))
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # the running trials are failed and re-queued
+        err.print("interrupted; re-run the same command to continue", highlight=False)
+        raise typer.Exit(130) from None
     doc = best_document(result)
     _print_best_trials(doc)
     if json_out:
         _print_json(doc)
-    cost = doc["cost"]
-    done, budget = cost["n_complete"] + cost["n_pruned"], trial_budget(cfg, search_space(cfg))
-    if done < budget:  # stopped early: trials kept failing (see their reasons above)
-        err.print(f"[red]sweep incomplete:[/] {done}/{budget} trials finished", highlight=False)
-        raise typer.Exit(1)
 
 
 def _print_best_trials(doc: dict, top: int = 10) -> None:
@@ -428,7 +426,8 @@ def _print_best_trials(doc: dict, top: int = 10) -> None:
                         else str(t["hparams"].get(k)) for k in keys])
     err.print(table)
     c = doc["cost"]
-    err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed; "
+    extra = "".join(f", {c[k]} {k[2:]}" for k in ("n_interrupted", "n_surplus") if c.get(k))
+    err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed{extra}; "
               f"{c['flops']:.3g} FLOPs, {c['wall_time_s']:.0f} s of training; storage {doc['storage']}",
               highlight=False, soft_wrap=True)
 
@@ -536,7 +535,8 @@ def report(best: str = BEST,
 
 def main(argv: list[str] | None = None) -> None:
     """Typer handles usage errors (exit 2) and typer.Exit; a UserError from library code
-    becomes one line on stderr and exit 2, never a traceback."""
+    becomes one line on stderr and exit 2, never a traceback; a sweep that ran but has
+    nothing to use (tune.SweepFailed), one line and exit 1."""
     try:
         app(args=argv)
     except UserError as e:
@@ -545,6 +545,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as e:
+        from mupsweep.tune import SweepFailed  # here only: importing it loads optuna and torch
+
+        if not isinstance(e, SweepFailed):
+            raise
+        # A command built on tune (demo, validate) whose sweep has nothing to use: exit 1.
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ class SweepConfig:
     proxy_widths: list[int] = field(default_factory=lambda: [64])  # every HP set runs at each
     sampler: str = "tpe"  # tpe | gp | random | grid
     pruner: str = "hyperband"  # hyperband | successive_halving | median | none
-    seed: int = 0  # sampler seed (worker k of --workers uses seed + k)
+    seed: int = 0  # sampler seed: trial n samples from a stream seeded by (seed, n)
     study: str = "mupsweep"  # Optuna study name
     storage: str | None = None  # SQLAlchemy URL or journal file; None: sqlite out_dir/study.db
     out_dir: str = "runs/sweep"  # study.db (default storage), trials/, trials.csv, best.json

@@ -146,9 +146,10 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path):
     re-queued with the same parameters, and a restart completes exactly n_trials."""
     out = tmp_path / "sweep"
     url = f"sqlite:///{out}/study.db"
-    hb = ["sweep.heartbeat_s=1", "sweep.grace_s=2", "sweep.n_trials=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "mupsweep.cli", "tune", *FAST, "train.steps=400",
-                             "train.eval_every=50", f"sweep.out_dir={out}", *hb],
+    # Long trials, to be killed mid-trial; the restart keeps them (the study refuses another budget).
+    hb = ["sweep.heartbeat_s=1", "sweep.grace_s=2", "sweep.n_trials=3", "train.steps=400",
+          "train.eval_every=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "mupsweep.cli", "tune", *FAST, f"sweep.out_dir={out}", *hb],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline, running = time.time() + 120, []

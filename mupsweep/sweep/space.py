@@ -61,7 +61,7 @@ def search_space(cfg: Config) -> list[SweepParam]:
     # Every corner of the space must give a valid config at every proxy width, so a typo
     # (optim.lr low=-1e9 on a linear scale, a width not divisible by head_dim) fails now.
     for p in params:
-        for value in _corners(p):
+        for value in corners(p):
             for width in cfg.sweep.proxy_widths:
                 probe = copy.deepcopy(cfg)
                 set_by_path(probe, p.name, value)
@@ -87,7 +87,9 @@ def _check_key(cfg: Config, key: str, where: str) -> None:
     set_by_path(probe, key, obj)  # raises UserError for keys set_by_path cannot reach
 
 
-def _corners(p: SweepParam) -> list[Any]:
+def corners(p: SweepParam) -> list[Any]:
+    """The values at the ends of an axis (every choice of a categorical one), as the config
+    gets them."""
     if p.type == "categorical":
         return list(p.choices or [])
     values = [p.low, p.high]
