@@ -17,7 +17,7 @@ import optuna
 import pytest
 from conftest import assert_one_line_error, run_cli
 from optuna.trial import TrialState
-from test_tune import FAST, assert_exact_budget, load, postgres_url  # noqa: F401 (a fixture)
+from test_tune import FAST, assert_exact_budget, load
 
 from mupsweep.best import best_document
 from mupsweep.config import compose, to_dict
@@ -212,7 +212,7 @@ def test_every_trial_diverged_exits_1_saying_why(tmp_path):
 
 
 @pytest.mark.postgres
-def test_the_storage_password_is_written_nowhere(tmp_path, postgres_url):  # noqa: F811
+def test_the_storage_password_is_written_nowhere(tmp_path, postgres_url):
     secret = "s3cr3t-pw-4711"  # the trust-auth server accepts any password
     url = postgres_url.replace("postgres@", f"postgres:{secret}@")
     out = tmp_path / "sweep"
