@@ -252,7 +252,7 @@ def run_grid(run: Config, workers: int = 1) -> tuple[dict | None, str | None]:
     """Run (or resume) one grid study: (its best document, None), or (None, why it cannot be
     judged) when points are missing. A study holding another grid's points is refused."""
     params = search_space(run)
-    _refuse_another_grid(open_study(run, params), params)
+    open_study(run, params, check_first=lambda study: _refuse_another_grid(study, params))
     study = tune(run, workers=workers)
     why = _incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
     return (None, why) if why else (best_document(study), None)

@@ -160,8 +160,8 @@ def test_model_without_completep_is_refused():
 
 @pytest.mark.parametrize(("override", "needle"), [
     ("model.parametrization=sp", "completep needs model.parametrization=mup"),
-    ("model.depth_alpha=2", "model.depth_alpha=2.0 must be in [0.5, 1]"),
-    ("model.base_depth=0", "model.base_depth=0 must be a positive integer"),
+    ("model.depth_alpha=2", "model.depth_alpha=2.0 must be a number in [0.5, 1]"),
+    ("model.base_depth=0", "model.base_depth=0 must be an integer >= 1"),
 ])
 def test_bad_depth_config_is_one_line(override, needle):
     proc = run_cli("train", "model.depth_parametrization=completep", override)

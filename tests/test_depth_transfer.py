@@ -67,7 +67,8 @@ def test_shallow_proxy_transfers_to_a_deep_wide_target_that_trains(tmp_path, com
 
 
 def test_preset_from_a_shallow_proxy(completep_best):
-    r = transfer(load_best(completep_best), preset="dit-xl-2")
+    # dit-xl-2 learns sigma, the proxy did not: a named override accepts that change
+    r = transfer(load_best(completep_best), preset="dit-xl-2", overrides=["model.learn_sigma=true"])
     m = r.config.model
     assert (m.depth, m.base_depth, m.width, m.learn_sigma) == (28, 2, 1152, True)
     assert not any("model.depth" in w for w in r.warnings), r.warnings

@@ -200,9 +200,11 @@ def _check_signature(study: optuna.Study, cfg: Config, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def open_study(cfg: Config, params: list[SweepParam] | None = None) -> optuna.Study:
+def open_study(cfg: Config, params: list[SweepParam] | None = None,
+               check_first: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
     """Create or load the study; record the base config; refuse a config whose trials would
-    not be comparable with the study's (`signature`)."""
+    not be comparable with the study's (`signature`). `check_first` runs on the loaded study
+    before that signature check, for a caller whose own refusal says more (validate's grid)."""
     if not cfg.sweep.study or not cfg.sweep.study.strip():
         raise UserError("sweep.study is empty: give a study name (--study NAME)")
     params = params if params is not None else search_space(cfg)
@@ -219,6 +221,8 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None) -> optuna.St
     except Exception as e:
         raise UserError(f"cannot open study {cfg.sweep.study!r} in {spec.label}: "
                         f"{redact_text(first_line(e))}") from None
+    if check_first is not None:
+        check_first(study)
     attrs = study.user_attrs
     if "base_config" in attrs:
         _check_signature(study, cfg, spec.label)
