@@ -4,8 +4,9 @@ readers (`transfer`, `report`, `validate`). Built from a study, written as best.
 
     {"study", "storage" (password hidden), "parametrization", "value", "trial", "hparams"
      {config key: value}, "proxy_widths", "base_config", "cost" {"flops", "wall_time_s",
-     "n_complete", "n_pruned", "n_failed"}, "trials" [{"number", "state", "value", "hparams",
-     "losses" {width: loss}, "flops", "wall_time_s", "reason"}]}
+     "n_complete", "n_pruned", "n_failed", "n_interrupted", "n_surplus"}, "trials"
+     [{"number", "state", "value", "hparams", "losses" {width: loss}, "flops", "wall_time_s",
+     "reason"}]}
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mupsweep.errors import UserError
 from mupsweep.storage import label_of, open_for_reading, parse_storage, redact_text
+from mupsweep.sweep.retry import is_interrupted, is_surplus
 from mupsweep.sweep.space import config_values
 from mupsweep.util import atomic_write_text, first_line, json_safe
 
@@ -61,7 +63,12 @@ def best_document(study: optuna.Study) -> dict[str, Any]:
                  "wall_time_s": sum(r["wall_time_s"] for r in rows),
                  "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
                  "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-                 "n_failed": sum(t.state == TrialState.FAIL for t in trials)},
+                 # A surplus trial (started after others met the budget) and an interrupted
+                 # one (re-queued) are FAIL in Optuna, but no failure of their HPs.
+                 "n_failed": sum(t.state == TrialState.FAIL and not (is_surplus(t) or is_interrupted(t))
+                                 for t in trials),
+                 "n_interrupted": sum(is_interrupted(t) for t in trials),
+                 "n_surplus": sum(is_surplus(t) for t in trials)},
         "trials": rows,
     }
 
@@ -100,7 +107,25 @@ def check_best_document(doc: Any, source: str) -> dict[str, Any]:
         raise UserError(f"{source}: 'proxy_widths' must be a list of integers")
     if not isinstance(doc.get("trials", []), list):
         raise UserError(f"{source}: 'trials' must be a list")
+    for i, trial in enumerate(doc.get("trials", [])):
+        problem = _trial_problem(trial)
+        if problem:
+            raise UserError(f"{source}: trials[{i}] {problem} (each trial is an object: "
+                            "number, state, value, hparams, losses)")
     return doc
+
+
+def _trial_problem(trial: Any) -> str | None:
+    """What is wrong with one entry of 'trials' for the readers (report, transfer), or None."""
+    if not isinstance(trial, dict):
+        return f"is {json.dumps(trial)[:40]}, not an object"
+    for key, types, what in (("hparams", dict, "an object"), ("losses", dict, "an object"),
+                             ("value", int | float, "a number"), ("number", int, "an integer"),
+                             ("state", str, "a string")):
+        value = trial.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"has {key} {json.dumps(value)[:40]}, not {what} or null"
+    return None
 
 
 def load_best(path: str | Path) -> dict[str, Any]:

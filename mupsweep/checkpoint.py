@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mupsweep.config import Config, to_dict
+from mupsweep.config import Config, config_differences, to_dict
 from mupsweep.errors import UserError
-from mupsweep.util import atomic_write
+from mupsweep.util import atomic_write, first_line
 
 
 class RunState:
@@ -73,8 +73,20 @@ class RunState:
 
 
 def save_checkpoint(state: RunState, path: Path) -> None:
-    """Write `state` to `path` atomically: a kill mid-write leaves the previous checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(state.state_dict(), tmp))
+    """Write `state` to `path` atomically: a kill mid-write, or a failed write (full disk,
+    read-only directory: one line naming the file), leaves the previous checkpoint."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a Python file, so a failed write keeps its OSError
+            torch.save(state.state_dict(), f)
+
+    try:
+        atomic_write(path, write)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        cause = e if isinstance(e, OSError) else e.__context__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(e)
+        raise UserError(f"cannot write checkpoint {path}: {reason} (the previous checkpoint, "
+                        "if any, is intact)") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -84,19 +96,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
             raise UserError(f"checkpoint {path} holds Python objects besides tensors and plain "
-                            "values, which could run code when loaded; refused: delete it or set "
-                            "train.resume=false") from None
+                            "values, which could run code when loaded; refused: delete it (the "
+                            "run then starts over) or choose another train.run_dir") from None
         raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                        "delete it or set train.resume=false") from None
+                        "delete it (the run then starts over) or choose another train.run_dir") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
         raise UserError(f"checkpoint {path} is not a mupsweep checkpoint")
     return ckpt
 
 
 def restore(state: RunState, path: Path) -> None:
-    """Resume `state` from the checkpoint at `path`, which must be of the same model config."""
+    """Resume `state` from the checkpoint at `path`, which must have been written by a run of
+    the same config (up to keys that cannot change results; train.steps may grow)."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("config", {}).get("model") != to_dict(state.cfg)["model"]:
-        raise UserError(f"{path} was written for a different model config; "
-                        "use another train.run_dir or train.resume=false")
+    saved = ckpt.get("config")
+    diff = (config_differences(saved, to_dict(state.cfg)) if isinstance(saved, dict)
+            else ["the checkpoint records no config"])
+    if diff:
+        raise UserError(f"{path} was written by a run with another config ({'; '.join(diff)}); "
+                        "resume it with its own values, or choose another train.run_dir")
     state.load_state_dict(ckpt)

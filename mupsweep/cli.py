@@ -50,13 +50,26 @@ def _compose(overrides: list[str] | None, config: Path | None = None):
 
 @app.command()
 def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON,
+          resume: Path = typer.Option(None, "--resume", help="continue the run in this run "
+                                      "directory: its config.yaml is the base, with overrides "
+                                      "on top (train.steps may grow)"),
           nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="DDP processes (torchrun)"),
           nnodes: str = typer.Option("1", "--nnodes", help="torchrun --nnodes"),
           rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="torchrun rendezvous host:port"),
           node_rank: int = typer.Option(None, "--node-rank", help="torchrun --node-rank")) -> None:
-    """Train a model (a full run, or any config): checkpoints, metrics, samples, summary."""
-    cfg = _compose(overrides, config)  # validate here, before any process is started
+    """Train a model (a full run, or any config): checkpoints, metrics, samples, summary.
+
+    Each run gets a new directory (runs/train/<date>_<time>) unless train.run_dir is given;
+    exit 1 when the run diverged."""
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node={nproc_per_node}: give 1 or more processes")
+    cfg = _train_config(overrides, config, resume)  # validate before any process starts
     if nproc_per_node > 1 or nnodes != "1":
+        if cfg.train.run_dir is not None:  # refuse here, before torchrun repeats it per rank
+            from mupsweep.rundir import RunDirLock, check_run_dir
+
+            check_run_dir(cfg, Path(cfg.train.run_dir))
+            RunDirLock(Path(cfg.train.run_dir)).check_free()
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
                   f"--nnodes={nnodes}"]
         if rdzv_endpoint:
@@ -66,6 +79,8 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
         args = ["-m", "mupsweep.cli", "train", *(overrides or [])]
         if config:
             args += ["--config", str(config)]
+        if resume:
+            args += ["--resume", str(resume)]
         if json_out:
             args += ["--json"]
         raise typer.Exit(subprocess.call(launch + args))
@@ -75,12 +90,33 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
     result = run_train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    status = "diverged: " + result.reason if result.diverged else "done"
-    err.print(f"[bold]{status}[/]  validation loss {result.initial_validation_loss:.4f} -> "
+    status = "[red]diverged:[/] " + escape(result.reason) if result.diverged else "[bold]done[/]"
+    err.print(f"{status}  validation loss {result.initial_validation_loss:.4f} -> "
               f"{result.validation_loss:.4f} in {result.steps} steps, {result.wall_time_s:.1f} s; "
-              f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""))
+              f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""),
+              highlight=False, soft_wrap=True)
     if json_out:
         _print_json(result.to_dict())
+    if result.diverged:  # the run's own check failed: its numbers must not pass for a result
+        raise typer.Exit(1)
+
+
+def _train_config(overrides: list[str] | None, config: Path | None, resume: Path | None):
+    """The run's config. `--resume R [overrides]` is `--config R/config.yaml [overrides]
+    train.run_dir=R train.resume=true`."""
+    if resume is None:
+        return _compose(overrides, config)
+    if config is not None:
+        raise UserError("--resume takes the run's own config.yaml as the base; drop --config")
+    for item in overrides or []:
+        if item.split("=", 1)[0].lstrip("+") in ("train.run_dir", "train.resume"):
+            raise UserError(f"--resume {resume} sets train.run_dir and train.resume; drop {item}")
+    if not (resume / "config.yaml").is_file():
+        raise UserError(f"--resume {resume}: no run to continue there ({resume / 'config.yaml'} "
+                        "not found)")
+    cfg = _compose(overrides, resume / "config.yaml")
+    cfg.train.run_dir, cfg.train.resume = str(resume), True
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +126,18 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
 
 @app.command("coord-check")
 def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
-                both: bool = typer.Option(False, "--both", help="also run SP, to show it fail")) -> None:
-    """Prove the parametrization is muP: activation size vs width over the first steps."""
+                both: bool = typer.Option(False, "--both", help="also run SP (with --depths: the "
+                                          "other depth parametrization), to show it fail"),
+                depths: str = typer.Option(None, "--depths", help="check across depth instead, "
+                                           "width fixed: comma-separated depths, e.g. 2,4,8,16")) -> None:
+    """Prove the parametrization is muP: activation size vs width over the first steps
+    (with --depths: activation size and per-step update of the residual stream vs depth)."""
     from mupsweep.config import set_by_path
     from mupsweep.coordcheck import coord_check as run_check
 
     cfg = _compose(overrides)
+    if depths is not None:
+        _coord_check_depths(cfg, _int_list(depths, "--depths"), both, json_out)
     parametrizations = [cfg.model.parametrization] + (["sp" if cfg.model.parametrization == "mup" else "mup"] if both else [])
     results = []
     for par in parametrizations:
@@ -110,10 +152,42 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     raise typer.Exit(0 if results[0].passed else 1)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what}={text!r}: give comma-separated integers") from None
+    if not values:
+        raise UserError(f"{what}={text!r}: give comma-separated integers")
+    return values
+
+
+def _coord_check_depths(cfg, depths: list[int], both: bool, json_out: bool) -> None:
+    """coord-check --depths: the depth parametrization asked for (and with --both the other
+    one); exits with the first one's verdict."""
+    from mupsweep.config import check_config, set_by_path
+    from mupsweep.coordcheck import coord_check as run_check
+
+    first = cfg.model.depth_parametrization
+    results = []
+    for par in [first] + ([{"none": "completep"}.get(first, "none")] if both else []):
+        set_by_path(cfg, "model.depth_parametrization", par)
+        check_config(cfg)
+        base = cfg.model.base_depth if cfg.model.base_depth is not None else min(depths)
+        with err.status(f"depth coordinate check ({par}, base depth {base}) at depths {depths}, "
+                        f"width {cfg.model.width} ..."):
+            r = run_check(cfg, out_dir=cfg.coord.out_dir, depths=depths)
+        results.append(r)
+        _print_slopes(r)
+    if json_out:
+        _print_json([r.summary() for r in results])
+    raise typer.Exit(0 if results[0].passed else 1)
+
+
 def _print_slopes(r) -> None:
     pivot = r.slopes.pivot(index="module", columns="step", values="slope")
-    table = Table(title=f"coordinate check [{r.parametrization}]: slope of log2 mean|act| vs log2 width",
-                  title_justify="left")
+    table = Table(title=escape(f"coordinate check [{r.parametrization}]: slope of log2 mean|act| "
+                               f"vs log2 {r.axis}"), title_justify="left")
     table.add_column("module")
     for step in pivot.columns:
         table.add_column(f"step {step}", justify="right")
@@ -135,21 +209,47 @@ def _print_slopes(r) -> None:
 @app.command()
 def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
+    from mupsweep.completep import base_depth_of
     from mupsweep.data import load_dataset
-    from mupsweep.parametrize import build_model, data_spec_of, describe_parameters, make_optimizer
+    from mupsweep.parametrize import (
+        base_shape_widths,
+        build_model,
+        data_spec_of,
+        describe_blocks,
+        describe_parameters,
+        make_optimizer,
+    )
 
     cfg = _compose(overrides, config)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
-    table = Table(title=f"{cfg.model.arch} width {cfg.model.width} ({cfg.model.parametrization}, "
-                  f"base width {cfg.model.base_width}, lr {cfg.optim.lr:g})", title_justify="left")
-    for col in ("parameter", "shape", "role", "init", "init std", "lr", "lr x"):
+    m = cfg.model
+    if m.parametrization == "mup":
+        base, delta = base_shape_widths(m)
+        shapes = (f"base shapes: width {base} ({base // m.head_dim} heads of {m.head_dim}), "
+                  f"delta {delta} ({delta // m.head_dim} heads)")
+    else:
+        shapes = "SP: no base shapes (every width multiplier is 1)"
+    depth = (f", depth {m.depth}" if m.depth_parametrization == "none" else
+             f", depth {m.depth} ({m.depth_parametrization}, base depth {base_depth_of(m)}, "
+             f"alpha {m.depth_alpha:g})")
+    table = Table(title=f"{m.arch} width {m.width} ({m.parametrization}, {shapes}{depth}, "
+                  f"lr {cfg.optim.lr:g})", title_justify="left")
+    for col in ("parameter", "shape", "role", "block", "init", "init std", "lr", "lr x",
+                "depth lr x", "eps"):
         table.add_column(col, justify="left" if col in ("parameter", "role", "init") else "right",
                          no_wrap=col == "parameter")
     for r in rows:
-        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"], r["init"],
-                      f"{r['init_std']:.4g}", f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}")
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["role"],
+                      "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
+                      f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
+                      f"{r['eps']:.3g}")
     err.print(table)
+    blocks = describe_blocks(model)
+    mults = sorted({b["residual_mult"] for b in blocks})
+    err.print(f"{len(blocks)} residual blocks, each branch added x "
+              f"{', '.join(f'{v:.4g}' for v in mults)} "
+              f"({'m_L^-alpha = (base_depth / depth)^alpha' if m.depth_parametrization == 'completep' else 'no depth scaling'})")
     n = sum(math.prod(r["shape"]) for r in rows)
     err.print(f"{len(rows)} tensors, {n:,} parameters")
     if json_out:
@@ -179,16 +279,27 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
 
 @app.command()
 def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
-             widths: str = typer.Option("32,64,128,256", "--widths", help="comma-separated widths"),
+             widths: str = typer.Option(None, "--widths", help="comma-separated widths "
+                                        "[default: 32,64,128,256; with --depths: model.width, or "
+                                        "one width per depth for a joint grid]"),
              lrs: str = typer.Option("-12:-5", "--log2-lr", help="log2 lr grid LOW:HIGH[:STEP]"),
              seeds: str = typer.Option("0", "--seeds", help="comma-separated seeds"),
              only: str = typer.Option("sp,mup", "--parametrizations", help="sp,mup or one of them"),
              workers: int = typer.Option(1, "--workers", help="worker processes per study"),
              pack: int = typer.Option(None, "--pack", help="grid points trained at once as one "
-                                      "packed model (default: the whole grid on a GPU, 1 on a CPU)")) -> None:
-    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)"""
+                                      "packed model (default: the whole grid on a GPU, 1 on a CPU)"),
+             depths: str = typer.Option(None, "--depths", help="grid across depth instead: "
+                                        "comma-separated depths, e.g. 2,4,8,16 (muP, none vs completep)"),
+             depth_pars: str = typer.Option("none,completep", "--depth-parametrizations",
+                                            help="with --depths: none,completep or one of them")) -> None:
+    """Grid of log2 lr x width in muP and SP: does the optimum stay put? (figure + table)
+
+    With --depths: log2 lr x depth (or x (width, depth) with as many --widths), none vs
+    completep. Each grid point runs once, whatever --workers; re-run the same command to
+    resume. Exit 1 when a grid has missing points (re-run to complete it)."""
     import optuna
 
+    from mupsweep.validate import check_grid, parse_log2_grid
     from mupsweep.validate import validate as run_validate
 
     def ints(text: str, what: str) -> list[int]:
@@ -197,25 +308,64 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         except ValueError:
             raise UserError(f"{what}={text!r}: give comma-separated integers") from None
 
-    try:
-        parts = [float(x) for x in lrs.split(":")]
-        lo, hi, step = (parts + [1.0])[:3] if len(parts) in (2, 3) else (0, -1, 1)
-    except ValueError:
-        lo, hi, step = 0, -1, 1
-    if lo >= hi or step <= 0:
-        raise UserError(f"--log2-lr={lrs!r}: give LOW:HIGH[:STEP] with LOW < HIGH, e.g. -12:-5")
-    grid = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+    grid, note = parse_log2_grid(lrs)
+    if note:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if depths is not None:
+        _validate_depths(overrides, widths, depths, depth_pars, grid, ints(seeds, "--seeds"),
+                         workers, json_out)
+        return
+    width_list, seed_list = ints(widths or "32,64,128,256", "--widths"), ints(seeds, "--seeds")
+    check_grid(width_list, grid, seed_list)
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
-    if not pars or any(p not in ("sp", "mup") for p in pars):
+    if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
     cfg = _compose(overrides)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    result = run_validate(cfg, ints(widths, "--widths"), grid, ints(seeds, "--seeds"), pars,
-                          workers=workers, pack=pack)
-    err.print(Path(result.table_md).read_text(), highlight=False)
-    err.print(f"figure {result.figure}", highlight=False)
+    try:
+        result = run_validate(cfg, width_list, grid, seed_list, pars, workers=workers, pack=pack)
+    except RuntimeError as e:  # a worker process died: the studies are intact
+        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if json_out:
         _print_json(result.summary())
+    if result.incomplete:
+        for why in result.incomplete.values():
+            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
+
+
+def _validate_depths(overrides: list[str] | None, widths: str | None, depths: str,
+                     depth_pars: str, grid: list[float], seeds: list[int], workers: int,
+                     json_out: bool) -> None:
+    """validate --depths: shapes (model.width, d), or (w, d) pairs for a joint grid."""
+    import optuna
+
+    from mupsweep.validate_depth import validate_depths
+
+    ds = _int_list(depths, "--depths")
+    pars = tuple(p.strip() for p in depth_pars.split(",") if p.strip())
+    if not pars or any(p not in ("none", "completep") for p in pars):
+        raise UserError(f"--depth-parametrizations={depth_pars!r}: use none, completep or both")
+    cfg = _compose(overrides)
+    ws = _int_list(widths, "--widths") if widths is not None else [cfg.model.width] * len(ds)
+    if len(ws) != len(ds):
+        raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
+                        "a joint grid, or leave --widths out to keep model.width")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = validate_depths(cfg, list(zip(ws, ds, strict=True)), grid, seeds, pars,
+                             workers=workers)
+    if json_out:
+        _print_json(result.summary())
+    if result.incomplete:
+        for why in result.incomplete.values():
+            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(Path(result.table_md).read_text(), highlight=False)
+    err.print(f"figure {result.figure}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,13 +382,13 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     """Sweep lr / init / output multiplier on narrow proxies; sweep.n_trials is the global budget.
 
     Re-run the same command (here or on another machine, same --storage) to add workers or to
-    continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json."""
+    continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json. Exit 1 when
+    the sweep ran but has nothing to transfer (budget not met, or no trial completed)."""
     import optuna
 
     from mupsweep.best import best_document
     from mupsweep.config import set_by_path
-    from mupsweep.sweep.space import search_space
-    from mupsweep.sweep.workers import trial_budget
+    from mupsweep.tune import SweepFailed
     from mupsweep.tune import tune as run_tune
 
     cfg = _compose(overrides)
@@ -249,19 +399,17 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial lines instead
     try:
         result = run_tune(cfg, workers=workers)
-    except RuntimeError as e:  # a worker process died: the study is intact, re-run to continue
-        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
-                  highlight=False, soft_wrap=True)
+    except SweepFailed as e:  # best.json and trials.csv are written; show what there is
+        _print_best_trials(best_document(e.study))
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # the running trials are failed and re-queued
+        err.print("interrupted; re-run the same command to continue", highlight=False)
+        raise typer.Exit(130) from None
     doc = best_document(result)
     _print_best_trials(doc)
     if json_out:
         _print_json(doc)
-    cost = doc["cost"]
-    done, budget = cost["n_complete"] + cost["n_pruned"], trial_budget(cfg, search_space(cfg))
-    if done < budget:  # stopped early: trials kept failing (see their reasons above)
-        err.print(f"[red]sweep incomplete:[/] {done}/{budget} trials finished", highlight=False)
-        raise typer.Exit(1)
 
 
 def _print_best_trials(doc: dict, top: int = 10) -> None:
@@ -280,7 +428,8 @@ def _print_best_trials(doc: dict, top: int = 10) -> None:
                         else str(t["hparams"].get(k)) for k in keys])
     err.print(table)
     c = doc["cost"]
-    err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed; "
+    extra = "".join(f", {c[k]} {k[2:]}" for k in ("n_interrupted", "n_surplus") if c.get(k))
+    err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed{extra}; "
               f"{c['flops']:.3g} FLOPs, {c['wall_time_s']:.0f} s of training; storage {doc['storage']}",
               highlight=False, soft_wrap=True)
 
@@ -319,6 +468,8 @@ def _best_doc(best: str | None, storage: str | None, study: str | None,
 def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  width: int = typer.Option(None, "--width", help="target model.width"),
                  preset: str = typer.Option(None, "--preset", help="target model preset, e.g. dit-xl-2"),
+                 depth: int = typer.Option(None, "--depth", help="target model.depth (HPs carry "
+                                           "over under model.depth_parametrization=completep)"),
                  steps: int = typer.Option(None, "--steps", help="target train.steps"),
                  out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
                  force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
@@ -326,16 +477,17 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
 
     Train it with `mupsweep train --config TARGET.yaml`."""
+    from mupsweep.transfer import check_output, write_config
     from mupsweep.transfer import transfer as run_transfer
-    from mupsweep.transfer import write_config
 
     if out is None:
         raise UserError("no output: give -o TARGET.yaml (or -o - to print the YAML on stdout)")
     if out == "-" and json_out:
         raise UserError("-o - and --json both want stdout; write the YAML to a file with -o")
+    check_output(out)
     doc, overrides = _best_doc(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
-                          force=force)
+                          force=force, depth=depth)
     if result.unreliable:
         _print_lr_by_width(result.drift)
     for w in result.warnings:
@@ -385,7 +537,8 @@ def report(best: str = BEST,
 
 def main(argv: list[str] | None = None) -> None:
     """Typer handles usage errors (exit 2) and typer.Exit; a UserError from library code
-    becomes one line on stderr and exit 2, never a traceback."""
+    becomes one line on stderr and exit 2, never a traceback; a sweep that ran but has
+    nothing to use (tune.SweepFailed), one line and exit 1."""
     try:
         app(args=argv)
     except UserError as e:
@@ -394,6 +547,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as e:
+        from mupsweep.tune import SweepFailed  # here only: importing it loads optuna and torch
+
+        if not isinstance(e, SweepFailed):
+            raise
+        # A command built on tune (demo, validate) whose sweep has nothing to use: exit 1.
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ typo on the command line is an error, not a silently ignored override.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,19 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     learn_sigma: bool = False  # predict the variance too (DiT's learned-range sigma, hybrid loss)
     class_dropout: float = 0.1  # label dropout for classifier-free guidance (null class)
-    base_width: int = 32  # muP base shape width; must be <= width and divisible by head_dim
+    base_width: int = 32  # muP base shape width (divisible by head_dim); a proxy may be narrower
+    # than it (width multiplier < 1), as the paper's DiT-XL/2 proxy of width 144 at base 288 is
     delta_width: int | None = None  # second width for base shapes (default 2 x base_width)
     init_mult: float = 1.0  # sigma_init: global multiplier on every init std (an HP)
     output_mult: float = 1.0  # multiplier on the readout (MuReadout's output_mult; an HP)
     attn_mult: float = 1.0  # multiplier on the attention logit scale
     adaln_zero: bool | None = None  # zero-init adaLN modulation; None = mup: False, sp: True
+    # Transfer across depth (mupsweep/completep.py): none = today's muP, depth is not scaled;
+    # completep = every residual branch x (base_depth / depth)^depth_alpha and the optimizer of
+    # Dey et al. 2025, Table 1 (needs parametrization=mup).
+    depth_parametrization: str = "none"  # none | completep
+    base_depth: int | None = None  # the depth the tuned HPs belong to; None = depth (m_L = 1)
+    depth_alpha: float = 1.0  # 1 = CompleteP, 0.5 = depth-muP (Yang et al. 2023); in [0.5, 1]
     # Extra architecture-specific settings (U-ViT skips, PixArt/MMDiT text dims, ...).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -91,8 +100,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    run_dir: str = "runs/train"
-    resume: bool = True  # continue from run_dir/last.pt when it exists
+    run_dir: str | None = None  # null: a new runs/train/YYYY-MM-DD_HH-MM-SS[-N] per run
+    resume: bool = False  # continue the run in run_dir (same config; steps may grow)
     save: bool = True  # write last.pt and the sample grid at the end (sweep trials: false)
     samples: int = 16  # images in the final sample grid (0: none)
     progress: bool = True  # rich progress bar on stderr
@@ -132,7 +141,7 @@ class SweepConfig:
     proxy_widths: list[int] = field(default_factory=lambda: [64])  # every HP set runs at each
     sampler: str = "tpe"  # tpe | gp | random | grid
     pruner: str = "hyperband"  # hyperband | successive_halving | median | none
-    seed: int = 0  # sampler seed (worker k of --workers uses seed + k)
+    seed: int = 0  # sampler seed: trial n samples from a stream seeded by (seed, n)
     study: str = "mupsweep"  # Optuna study name
     storage: str | None = None  # SQLAlchemy URL or journal file; None: sqlite out_dir/study.db
     out_dir: str = "runs/sweep"  # study.db (default storage), trials/, trials.csv, best.json
@@ -187,6 +196,7 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None) 
             base = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry multi-line messages
             raise UserError(f"config file {path} is not valid YAML: {first_line(e)}") from None
+        _check_resolved(base, path)
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r} is not of the form key=value")
@@ -221,6 +231,19 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None) 
     return _to_config(node)
 
 
+def _check_resolved(base: Any, path: Path) -> None:
+    """A --config file is a whole resolved config (from `transfer`, or a run's config.yaml):
+    an empty or cut-off file would otherwise train the defaults in silence. Sections are
+    written in schema order with provenance last, so a truncated file lacks provenance."""
+    if not isinstance(base, DictConfig):
+        raise UserError(f"config file {path} is not a mapping of config sections")
+    missing = [f.name for f in dataclasses.fields(Config) if f.name not in base]
+    if missing:
+        raise UserError(f"config file {path} is not a complete resolved config: missing "
+                        f"{', '.join(missing)} (write one with `mupsweep transfer`, or use a "
+                        "run directory's config.yaml)")
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -250,52 +273,205 @@ def set_by_path(cfg: Config, key: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation: every message names the key and says what would be valid
+# Resume: which differences between two configs of one run directory change its results
+# --------------------------------------------------------------------------------------------
+
+# Keys that cannot change what a run computes: how often it logs, evaluates and checkpoints,
+# where and how fast it runs, what it saves at the end, and the other commands' sections.
+RESULT_NEUTRAL = ("train.progress", "train.log_every", "train.eval_every", "train.ckpt_every",
+                  "train.device", "train.compile", "train.samples", "train.save",
+                  "train.run_dir", "train.resume", "coord", "sweep", "provenance")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every key that changes results (train.steps may grow)."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if any(key == n or key.startswith(n + ".") for n in RESULT_NEUTRAL):
+            continue
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if key == "train.steps" and isinstance(va, int) and isinstance(vb, int):
+            if vb < va:
+                out.append(f"train.steps: {va} -> {vb} (steps may only grow)")
+        elif va != vb:
+            out.append(f"{key}: {va} -> {vb}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every message names the key, its value and what would be valid
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number: finite, within [low, high], ends excluded when open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+            return False
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        return self.high is None or (x < self.high if self.high_open else x <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        """'an integer >= 1', 'a finite number > 0', 'a number in [0, 1)', ..."""
+        what = "an integer" if integer else "a number"
+        if self.high is None:
+            op = ">" if self.low_open else ">="
+            return f"{what if integer else 'a finite number'} {op} {_num(self.low)}"
+        return (f"{what} in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+UNIT = Range(0, 1)  # [0, 1]
+SEED = Range(0, 2**31 - 1)  # numpy and Optuna samplers take seeds below 2**32; workers add k
+
+# Every number in the schema and its valid values (None: the field may also be null).
+# Relations between fields are checked in `check_config` below.
+RANGES: dict[str, Range] = {
+    "model.width": AT_LEAST_1, "model.depth": AT_LEAST_1, "model.head_dim": AT_LEAST_1,
+    "model.patch_size": AT_LEAST_1, "model.mlp_ratio": POSITIVE, "model.class_dropout": UNIT,
+    "model.base_width": AT_LEAST_1, "model.delta_width": AT_LEAST_1,
+    "model.init_mult": POSITIVE, "model.output_mult": POSITIVE, "model.attn_mult": POSITIVE,
+    "model.base_depth": AT_LEAST_1, "model.depth_alpha": Range(0.5, 1),  # 1 CompleteP, 0.5 depth-muP
+    "data.val_fraction": Range(0, 1, low_open=True, high_open=True), "data.split_seed": SEED,
+    "data.image_size": AT_LEAST_1, "data.max_items": Range(2), "data.latent_scale": POSITIVE,
+    "diffusion.num_timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
+    "diffusion.beta_end": Range(0, 1, True, True), "diffusion.sample_steps": AT_LEAST_1,
+    "diffusion.cfg_scale": NON_NEGATIVE,
+    "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": Range(0, 1, high_open=True), "optim.beta2": Range(0, 1, high_open=True),
+    "optim.eps": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr_ratio": UNIT,
+    "optim.grad_clip": NON_NEGATIVE,
+    "train.steps": NON_NEGATIVE, "train.batch_size": AT_LEAST_1, "train.seed": SEED,
+    "train.eval_every": AT_LEAST_1, "train.val_size": AT_LEAST_1, "train.val_seed": SEED,
+    "train.log_every": AT_LEAST_1, "train.ckpt_every": NON_NEGATIVE,
+    "train.ema_decay": Range(0, 1, high_open=True), "train.samples": NON_NEGATIVE,
+    "train.diverge_factor": Range(1, low_open=True),
+    "coord.steps": AT_LEAST_1, "coord.seeds": AT_LEAST_1, "coord.lr": POSITIVE,
+    "coord.batch_size": AT_LEAST_1, "coord.tolerance": POSITIVE,
+    "sweep.n_trials": AT_LEAST_1, "sweep.seed": SEED, "sweep.heartbeat_s": NON_NEGATIVE,
+    "sweep.grace_s": AT_LEAST_1, "sweep.max_retry": NON_NEGATIVE, "sweep.pack": AT_LEAST_1,
+}
+
+# Every name-valued field whose names are known here (model.arch, data.name, sweep.sampler and
+# sweep.pruner are checked where the names are looked up: registry, data loaders, study).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.parametrization": ("mup", "sp"),
+    "model.depth_parametrization": ("none", "completep"),
+    "diffusion.kind": ("ddpm", "rectified_flow"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.precision": ("fp32", "bf16"),
+}
+
+# Paths and names that must not be empty ("" would mean the current directory, or no name).
+NON_EMPTY = ("model.arch", "data.name", "data.root", "train.device", "train.run_dir",
+             "coord.out_dir", "sweep.study", "sweep.storage", "sweep.out_dir")
+
+# Each list of widths: non-empty (coord-check fits a slope, so two or more), positive, distinct.
+WIDTH_LISTS = {"coord.widths": 2, "sweep.proxy_widths": 1}
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def get_by_path(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _problems(cfg: Config) -> list[str]:
+    """One message per invalid value, in schema order."""
+    out: list[str] = []
+    for key, valid in RANGES.items():
+        value = get_by_path(cfg, key)
+        if value is not None and value not in valid:
+            out.append(f"{key}={value} must be {valid.describe(isinstance(value, int))}")
+    for key, names in CHOICES.items():
+        value = get_by_path(cfg, key)
+        if value not in names:
+            out.append(f"{key}={value!r}: use {', '.join(names[:-1])} or {names[-1]}")
+    for key in NON_EMPTY:
+        value = get_by_path(cfg, key)
+        if value is not None and not value.strip():
+            out.append(f"{key} is empty: give a value" + (" or leave it null" if key in (
+                "data.root", "train.run_dir", "sweep.storage") else ""))
+    for key, least in WIDTH_LISTS.items():
+        widths = get_by_path(cfg, key)
+        if len(widths) < least or any(w <= 0 for w in widths) or len(set(widths)) < len(widths):
+            out.append(f"{key}={list(widths)} must list {'two or more' if least > 1 else 'one or more'} "
+                       "distinct positive widths")
+    if not DEVICE.fullmatch(cfg.train.device):
+        out.append(f"train.device={cfg.train.device!r}: use auto, cpu, cuda or cuda:N")
+    return out + _relations(cfg)
+
+
+def _relations(cfg: Config) -> list[str]:
+    """Checks across fields (only where each field is valid on its own)."""
+    m, d, o, t, s = cfg.model, cfg.diffusion, cfg.optim, cfg.train, cfg.sweep
+    out: list[str] = []
+    if m.width >= 1 and m.head_dim >= 1 and m.width % m.head_dim:
+        out.append(f"model.width={m.width} is not divisible by model.head_dim={m.head_dim}; "
+                   f"width = heads x head_dim, try {max(1, m.width // m.head_dim) * m.head_dim}")
+    if m.base_width >= 1 and m.head_dim >= 1 and m.base_width % m.head_dim:
+        out.append(f"model.base_width={m.base_width} is not divisible by model.head_dim={m.head_dim}")
+    if m.delta_width is not None and m.delta_width >= 1 and (
+            m.delta_width == m.base_width or m.delta_width % max(1, m.head_dim)):
+        out.append(f"model.delta_width={m.delta_width} must differ from model.base_width and be "
+                   "divisible by model.head_dim")
+    narrowest = min(m.width, m.base_width, m.delta_width or m.base_width)
+    if m.mlp_ratio in POSITIVE and narrowest >= 1 and int(narrowest * m.mlp_ratio) < 1:
+        out.append(f"model.mlp_ratio={m.mlp_ratio} gives an MLP of no units at width {narrowest}; "
+                   f"use >= {1 / narrowest:g}")
+    if d.beta_start in RANGES["diffusion.beta_start"] and d.beta_end in RANGES["diffusion.beta_end"] \
+            and not d.beta_start < d.beta_end:
+        out.append(f"diffusion.beta_start={d.beta_start} must be < diffusion.beta_end={d.beta_end}")
+    if d.kind == "ddpm" and d.sample_steps > d.num_timesteps >= 2:
+        out.append(f"diffusion.sample_steps={d.sample_steps} is more than diffusion.num_timesteps="
+                   f"{d.num_timesteps}: DDIM steps are distinct timesteps")
+    # A run that ends inside its warmup never trains at optim.lr: a sweep would tune the wrong
+    # number. (warmup_steps == steps is allowed: the lr reaches optim.lr at the last step.)
+    if o.warmup_steps > t.steps >= 0:
+        out.append(f"optim.warmup_steps={o.warmup_steps} is more than train.steps={t.steps}: the "
+                   "run would end before its lr reaches optim.lr; lower the warmup or train longer")
+    if m.depth_parametrization == "completep" and m.parametrization == "sp":
+        # CompleteP's Table 1 is muP plus depth factors; under SP the width factors it builds
+        # on are absent and HPs do not transfer across width, so there is nothing to complete.
+        out.append("model.depth_parametrization=completep needs model.parametrization=mup "
+                   "(got sp); use depth_parametrization=none with sp")
+    if s.grace_s is not None and s.heartbeat_s > 0 and s.grace_s <= s.heartbeat_s:
+        out.append(f"sweep.grace_s={s.grace_s} must be more than sweep.heartbeat_s={s.heartbeat_s}, "
+                   "or a live worker's trial is failed between two heartbeats")
+    return out
+
+
 def check_config(cfg: Config) -> None:
-    """Raise UserError naming the first invalid value (checks across fields the schema's types
-    cannot express: divisibility, ranges, allowed names)."""
-    m, o, t = cfg.model, cfg.optim, cfg.train
-    if m.parametrization not in ("mup", "sp"):
-        raise UserError(f"model.parametrization={m.parametrization!r}: use mup or sp")
-    for key, value in (("model.width", m.width), ("model.head_dim", m.head_dim),
-                       ("model.depth", m.depth), ("model.patch_size", m.patch_size),
-                       ("model.base_width", m.base_width)):
-        if value <= 0:
-            raise UserError(f"{key}={value} must be a positive integer")
-    if m.width % m.head_dim:
-        raise UserError(
-            f"model.width={m.width} is not divisible by model.head_dim={m.head_dim}; "
-            f"width = heads x head_dim, try {max(1, m.width // m.head_dim) * m.head_dim}"
-        )
-    if m.base_width % m.head_dim:
-        raise UserError(f"model.base_width={m.base_width} is not divisible by model.head_dim={m.head_dim}")
-    if m.base_width > m.width:
-        raise UserError(
-            f"model.base_width={m.base_width} is larger than model.width={m.width}; "
-            "the base width is the narrow reference model, set it <= width"
-        )
-    if m.delta_width is not None and (m.delta_width == m.base_width or m.delta_width % m.head_dim):
-        raise UserError(f"model.delta_width={m.delta_width} must differ from base_width and be divisible by head_dim")
-    for key, value in (("model.init_mult", m.init_mult), ("model.output_mult", m.output_mult),
-                       ("model.attn_mult", m.attn_mult)):
-        if not value > 0:
-            raise UserError(f"{key}={value} must be > 0")
-    if not o.lr > 0:
-        raise UserError(f"optim.lr={o.lr} must be > 0")
-    if o.schedule not in ("constant", "cosine"):
-        raise UserError(f"optim.schedule={o.schedule!r}: use constant or cosine")
-    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
-        raise UserError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
-    if t.steps < 0 or t.batch_size <= 0 or t.eval_every <= 0 or t.val_size <= 0:
-        raise UserError("train.steps >= 0, train.batch_size, train.eval_every and train.val_size > 0 required")
-    if t.precision not in ("fp32", "bf16"):
-        raise UserError(f"train.precision={t.precision!r}: use fp32 or bf16")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise UserError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-    if cfg.diffusion.kind not in ("ddpm", "rectified_flow"):
-        raise UserError(f"diffusion.kind={cfg.diffusion.kind!r}: use ddpm or rectified_flow")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    """Raise one UserError naming every invalid value of every section (ranges, NaN / inf,
+    names, relations between fields): one line, each problem separated by '; '."""
+    problems = _problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))

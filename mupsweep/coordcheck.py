@@ -1,9 +1,17 @@
-"""Coordinate check: is this model really muP?
+"""Coordinate check: is this model really muP (across width), or CompleteP (across depth)?
 
 Train the same config at several widths for a few steps with the real diffusion loss, record
 the mean |activation| of each tracked module on every training forward, and fit, per module and
 step, the slope of log2(size) against log2(width). Under muP every slope stays near 0; under
 SP the readout (and the model output) grows about x2 per doubling after the first update.
+
+Across depth (`depths=[2, 4, 8, 16]`, width fixed) the same fit runs against log2(depth) on the
+modules every depth has, plus two measures of the residual stream after the last block, taken
+on one fixed probe batch (the first training batch) before every training forward: its size
+(`stream`) and how much one optimizer step moved it (`stream_update`). Without depth scaling
+the stream grows with the number of blocks at init and every block's update adds to the
+stream's, so its per-step update grows about x2 per doubling of depth; under CompleteP both
+stay put (mupsweep/completep.py).
 
 mup's own `get_coord_data` is not used: it cannot take a diffusion loss and crashes on modules
 that return None. A forward-hook recorder on our own `train()` is a few lines.
@@ -18,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from mupsweep.config import Config
@@ -27,105 +36,174 @@ from mupsweep.train import train
 
 
 class ActivationRecorder:
-    """Forward hooks that log mean |output| per module for each training forward."""
+    """Forward hooks that log mean |output| per module for each training forward.
 
-    def __init__(self, width: int, seed: int):
-        self.width, self.seed = width, seed
+    With `stream=True` it also runs the model on a fixed probe batch (the first training
+    batch, no grad) before every training forward and logs the residual stream's size there
+    (`stream`) and the change one optimizer step made to it (`stream_update`, at the number
+    of that step)."""
+
+    def __init__(self, width: int, seed: int, depth: int | None = None, stream: bool = False):
+        self.width, self.seed, self.depth, self.stream = width, seed, depth, stream
         self.step = 0
         self.rows: list[dict] = []
+        self._probe: tuple | None = None  # (args, kwargs) of the first training forward
+        self._probing = False
+        self._last_stream: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(self._next_step)
+        model.register_forward_pre_hook(self._next_step, with_kwargs=True)
         model.register_forward_hook(self._hook("output"))
         for name, module in model.tracked_modules().items():
             module.register_forward_hook(self._hook(name))
+        if self.stream:
+            model.stream_head().register_forward_pre_hook(self._stream_hook)
 
-    def _next_step(self, module: nn.Module, args) -> None:
-        if module.training:
-            self.step += 1
+    def _row(self, name: str, step: int, l1: float) -> None:
+        row = {"module": name, "step": step, "width": self.width, "seed": self.seed, "l1": l1}
+        if self.depth is not None:
+            row["depth"] = self.depth
+        self.rows.append(row)
+
+    def _next_step(self, module: nn.Module, args, kwargs) -> None:
+        if not module.training or self._probing:
+            return
+        self.step += 1
+        if self.stream:
+            if self._probe is None:
+                self._probe = (_detached(args), _detached(kwargs))
+            self._probing = True
+            try:
+                with torch.no_grad():
+                    module(*self._probe[0], **self._probe[1])
+            finally:
+                self._probing = False
+
+    def _stream_hook(self, module: nn.Module, args) -> None:
+        if not self._probing:
+            return
+        h = args[0].detach().float()
+        self._row("stream", self.step, h.abs().mean().item())
+        if self._last_stream is not None:  # the change made by optimizer step `step - 1`
+            self._row("stream_update", self.step - 1, (h - self._last_stream).abs().mean().item())
+        self._last_stream = h
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
-            if module.training and output is not None:
-                self.rows.append({"module": name, "step": self.step, "width": self.width,
-                                  "seed": self.seed, "l1": output.detach().abs().mean().item()})
+            if module.training and output is not None and not self._probing:
+                self._row(name, self.step, output.detach().abs().mean().item())
         return hook
+
+
+def _detached(value):
+    """A copy of a forward's arguments that later steps cannot change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_detached(v) for v in value)
+    return value
 
 
 @dataclass
 class CoordCheckResult:
-    parametrization: str
-    table: pd.DataFrame  # module, step, width, seed, l1
+    parametrization: str  # the width parametrization (mup | sp), or the depth one (none | completep)
+    table: pd.DataFrame  # module, step, width, seed, l1 (and depth, across depth)
     slopes: pd.DataFrame  # module, step, slope (NaN where the module output is exactly 0)
     max_abs_slope: float
     worst: str  # "module@step" with the largest |slope|
     tolerance: float
     plot_path: str | None = None
+    axis: str = "width"  # what grows: width | depth
 
     @property
     def passed(self) -> bool:
         return self.max_abs_slope <= self.tolerance
 
     def summary(self) -> dict:
-        return {"parametrization": self.parametrization, "passed": self.passed,
+        return {"parametrization": self.parametrization, "axis": self.axis, "passed": self.passed,
                 "max_abs_slope": self.max_abs_slope, "worst": self.worst,
                 "tolerance": self.tolerance, "plot": self.plot_path,
                 "slopes": self.slopes.to_dict(orient="records")}
 
 
-def fit_slopes(table: pd.DataFrame) -> pd.DataFrame:
-    """Slope of log2(mean over seeds of l1) vs log2(width), per module and step."""
+def fit_slopes(table: pd.DataFrame, axis: str = "width") -> pd.DataFrame:
+    """Slope of log2(mean over seeds of l1) vs log2(axis), per module and step."""
     rows = []
-    means = table.groupby(["module", "step", "width"], sort=False)["l1"].mean().reset_index()
+    means = table.groupby(["module", "step", axis], sort=False)["l1"].mean().reset_index()
     for (module, step), g in means.groupby(["module", "step"], sort=False):
         if (g["l1"] <= 0).any():  # zero-init readout before its first update: no scale yet
             rows.append({"module": module, "step": step, "slope": float("nan")})
             continue
-        slope = np.polyfit(np.log2(g["width"]), np.log2(g["l1"]), 1)[0]
+        slope = np.polyfit(np.log2(g[axis]), np.log2(g["l1"]), 1)[0]
         rows.append({"module": module, "step": step, "slope": float(slope)})
     return pd.DataFrame(rows)
 
 
-def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True) -> CoordCheckResult:
-    """Run the check for cfg.model at cfg.coord.widths; returns slopes and the verdict."""
+def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True,
+                depths: list[int] | None = None) -> CoordCheckResult:
+    """Run the check for cfg.model at cfg.coord.widths; returns slopes and the verdict.
+
+    With `depths`, the width stays model.width and the depth grows instead; the verdict is
+    then about cfg.model.depth_parametrization, with the base depth model.base_depth (or the
+    smallest depth when it is not set)."""
     cc = cfg.coord
     m = cfg.model
-    if len(cc.widths) < 2 or any(w < m.base_width or w % m.head_dim for w in cc.widths):
-        raise UserError(f"coord.widths={cc.widths}: need two or more widths, each a multiple of "
-                        f"model.head_dim={m.head_dim} and >= model.base_width={m.base_width}")
+    if depths is not None:
+        if len(set(depths)) < 2 or any(d <= 0 for d in depths):
+            raise UserError(f"--depths={','.join(map(str, depths))}: need two or more different "
+                            "positive depths")
+        sizes, axis = sorted(set(depths)), "depth"
+        base_depth = m.base_depth if m.base_depth is not None else sizes[0]
+    else:
+        if len(cc.widths) < 2 or any(w < m.head_dim or w % m.head_dim for w in cc.widths):
+            raise UserError(f"coord.widths={cc.widths}: need two or more widths, each a positive "
+                            f"multiple of model.head_dim={m.head_dim}")
+        sizes, axis = cc.widths, "width"
     dataset = load_dataset(cfg.data)
     recorders = []
     with tempfile.TemporaryDirectory() as tmp:
-        for width in cc.widths:
+        for size in sizes:
             for seed in range(cc.seeds):
                 run = copy.deepcopy(cfg)
-                run.model.width = width
+                if axis == "width":
+                    run.model.width = size
+                    recorder = ActivationRecorder(size, seed)
+                else:
+                    run.model.depth, run.model.base_depth = size, base_depth
+                    recorder = ActivationRecorder(m.width, seed, depth=size, stream=True)
                 run.optim.lr, run.optim.warmup_steps = cc.lr, 0
                 run.train.steps, run.train.batch_size, run.train.seed = cc.steps, cc.batch_size, seed
                 run.train.eval_every, run.train.val_size = 10**9, 8
                 run.train.save, run.train.resume, run.train.progress = False, False, False
                 run.train.ema_decay = 0.0
-                run.train.run_dir = f"{tmp}/w{width}_s{seed}"
-                recorder = ActivationRecorder(width, seed)
+                run.train.run_dir = f"{tmp}/{axis}{size}_s{seed}"
                 train(run, dataset=dataset, on_model=recorder.attach)
                 recorders.append(recorder)
     table = pd.DataFrame([r for rec in recorders for r in rec.rows])
-    slopes = fit_slopes(table)
+    if axis == "depth":  # only what every depth has: blocks.7 is not there at depth 2
+        common = table.groupby("module")["depth"].nunique() == len(sizes)
+        table = table[table["module"].isin(common[common].index)].reset_index(drop=True)
+    slopes = fit_slopes(table, axis)
     finite = slopes.dropna()
     worst_row = finite.loc[finite["slope"].abs().idxmax()]
+    name = cfg.model.parametrization if axis == "width" else cfg.model.depth_parametrization
     result = CoordCheckResult(
-        parametrization=cfg.model.parametrization, table=table, slopes=slopes,
+        parametrization=name, table=table, slopes=slopes,
         max_abs_slope=float(abs(worst_row["slope"])),
-        worst=f"{worst_row['module']}@step{int(worst_row['step'])}", tolerance=cc.tolerance)
+        worst=f"{worst_row['module']}@step{int(worst_row['step'])}", tolerance=cc.tolerance,
+        axis=axis)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / f"coord_{cfg.model.parametrization}.csv", index=False)
+        stem = f"coord_{name}" if axis == "width" else f"coord_depth_{name}"
+        table.to_csv(out / f"{stem}.csv", index=False)
         if plot:
             from mupsweep.report import plot_coord_check
 
-            title = (f"{cfg.model.arch} {cfg.model.parametrization}: max |slope| "
+            title = (f"{cfg.model.arch} {name}: max |slope| vs {axis} "
                      f"{result.max_abs_slope:.2f} ({'pass' if result.passed else 'FAIL'})")
-            result.plot_path = str(plot_coord_check(
-                table, cc.widths, out / f"coord_{cfg.model.parametrization}.png", title))
+            result.plot_path = str(plot_coord_check(table, sizes, out / f"{stem}.png", title,
+                                                    axis=axis))
     return result

@@ -16,6 +16,7 @@ from rich.console import Console
 from mupsweep.best import best_document
 from mupsweep.config import Config, SweepParam, compose
 from mupsweep.coordcheck import coord_check
+from mupsweep.errors import UserError
 from mupsweep.report import write_report
 from mupsweep.sweep.packing import packs_by_default
 from mupsweep.train import train
@@ -49,6 +50,10 @@ def demo_sweep_config(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300,
 def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_steps: int = 1200,
              console: Console | None = None) -> dict:
     """Run every stage; return a summary (each stage's key numbers and file paths)."""
+    for name, value in (("--trials", n_trials), ("proxy_steps", proxy_steps),
+                        ("target_steps", target_steps)):
+        if value < 1:  # refused now, not after the coordinate check has run
+            raise UserError(f"{name}={value}: give at least 1")
     console = console or Console(stderr=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"out_dir": str(out_dir)}
@@ -70,7 +75,8 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
 
     console.rule(f"3/4 transfer to width {TARGET_WIDTH} and train")
     result = transfer(best, width=TARGET_WIDTH, steps=target_steps, overrides=[
-        f"train.run_dir={out_dir}/target", f"train.eval_every={target_steps // 6}",
+        # resume: re-running the demo continues (or just reports) its target run
+        f"train.run_dir={out_dir}/target", "train.resume=true", f"train.eval_every={target_steps // 6}",
         "train.ema_decay=0.99", "train.samples=30", "train.progress=true"])
     for w in result.warnings:
         console.print(f"warning: {w}", highlight=False)

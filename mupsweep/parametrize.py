@@ -15,6 +15,10 @@ class says (`conditioning`), the conditioner that fills in a text model's captio
 | hidden | init_mult / sqrt(fan_in)     | lr / m      | xavier (adaLN: zero)       |
 | output | 0 (MuReadout, x output_mult / m) | lr      | 0                          |
 | vector | 0 (bias) / 1 (gain)          | lr          | same                       |
+
+Depth (model.depth_parametrization=completep, `mupsweep.completep`): on top of the table,
+every parameter tagged as in a residual block gets Adam lr x m_L^(alpha-1) and eps x
+m_L^-alpha (Table 1 of Dey et al. 2025); init and weight decay have no depth factor.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import torch
 from mup import MuAdamW, MuReadout, set_base_shapes
 from torch import nn
 
+from mupsweep.completep import depth_scale
 from mupsweep.config import Config, ModelConfig, OptimConfig
 from mupsweep.data import ImageDataset
+from mupsweep.errors import UserError
 from mupsweep.models import DataSpec, get_model_class
 from mupsweep.models.layers import Readout
 from mupsweep.roles import ParamSpec, Role, get_spec
@@ -105,8 +111,28 @@ def build_model(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | st
     cls = get_model_class(cfg.arch)
     model = cls(cfg, data_spec).to(device)
     attach_base_shapes(model, cfg, data_spec)
+    check_residual_blocks(model, cfg)
     init_weights(model, cfg)
     return model
+
+
+def base_shape_widths(cfg: ModelConfig) -> tuple[int, int]:
+    """(base width, delta width) of the muP base shapes; delta defaults to 2 x base."""
+    return cfg.base_width, cfg.delta_width or 2 * cfg.base_width
+
+
+def check_residual_blocks(model: nn.Module, cfg: ModelConfig) -> None:
+    """completep needs a model whose blocks take their residual multiplier and tag their
+    parameters; a model that does neither would train as plain muP without saying so."""
+    if cfg.depth_parametrization == "none":
+        return
+    tagged = any(get_spec(n, p).residual_block for n, p in model.named_parameters())
+    scaled = [m.residual_mult for m in model.modules() if hasattr(m, "residual_mult")]
+    want = depth_scale(cfg).residual_mult
+    if not tagged or not scaled or any(mult != want for mult in scaled):
+        raise UserError(f"model.arch={cfg.arch} does not implement "
+                        f"model.depth_parametrization={cfg.depth_parametrization} (its blocks must "
+                        "take residual_mult and call roles.mark_residual_block)")
 
 
 def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec: DataSpec) -> None:
@@ -117,9 +143,9 @@ def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec: DataSpec) 
         set_base_shapes(model, None, rescale_params=False)
         return
     cls = get_model_class(cfg.arch)
-    delta_width = cfg.delta_width or 2 * cfg.base_width
+    base_width, delta_width = base_shape_widths(cfg)
     with torch.device("meta"):
-        base = cls(dataclasses.replace(cfg, width=cfg.base_width), data_spec)
+        base = cls(dataclasses.replace(cfg, width=base_width), data_spec)
         delta = cls(dataclasses.replace(cfg, width=delta_width), data_spec)
     set_base_shapes(model, base, delta=delta, rescale_params=False)
     check_roles(model)
@@ -189,20 +215,53 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: ModelConfig, optim: OptimConfig) -> torch.optim.Optimizer:
-    """muP: MuAdamW (hidden weights get lr / m, decoupled wd x m). SP: plain AdamW."""
+    """muP: MuAdamW (hidden weights get lr / m, decoupled wd x m). SP: plain AdamW.
+    completep: the parameters in residual blocks form their own group with CompleteP's depth
+    lr and eps (`depth_groups`); MuAdamW then splits every group by width as usual."""
     kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                   weight_decay=optim.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.parametrization == "mup":
-        return MuAdamW(params, **kwargs)
+        if cfg.depth_parametrization == "none":
+            return MuAdamW(params, **kwargs)
+        return MuAdamW(depth_groups(model, cfg, optim), **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
 
+def depth_groups(model: nn.Module, cfg: ModelConfig, optim: OptimConfig) -> list[dict]:
+    """Two param groups: outside any residual block (the defaults), and inside one (lr x
+    m_L^(alpha-1), eps x m_L^-alpha), read from each parameter's tag. Weight decay keeps
+    muP's width factor only: torch's AdamW decays by lr x wd, so it follows the depth lr."""
+    scale = depth_scale(cfg)
+    outside, inside = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (inside if get_spec(name, p).residual_block else outside).append(p)
+    groups = [{"params": outside}] if outside else []
+    groups.append({"params": inside, "lr": optim.lr * scale.lr_mult,
+                   "eps": optim.eps * scale.eps_mult})
+    return groups
+
+
+def describe_blocks(model: nn.Module) -> list[dict]:
+    """One row per residual block: its name and the multiplier on its branches."""
+    return [{"block": name, "residual_mult": m.residual_mult} for name, m in model.named_modules()
+            if hasattr(m, "residual_mult")]
+
+
 def describe_parameters(model: nn.Module, cfg: ModelConfig, optimizer: torch.optim.Optimizer) -> list[dict]:
-    """One row per parameter: role, init std and the lr the optimizer really uses for it."""
+    """One row per parameter: role, init std, the lr and eps the optimizer really uses for it,
+    and whether it is in a residual block (with CompleteP's depth lr factor, 1 otherwise)."""
     cfg = resolve(cfg)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    eps_of = {id(p): g["eps"] for g in optimizer.param_groups for p in g["params"]}
     base_lr = optimizer.defaults["lr"]
+    depth_lr = depth_scale(cfg).lr_mult
+    block_mult = {}  # module name -> the residual multiplier of the block it is in
+    for mod_name, module in model.named_modules():
+        if hasattr(module, "residual_mult"):
+            block_mult.update({f"{mod_name}.{n}" if n else mod_name: module.residual_mult
+                               for n, _ in module.named_modules()})
     rows = []
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -218,5 +277,26 @@ def describe_parameters(model: nn.Module, cfg: ModelConfig, optimizer: torch.opt
                 "lr": lr_of[id(p)],
                 "lr_mult": lr_of[id(p)] / base_lr,
                 "width_mult": float(p.infshape.width_mult()) if p.infshape.ninf() else 1.0,
+                "residual_block": spec.residual_block,
+                # the multiplier on the branch this parameter is in (None: not in a branch)
+                "residual_mult": block_mult.get(mod_name) if spec.residual_block else None,
+                "depth_lr_mult": depth_lr if spec.residual_block else 1.0,
+                "eps": eps_of[id(p)],
             })
     return rows
+
+
+def role_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Role -> index of the optimizer's param group that holds that role's parameters, so a
+    role's current lr (after the schedule) is read from its group. Each role has one lr (the
+    table above); a role spread over groups of different lrs is a bug, raised here."""
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in group_of:
+            continue
+        role, i = get_spec(name, p).role.value, group_of[id(p)]
+        first = out.setdefault(role, i)
+        if optimizer.param_groups[first]["lr"] != optimizer.param_groups[i]["lr"]:
+            raise RuntimeError(f"{name}: role {role} has two learning rates in the optimizer")
+    return {r.value: out[r.value] for r in Role if r.value in out}

@@ -18,6 +18,8 @@ from mupsweep.best import (
     lr_by_width,
     width_losses,
 )
+from mupsweep.errors import UserError
+from mupsweep.util import atomic_write, atomic_write_text
 
 
 def _pyplot():
@@ -29,8 +31,9 @@ def _pyplot():
     return plt
 
 
-def plot_coord_check(table, widths: list[int], path: Path, title: str) -> Path:
-    """One panel per recorded step: mean |activation| vs width (log-log), a line per module."""
+def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str = "width") -> Path:
+    """One panel per recorded step: mean |activation| vs width (or `axis`: depth), log-log, a
+    line per module."""
     plt = _pyplot()
     steps = sorted(table["step"].unique())
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.4), sharey=True)
@@ -38,12 +41,12 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str) -> Path:
     for ax, step in zip(axes, steps, strict=True):
         sub = table[table["step"] == step]
         for module, g in sub.groupby("module", sort=False):
-            g = g.groupby("width")["l1"].mean()
+            g = g.groupby(axis)["l1"].mean()
             ax.plot(g.index, g.values, marker="o", ms=3, lw=1, label=module)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"step {step}")
-        ax.set_xlabel("width")
+        ax.set_xlabel(axis)
     axes[0].set_ylabel("mean |activation|")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)
@@ -99,7 +102,7 @@ def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
     if curves:
         ax.legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -127,7 +130,7 @@ def plot_history(best_doc: dict, path: Path) -> Path:
     ax.set_title(f"{best_doc.get('study', 'study')}: optimization history")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -147,8 +150,16 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
 def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
     """Write lr_vs_loss.png, history.png and report.md (summary, per-width best lr, cost and
     the top `top` trials by value) into out_dir; return the markdown path."""
+    if top < 0:
+        raise UserError(f"--top {top}: give the number of trials to list (0 or more)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out_dir} is a file; report writes a folder (report.md, "
+                        "lr_vs_loss.png, history.png): give a folder name")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out_dir}: {e.strerror or e}") from None
     lr_png = plot_lr_vs_loss(best_doc, out_dir / "lr_vs_loss.png")
     hist_png = plot_history(best_doc, out_dir / "history.png")
 
@@ -156,7 +167,7 @@ def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
     lines = [f"# Sweep report: {d.get('study', '?')}", "",
              f"- parametrization: **{d.get('parametrization')}**",
              f"- proxy widths: {', '.join(map(str, d.get('proxy_widths', [])))}",
-             f"- best trial: {_fmt(d.get('trial'))}, value {_fmt(d.get('value'))}",
+             f"- best trial: {_best_line(d)}",
              f"- storage: {d.get('storage')}"]
     cost = d.get("cost") or {}
     if cost:
@@ -188,6 +199,15 @@ def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
         [[t.get("number"), t.get("value"), *((t.get("hparams") or {}).get(k) for k in hp_keys),
           *((t.get("losses") or {}).get(w) for w in widths), t.get("flops"), t.get("wall_time_s")]
          for t in ranked])
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _best_line(d: dict) -> str:
+    """"7, value 0.1373", or why there is none: "no complete trial (5 pruned, 0 failed)"."""
+    if d.get("trial") is not None and d.get("value") is not None:
+        return f"{_fmt(d['trial'])}, value {_fmt(d['value'])}"
+    states = [t.get("state") for t in d.get("trials", [])]
+    cost = d.get("cost") or {}
+    pruned = cost.get("n_pruned", states.count("PRUNED"))
+    failed = cost.get("n_failed", states.count("FAIL"))
+    return f"none: no complete trial ({pruned} pruned, {failed} failed)"

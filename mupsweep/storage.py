@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -101,9 +102,12 @@ def uses_heartbeat(cfg: Config) -> bool:
     return storage_spec(cfg).kind == "rdb" and cfg.sweep.heartbeat_s > 0
 
 
-def open_for_tune(cfg: Config, spec: StorageSpec) -> optuna.storages.BaseStorage:
-    """Connect, creating the database or journal file when new, with the heartbeat of
-    `uses_heartbeat`.
+def open_for_tune(cfg: Config, spec: StorageSpec,
+                  on_stale: Callable[[optuna.Study, FrozenTrial], Any] | None = None
+                  ) -> optuna.storages.BaseStorage:
+    """Connect, creating the database (and its folder) or journal file when new, with the
+    heartbeat of `uses_heartbeat`; on_stale(study, trial) runs on each trial the heartbeat
+    fails (tune re-queues it).
 
     Workers started together race to create the schema of a new database; the loser sees a
     unique-constraint error (alembic_version) and simply tries again, finding the tables made."""
@@ -113,15 +117,13 @@ def open_for_tune(cfg: Config, spec: StorageSpec) -> optuna.storages.BaseStorage
         if spec.kind == "journal":
             Path(spec.target).parent.mkdir(parents=True, exist_ok=True)
             return _journal(spec.target)
-        if spec.target.startswith("sqlite"):
-            Path(sw.out_dir).mkdir(parents=True, exist_ok=True)
+        sqlite_file = _sqlite_file(spec.target)
+        if sqlite_file is not None:
+            sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         heartbeat: dict[str, Any] = {}
         if sw.heartbeat_s > 0:
-            with warnings.catch_warnings():  # heartbeat and retry are "experimental" since 2.x
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=sw.max_retry)
             heartbeat = dict(heartbeat_interval=sw.heartbeat_s, grace_period=sw.grace_s,
-                             heartbeat_stale_trial_callback=retry)
+                             heartbeat_stale_trial_callback=on_stale)
         return _rdb(spec.target, **heartbeat)
 
     return _open(spec, connect)
@@ -182,8 +184,32 @@ def _rdb(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
-                                          **heartbeat)
+        storage = optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
+                                             **heartbeat)
+    if url.startswith("sqlite"):
+        _serialize_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _serialize_sqlite_transactions(engine: Any) -> None:
+    """Make every SQLite transaction BEGIN IMMEDIATE (SQLAlchemy's documented recipe).
+
+    Python's sqlite3 driver runs a SELECT outside any transaction, so Optuna's "pop a WAITING
+    trial" (read its state, then set it RUNNING; atomic on PostgreSQL through SELECT ... FOR
+    UPDATE) let two worker processes take the same enqueued trial: both trained it and the
+    second crashed telling a finished trial. An immediate transaction takes the write lock
+    first, so the read and the update are one step; the other workers wait (timeout 300 s)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _driver_leaves_begin_to_us(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks reconnect with them
 
 
 def _with_driver(url: str) -> str:

@@ -14,11 +14,13 @@ would make the host wait for the accelerator each step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +35,16 @@ from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
 from mupsweep.images import save_sample_grid
 from mupsweep.models import DataSpec
-from mupsweep.parametrize import build_model, data_spec_of, make_conditioner, make_optimizer
+from mupsweep.parametrize import (
+    build_model,
+    data_spec_of,
+    make_conditioner,
+    make_optimizer,
+    role_groups,
+)
+from mupsweep.rundir import RunDirLock, open_run_dir
 from mupsweep.text import Conditioner, LabelConditioner
-from mupsweep.util import atomic_write_text
+from mupsweep.util import atomic_write_text, first_line
 
 EvalCallback = Callable[[int, float], None]
 
@@ -172,6 +181,16 @@ class Run:
     train_x: torch.Tensor  # (N, C, H, W) every training image, on the device
     train_y: torch.Tensor  # (N,)
     local: slice  # this rank's part of the global batch
+    lock: RunDirLock | None  # rank 0's lock on run_dir, held until the run ends
+    role_groups: dict[str, int]  # muP role -> index of its optimizer param group
+
+    def lrs(self) -> dict[str, float]:
+        """The base lr and each role's lr, read from the optimizer (after the schedule)."""
+        groups = self.state.optimizer.param_groups
+        factor = groups[0]["lr"] / groups[0]["initial_lr"]
+        out = {"lr": self.cfg.optim.lr * factor}
+        out.update({f"lr_{role}": groups[i]["lr"] for role, i in self.role_groups.items()})
+        return out
 
     @property
     def spec(self) -> DataSpec:
@@ -188,7 +207,9 @@ class Run:
 
 def setup(cfg: Config, dataset: ImageDataset | None = None,
           on_model: Callable[[nn.Module], None] | None = None) -> Run:
-    """Everything before the first step; resumes from run_dir/last.pt when there is one."""
+    """Everything before the first step: the run directory (a new one when train.run_dir is
+    null; locked; resumed from its last.pt with train.resume), model, optimizer and data.
+    The caller releases `run.lock` when the run ends (`train` does)."""
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda":
@@ -196,11 +217,40 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
     rank, world = _init_distributed(device)
     if tc.batch_size % world:
         raise UserError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
-    run_dir = Path(tc.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    run_dir, lock = _open_run_dir(cfg, rank, world)
+    try:
+        return _build(dataclasses.replace(cfg, train=dataclasses.replace(tc, run_dir=str(run_dir))),
+                      device, rank, world, run_dir, lock, dataset, on_model)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
+
+def _open_run_dir(cfg: Config, rank: int, world: int) -> tuple[Path, RunDirLock | None]:
+    """Rank 0 creates, locks and checks the run directory (`rundir.open_run_dir`) and tells the
+    other ranks where it is, or why it refused: every rank must stop with the same error."""
+    lock, outcome = None, None
+    if rank == 0:
+        try:
+            run_dir, lock = open_run_dir(cfg)
+            outcome = str(run_dir)
+        except UserError as e:
+            outcome = e
+    if world > 1:
+        box = [outcome if isinstance(outcome, str) else ("error", str(outcome))]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0] if isinstance(box[0], str) else UserError(box[0][1])
+    if isinstance(outcome, UserError):
+        raise outcome
+    return Path(outcome), lock
+
+
+def _build(cfg: Config, device: torch.device, rank: int, world: int, run_dir: Path,
+           lock: RunDirLock | None, dataset: ImageDataset | None,
+           on_model: Callable[[nn.Module], None] | None) -> Run:
+    """`setup` once the run directory is settled (cfg.train.run_dir is the resolved one)."""
+    tc = cfg.train
     dataset = dataset or load_dataset(cfg.data)
     conditioner = make_conditioner(cfg, dataset).to(device)
     diffusion = make_diffusion(cfg.diffusion)
@@ -222,6 +272,8 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
     val_set = FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device, conditioner)
     if tc.resume and (run_dir / "last.pt").exists():
         restore(state, run_dir / "last.pt")
+    if rank == 0:  # only now: a config is never written over another config's weights
+        _write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     forward_model: nn.Module = model
     if world > 1:
@@ -232,7 +284,7 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
     return Run(
         cfg=cfg, state=state, device=device, rank=rank, world=world, run_dir=run_dir,
         dataset=dataset, conditioner=conditioner, diffusion=diffusion, val_set=val_set,
-        forward_model=forward_model,
+        forward_model=forward_model, lock=lock, role_groups=role_groups(model, optimizer),
         metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step, enabled=rank == 0),
         train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
         local=slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world),
@@ -376,13 +428,26 @@ def validation_divergence(val: float, initial: float, step: int, factor: float) 
 def train(cfg: Config, on_eval: EvalCallback | None = None,
           dataset: ImageDataset | None = None,
           on_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
-    """Train `cfg` and return its final validation loss; resumes from run_dir/last.pt.
+    """Train `cfg` and return its final validation loss.
+
+    The run writes in train.run_dir (null: a new runs/train/<date>_<time>), which it locks.
+    A directory that already holds a run is refused unless train.resume is true and the
+    config matches; then the run continues from run_dir/last.pt (`rundir`, `checkpoint`).
 
     on_eval(step, validation_loss) runs after every evaluation (a sweep reports to Optuna
     there and may raise to prune); on_model(model) runs once the model is built (the
     coordinate check registers its hooks there)."""
     run = setup(cfg, dataset, on_model)
-    tc, state = cfg.train, run.state
+    try:
+        return _loop(run, on_eval)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _loop(run: Run, on_eval: EvalCallback | None) -> TrainResult:
+    """Evaluate, then step until train.steps, syncing at log / eval / checkpoint steps."""
+    tc, state = run.cfg.train, run.state
     result = TrainResult(math.nan, math.nan, state.step, 0.0, 0.0, run_dir=str(run.run_dir))
     state.start_clock()
     if not state.history:
@@ -390,7 +455,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     result.initial_validation_loss = state.history[0]["validation_loss"]
     state.model.train()
     window, loss_value, synced_at = LossWindow(run.device), math.nan, state.step
-    with _progress(tc.progress and run.rank == 0, tc.steps, state.step) as advance:
+    with _progress(tc.progress and run.rank == 0, tc.steps, state.step, run.run_dir) as advance:
         while state.step < tc.steps:
             window.add(train_step(run))
             step = state.step
@@ -404,8 +469,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
             loss_value, finite = window.read(run.world)
             window_start, synced_at = synced_at + 1, step
             if log_due:
-                run.metrics.write({"step": step, "loss": loss_value,
-                                   "lr": state.scheduler.get_last_lr()[0],
+                run.metrics.write({"step": step, "loss": loss_value, **run.lrs(),
                                    "time_s": state.wall_time_s})
             advance(step, loss_value)
             if not finite:
@@ -432,20 +496,39 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
     result.wall_time_s = state.wall_time_s
     result.flops = float(flops_per_step * state.step)
     result.history = state.history
-    result.validation_loss = state.history[-1]["validation_loss"] if state.history else math.nan
-    if result.diverged:
-        result.validation_loss = math.inf if not math.isfinite(result.validation_loss) else result.validation_loss
+    last = state.history[-1] if state.history else {"step": -1, "validation_loss": math.nan}
+    result.validation_loss = last["validation_loss"]
+    if result.diverged and not (last["step"] == state.step and math.isfinite(last["validation_loss"])):
+        # stopped on a non-finite training loss: the weights it stopped with were never
+        # evaluated (and are not finite), so an earlier evaluation must not stand for them
+        result.validation_loss = math.inf
     elif run.rank == 0 and tc.save:
         save_checkpoint(state, run.ckpt_path)
         if tc.samples > 0:
             result.samples_path = str(run.run_dir / "samples.png")
             sample_model = state.ema if state.ema is not None else state.model
-            save_sample_grid(sample_model, run.diffusion, run.spec, tc.samples, run.cfg.diffusion,
-                             Path(result.samples_path), seed=tc.seed, device=run.device,
-                             class_names=run.dataset.class_names, conditioner=run.conditioner)
+            with _writing(Path(result.samples_path)):
+                save_sample_grid(sample_model, run.diffusion, run.spec, tc.samples,
+                                 run.cfg.diffusion, Path(result.samples_path), seed=tc.seed,
+                                 device=run.device, class_names=run.dataset.class_names,
+                                 conditioner=run.conditioner)
     if run.rank == 0:
-        atomic_write_text(run.run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+        _write_text(run.run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     return result
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write (read-only directory, full disk) is one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _writing(path):
+        atomic_write_text(path, text)
 
 
 class _MetricsLog:
@@ -457,29 +540,30 @@ class _MetricsLog:
         if not enabled:
             return
         kept = []
-        if resume_step and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: everything after it is stale too
-        elif path.exists():
-            path.unlink()
-        if kept:
-            path.write_text("\n".join(kept) + "\n")
+        with _writing(path):
+            if resume_step and path.exists():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line)
+                    except json.JSONDecodeError:
+                        break  # a line cut by a kill: everything after it is stale too
+            elif path.exists():
+                path.unlink()
+            if kept:
+                path.write_text("\n".join(kept) + "\n")
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
+            with _writing(self.path), self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
 class _progress:
     """A rich progress bar on stderr (loss, steps/s), or nothing."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled, self.total, self.start = enabled, total, start
+    def __init__(self, enabled: bool, total: int, start: int, run_dir: Path):
+        self.enabled, self.total, self.start, self.run_dir = enabled, total, start, run_dir
 
     def __enter__(self):
         if not self.enabled:
@@ -493,10 +577,14 @@ class _progress:
             TimeRemainingColumn,
         )
 
+        console = Console(stderr=True)
+        # Said before the first step, so an interrupted run can be found and resumed.
+        console.print(f"run dir {self.run_dir} (continue it: mupsweep train --resume {self.run_dir})",
+                      highlight=False, soft_wrap=True)
         self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"),
                             TextColumn("{task.fields[rate]:.1f} steps/s"), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=False)
+                            console=console, transient=False)
         self.bar.__enter__()
         task = self.bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"),
                                  rate=0.0)

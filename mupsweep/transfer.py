@@ -1,21 +1,32 @@
 """Best proxy trial -> resolved config for the full-width model, with drift and cost checks.
 
 Under muP the learning rate, init multiplier and output multiplier tuned on a narrow proxy stay
-optimal when only the width grows (DESIGN.md section 4). `transfer()` turns the sweep's "best
+optimal when only the width grows. `transfer()` turns the sweep's "best
 document" (written by `mupsweep tune` as best.json) into a target `Config`:
 
 1. start from the sweep's base config (`best["base_config"]`);
-2. apply the model preset and/or the target width, keeping the proxy's base shapes
-   (`model.base_width`, `model.delta_width`) and `model.head_dim`, without which the tuned
-   numbers mean something else;
+2. apply the model preset's width and depth and/or the target width, keeping the proxy's base
+   shapes (`model.base_width`, `model.delta_width`) and `model.head_dim`, without which the
+   tuned numbers mean something else;
 3. apply every tuned HP (`best["hparams"]`), then the user's overrides, then `--steps`;
 4. record where the numbers came from in `cfg.provenance` (study, trial, proxy widths, sweep
    cost, estimated target FLOPs and tuning cost as a share of one target run).
 
+A preset is the wide model the proxy stands for, so it may change width and depth only. A
+preset of another architecture is refused; anything else it sets that differs from the proxy
+(learn_sigma, patch_size, mlp_ratio, diffusion.kind, model.extra's text settings, ...) is
+refused in one error listing every difference, unless that key is also given as an override:
+an explicit override is accepted, and recorded in provenance (`accepted_differences`).
+
 Checks, each a warning unless noted: an SP study (HPs do not transfer across width under SP;
 an error unless `force`), proxy and target differing in something width transfer does not cover
-(base width, head_dim, depth, patch size, batch size), and lr drift: with two or more proxy
+(base width, head_dim, depth, patch size, batch size), a nonzero gradient clip carried across
+width (a clip threshold is not a muP-transferred HP), and lr drift: with two or more proxy
 widths, each width's best lr should agree within one octave, or the transfer is unreliable.
+
+Depth: a study tuned with model.depth_parametrization=completep transfers across depth too
+(`--depth`, or a preset's depth): the target keeps the proxy's base depth and alpha, and a
+depth difference is no longer a warning. Under none it stays one.
 
 The document's shape is fixed by `mupsweep.best`; this module only reads it.
 """
@@ -28,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from mupsweep.best import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
+from mupsweep.completep import base_depth_of
 from mupsweep.config import CONFIG_DIR, Config, compose, from_dict, set_by_path
 from mupsweep.errors import UserError
 from mupsweep.storage import redact_url
+from mupsweep.util import atomic_write_text
 
 # Architecture fields that width transfer does not cover: a difference between proxy and target
 # in any of these means the tuned HPs may not be optimal for the target.
@@ -41,6 +54,10 @@ NOT_TRANSFERRED = ("model.base_width", "model.delta_width", "model.head_dim", "m
 # and base shapes are tied to it). The proxy's values are kept; override them explicitly to
 # change them (and accept the warning).
 PROXY_SHAPE_FIELDS = ("base_width", "delta_width", "head_dim")
+
+# What a preset may change: the size of the model, the one thing muP (width) and the depth
+# warning above are about. The study's parametrization always wins over the preset's.
+PRESET_SIZE_FIELDS = ("model.width", "model.depth")
 
 DEFAULT_TARGET_RUN_DIR = "runs/target"
 
@@ -119,20 +136,105 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A model preset (mupsweep/configs/model/NAME.yaml) as a plain dict of model fields."""
+    """A model preset (mupsweep/configs/model/NAME.yaml) as {config key: value}, flattened:
+    {"model.arch": "dit", "model.extra.text_dim": 4096, "diffusion.kind": ...}. A preset in
+    Hydra's `_global_` package (mmdit*) sets whole sections; the others set model fields."""
     from omegaconf import OmegaConf
 
     path = CONFIG_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"--preset {name!r} is unknown; use one of {', '.join(list_presets())}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    is_global = "@package _global_" in path.read_text().split("\n", 1)[0]
+    return _flatten(node if is_global else {"model": node})
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_MISSING = object()
 
 
 def _get(cfg: Config, key: str) -> Any:
+    """The value at `key` (dict entries included, as model.extra.text_dim); _MISSING if none."""
     obj: Any = cfg
     for part in key.split("."):
-        obj = getattr(obj, part)
+        if isinstance(obj, dict):
+            obj = obj.get(part, _MISSING)
+        else:
+            obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            return _MISSING
     return obj
+
+
+def _yaml(value: Any) -> str:
+    """A value the way it is written in an override: true, null, 4096, rectified_flow."""
+    if value is _MISSING:
+        return "unset"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    return {item.split("=", 1)[0].lstrip("+") for item in overrides}
+
+
+def apply_preset(cfg: Config, proxy: Config, preset: str, overrides: list[str],
+                 tuned: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Set the preset's width and depth on `cfg`; refuse any other difference between the
+    preset and the proxy that the user did not accept by overriding that key.
+
+    Returns (warnings, overridden): each differing key the user overrides, with its proxy and
+    preset values (the override sets the target's value later; see `_accepted`)."""
+    settings = load_preset(preset)
+    arch = settings.get("model.arch", proxy.model.arch)
+    if arch != proxy.model.arch:
+        raise UserError(f"--preset {preset} is a {arch} model but the proxy is a "
+                        f"{proxy.model.arch}: tuned HPs do not transfer across architectures; "
+                        f"tune a narrow {arch} proxy (model={preset} model.width=...)")
+    explicit = _override_keys(overrides)
+    warnings: list[str] = []
+    kept: list[str] = []
+    differences: list[tuple[str, Any, Any]] = []
+    accepted: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        field_name = key.removeprefix("model.")
+        if key in PRESET_SIZE_FIELDS:
+            set_by_path(cfg, key, value)
+        elif key == "model.parametrization" or key in tuned:
+            continue  # the study's parametrization and tuned values win
+        elif field_name in PROXY_SHAPE_FIELDS:
+            if value != getattr(proxy.model, field_name):
+                kept.append(f"{key}={value} (kept {getattr(proxy.model, field_name)})")
+        elif _get(proxy, key) != value:
+            if key in explicit:
+                before = _get(proxy, key)
+                accepted[key] = {"proxy": None if before is _MISSING else _plain(before),
+                                 "preset": _plain(value)}
+            else:
+                differences.append((key, _get(proxy, key), value))
+    if differences:
+        listed = "; ".join(f"{k}: proxy {_yaml(a)}, preset {_yaml(b)}" for k, a, b in differences)
+        keep = " ".join(f"{k}={_yaml(a)}" for k, a, _ in differences if a is not _MISSING)
+        take = " ".join(f"{k}={_yaml(b)}" for k, _, b in differences)
+        raise UserError(f"--preset {preset} changes what muP does not transfer ({listed}); the "
+                        "tuned HPs were not tuned for that model. Accept each by name on the "
+                        f"transfer command line ({take})" + (f", or keep the proxy's ({keep})"
+                                                             if keep else ""))
+    if kept:
+        warnings.append(f"preset {preset} sets {', '.join(kept)}: the proxy's base shapes "
+                        "and head_dim are kept so the tuned HPs apply; override them to "
+                        "change them (then the HPs are not transferred by muP)")
+    return warnings, accepted
 
 
 def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -162,7 +264,7 @@ def _base_config(best: dict[str, Any]) -> Config:
 
 def transfer(best: dict[str, Any], width: int | None = None, preset: str | None = None,
              overrides: list[str] | tuple[str, ...] = (), steps: int | None = None,
-             force: bool = False) -> TransferResult:
+             force: bool = False, depth: int | None = None) -> TransferResult:
     """Build the target config from a best document (see the module docstring for the order).
 
     Raises UserError for an SP study (unless `force`), for a missing target (no width, preset
@@ -178,8 +280,9 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
             raise UserError(f"{msg}; re-tune with mup, or pass --force to write it anyway")
         warnings.append(msg + " (--force given)")
 
-    if width is None and preset is None and not any(o.startswith("model.width=") for o in overrides):
-        raise UserError("no target given: pass --width N and/or --preset NAME "
+    if width is None and preset is None and depth is None and not any(
+            o.startswith(("model.width=", "model.depth=")) for o in overrides):
+        raise UserError("no target given: pass --width N, --depth N and/or --preset NAME "
                         f"(presets: {', '.join(list_presets())})")
 
     if best.get("trial") is None and not best["hparams"]:
@@ -189,24 +292,19 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     proxy = _base_config(best)
     cfg = _base_config(best)
 
-    # 1. Model preset (architecture) and target width; the proxy's base shapes stay.
+    # 1. Model preset (its size; nothing else may differ unless overridden) and target width;
+    # the proxy's base shapes stay.
+    accepted: dict[str, dict[str, Any]] = {}
     if preset is not None:
-        fields = load_preset(preset)
-        kept = []
-        for key, value in fields.items():
-            if key in PROXY_SHAPE_FIELDS:
-                if value != getattr(proxy.model, key):
-                    kept.append(f"model.{key}={value} (kept {getattr(proxy.model, key)})")
-                continue
-            set_by_path(cfg, f"model.{key}", value)
-        if kept:
-            warnings.append(f"preset {preset} sets {', '.join(kept)}: the proxy's base shapes "
-                            "and head_dim are kept so the tuned HPs apply; override them to "
-                            "change them (then the HPs are not transferred by muP)")
-        # Parametrization is the study's, never the preset's.
-        cfg.model.parametrization = proxy.model.parametrization
+        preset_warnings, accepted = apply_preset(cfg, proxy, preset, overrides, best["hparams"])
+        warnings += preset_warnings
     if width is not None:
         cfg.model.width = width
+    if depth is not None:
+        cfg.model.depth = depth
+    if proxy.model.depth_parametrization == "completep":
+        # The tuned HPs belong to the proxy's base depth, as they do to its base width.
+        cfg.model.base_depth = base_depth_of(proxy.model)
 
     # 2. The tuned HPs: resolved values keyed by config path.
     for key, value in best["hparams"].items():
@@ -226,15 +324,38 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     cfg = _apply_overrides(cfg, overrides)
     if steps is not None:  # --steps wins over a train.steps override given alongside it
         cfg.train.steps = steps
+    accepted = _accepted(accepted, cfg)
+    for key, values in accepted.items():
+        warnings.append(f"{key}: the proxy had {_yaml(values['proxy'])}, the preset "
+                        f"{_yaml(values['preset'])}; {_yaml(values['target'])} accepted by the "
+                        "override, but the tuned HPs were not tuned for it")
 
     # 5. What width transfer does not cover.
     for key in NOT_TRANSFERRED:
         a, b = _get(proxy, key), _get(cfg, key)
+        if key == "model.depth" and transfers_across_depth(proxy, cfg):
+            continue  # CompleteP carries the tuned HPs across depth
         if a != b:
             why = ("muP base shapes differ, so the tuned HPs mean something else"
                    if key in ("model.base_width", "model.delta_width") else
                    "not covered by width transfer; the tuned HPs may not be optimal")
+            if key == "model.depth":
+                why += " (tune with model.depth_parametrization=completep to transfer across depth)"
             warnings.append(f"proxy {key}={a} but target {key}={b}: {why}")
+    warnings += depth_warnings(proxy, cfg)
+
+    # A clip threshold binds on the global gradient norm, which falls as width grows under muP
+    # (dit-tiny at init on digits, batch 64: 1.13 at width 32, 0.41 at 256, 0.28 at 512), so
+    # the same number clips a different share of the steps at the target width.
+    proxy_widths = [int(w) for w in best["proxy_widths"]]
+    if (cfg.optim.grad_clip > 0 and "optim.grad_clip" not in _override_keys(overrides)
+            and cfg.model.width not in proxy_widths):
+        warnings.append(f"optim.grad_clip={cfg.optim.grad_clip:g} is carried from the proxy "
+                        f"(widths {', '.join(map(str, proxy_widths))}) to width "
+                        f"{cfg.model.width}: a clip threshold is not a muP-transferred HP (the "
+                        "global gradient norm falls as width grows, so it clips more or less "
+                        "often there); re-tune it at the target width, or disable it with "
+                        "optim.grad_clip=0")
 
     # 6. Drift: each proxy width's best lr should agree.
     rows = lr_by_width(best)
@@ -256,6 +377,11 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     pct = (100.0 * sweep_flops / target_flops
            if isinstance(sweep_flops, int | float) and target_flops else None)
     cost_line = _cost_line(cost, per_image, target_flops, pct, cfg)
+    proxy_share = proxy_flops_share(proxy, best["proxy_widths"], per_image)
+    if proxy_share:
+        cost_line += "; per image, " + ", ".join(
+            f"the proxy (width {w}, depth {proxy.model.depth}) costs {share:.3g}%"
+            for w, share in proxy_share.items()) + " of the target"
 
     cfg.provenance = {
         "source": "mupsweep transfer",
@@ -269,6 +395,11 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         "delta_width": proxy.model.delta_width,
         "head_dim": proxy.model.head_dim,
         "target_width": cfg.model.width,
+        "proxy_depth": proxy.model.depth,
+        "target_depth": cfg.model.depth,
+        "depth_parametrization": proxy.model.depth_parametrization,
+        "base_depth": base_depth_of(proxy.model),
+        "proxy_flops_pct": {str(w): v for w, v in proxy_share.items()},  # per image
         "preset": preset,
         "hparams": {str(k): _plain(v) for k, v in best["hparams"].items()},
         "lr_by_width": {str(r["width"]): r["lr"] for r in rows},
@@ -279,9 +410,66 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         "target_train_flops": target_flops,
         "tuning_cost_pct": pct,
         "overrides": overrides,
+        "accepted_differences": accepted,
         "warnings": list(warnings),
     }
     return TransferResult(cfg, warnings, rows, spread, cost_line)
+
+
+def _accepted(overridden: dict[str, dict[str, Any]], cfg: Config) -> dict[str, dict[str, Any]]:
+    """The preset differences the overrides accepted: those whose target value is not the
+    proxy's (overriding a key back to the proxy's value keeps the proxy's model)."""
+    out = {}
+    for key, values in overridden.items():
+        target = _plain(_get(cfg, key))
+        if target != values["proxy"]:
+            out[key] = {**values, "target": target}
+    return out
+
+
+def transfers_across_depth(proxy: Config, target: Config) -> bool:
+    """Whether the tuned HPs carry over a change of depth: both completep, same base depth
+    and alpha (mupsweep/completep.py)."""
+    p, t = proxy.model, target.model
+    return (p.depth_parametrization == t.depth_parametrization == "completep"
+            and base_depth_of(p) == base_depth_of(t) and p.depth_alpha == t.depth_alpha)
+
+
+def depth_warnings(proxy: Config, target: Config) -> list[str]:
+    """A depth parametrization, base depth or alpha that differs from the proxy's: the tuned
+    HPs then belong to another parametrization."""
+    p, t = proxy.model, target.model
+    if p.depth_parametrization != t.depth_parametrization:
+        return [f"proxy model.depth_parametrization={p.depth_parametrization} but target "
+                f"{t.depth_parametrization}: the tuned HPs belong to the proxy's parametrization"]
+    if p.depth_parametrization == "none":
+        return []
+    out = []
+    if base_depth_of(p) != base_depth_of(t):
+        out.append(f"proxy base depth {base_depth_of(p)} but target model.base_depth="
+                   f"{base_depth_of(t)}: CompleteP's depth factors are relative to the base "
+                   "depth, so the tuned HPs mean something else")
+    if p.depth_alpha != t.depth_alpha:
+        out.append(f"proxy model.depth_alpha={p.depth_alpha} but target {t.depth_alpha}: "
+                   "the tuned HPs belong to the proxy's alpha")
+    return out
+
+
+def proxy_flops_share(proxy: Config, widths: list[int], target_per_image: float | None) -> dict[int, float]:
+    """FLOPs per image of the proxy at each proxy width, as % of the target's."""
+    import copy
+
+    if not target_per_image:
+        return {}
+    share = {}
+    for w in widths:
+        probe = copy.deepcopy(proxy)
+        probe.model.width = int(w)
+        try:
+            share[int(w)] = 100.0 * estimate_train_flops(probe)[0] / target_per_image
+        except UserError:  # the data is not on this machine: the ledger says less
+            return {}
+    return share
 
 
 def _plain(v: Any) -> Any:
@@ -314,8 +502,16 @@ def _cost_line(cost: dict, per_image: float | None, target: float | None, pct: f
     return line
 
 
+def check_output(out: str | Path) -> None:
+    """Refuse an output path that can never be written, before any work is done."""
+    if str(out) != "-" and Path(out).is_dir():
+        raise UserError(f"-o {out} is a directory; give the target YAML's file name, e.g. "
+                        f"{Path(out) / 'target.yaml'}")
+
+
 def write_config(cfg: Config, out: str | Path) -> str:
-    """Write the resolved YAML to `out` ('-' for stdout); return where it went."""
+    """Write the resolved YAML to `out` ('-' for stdout), atomically: a full disk or a size
+    limit leaves the previous file as it was, never half a config. Returns where it went."""
     from mupsweep.config import to_yaml
 
     text = to_yaml(cfg)
@@ -323,7 +519,11 @@ def write_config(cfg: Config, out: str | Path) -> str:
         sys.stdout.write(text)
         sys.stdout.flush()
         return "-"
+    check_output(out)
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     return str(path)

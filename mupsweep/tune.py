@@ -7,12 +7,14 @@ the proxy widths.
 
 `tune(cfg, workers)` runs the study to its global budget, `sweep.n_trials` COMPLETE + PRUNED
 trials over every worker and machine sharing the storage, shows progress on stderr and writes
-trials.csv and best.json. The parts, in `mupsweep.sweep`:
+trials.csv and best.json. A sweep that ran but has nothing to transfer (budget not met, or no
+trial completed) raises `SweepFailed` after writing them. The parts, in `mupsweep.sweep`:
 
     space.py      the search space: default axes, checks of sweep.params, suggest, grid
     objective.py  one trial: its config per width, training, pruning, cost (the step axis)
-    study.py      create or load the study: storage, model signature, sampler, pruner
-    workers.py    run trials to the exact budget; fail and re-queue dead workers' trials
+    study.py      create or load the study: storage, signature, per-trial seeded sampler, pruner
+    workers.py    run trials to the exact budget; fail and re-queue dead or interrupted trials
+    retry.py      re-queue a trial with its parameters; reasons that are not failures
 """
 
 from __future__ import annotations
@@ -23,43 +25,111 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.markup import escape
 
 from mupsweep.best import best_document, write_best_json
 from mupsweep.config import Config
+from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
+from mupsweep.sweep.objective import check_trial_setup
 from mupsweep.sweep.packing import check_pack_settings, pruning_note
+from mupsweep.sweep.retry import INTERRUPTED
 from mupsweep.sweep.space import search_space
-from mupsweep.sweep.study import open_study
-from mupsweep.sweep.workers import FINISHED, run_worker, run_worker_processes, trial_budget
+from mupsweep.sweep.study import enqueue_grid, open_study
+from mupsweep.sweep.workers import (
+    FINISHED,
+    WorkerExit,
+    interrupt_once,
+    run_worker,
+    run_worker_processes,
+    trial_budget,
+)
+from mupsweep.util import atomic_write
+
+
+class SweepFailed(Exception):
+    """The sweep ran, but has no result to transfer: fewer trials than the budget finished,
+    or none completed. trials.csv and best.json are written; `study` holds what there is."""
+
+    def __init__(self, message: str, study: optuna.Study):
+        super().__init__(message)
+        self.study = study
 
 
 def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     """Run the sweep in `cfg.sweep` to its global budget and write trials.csv and best.json.
 
     workers > 1 starts that many worker processes on the same storage and study (and this
-    process only watches); the same call on another machine with the same storage adds more."""
+    process only watches); the same call on another machine with the same storage adds more.
+    Everything a trial needs (data, model at every proxy width, device) is checked here first:
+    bad input is one UserError before any worker starts. Raises SweepFailed (after writing the
+    outputs) when the budget was not met or no trial completed; KeyboardInterrupt after the
+    running trials are failed and re-queued."""
     if workers < 1:
         raise UserError(f"--workers={workers} must be >= 1")
     params = search_space(cfg)  # validate everything before any process starts
     check_pack_settings(cfg, params)
+    dataset = load_dataset(cfg.data)
+    check_trial_setup(cfg, params, dataset)
     study = open_study(cfg, params)  # creates the study once, before workers race for it
+    if cfg.sweep.sampler == "grid":
+        enqueue_grid(study, params)  # here, once, so that workers starting together find it
     budget = trial_budget(cfg, params)
+    console = Console(stderr=True)
     if budget < cfg.sweep.n_trials:
-        Console(stderr=True).print(f"the grid has {budget} points: running {budget} trials, "
-                                   f"not sweep.n_trials={cfg.sweep.n_trials}", highlight=False)
+        console.print(f"the grid has {budget} points: running {budget} trials, "
+                      f"not sweep.n_trials={cfg.sweep.n_trials}", highlight=False)
     note = pruning_note(cfg, budget)
     if note:
-        Console(stderr=True).print(f"warning: {note}", highlight=False)
+        console.print(f"warning: {note}", highlight=False)
     progress = _Progress(budget)
+    exits: list[WorkerExit] = []
     with progress:
         progress.start(study)
         if workers == 1:
-            study = run_worker(cfg, 0, on_trial=progress.update)
+            with interrupt_once():
+                study = run_worker(cfg, on_trial=progress.update, dataset=dataset)
         else:
-            run_worker_processes(cfg, workers, on_poll=lambda: progress.update(study))
+            del dataset  # each worker loads its own
+            exits = run_worker_processes(cfg, workers, on_poll=lambda: progress.update(study))
         progress.update(study)
-    write_outputs(study, Path(cfg.sweep.out_dir))
+    doc = write_outputs(study, Path(cfg.sweep.out_dir))
+    bad_input = [e for e in exits if e.error]
+    if bad_input:
+        raise UserError(bad_input[0].describe())
+    problem = shortfall(doc, budget, exits)
+    if problem:
+        raise SweepFailed(problem, study)
+    for e in exits:
+        console.print(f"[yellow]warning:[/] {escape(e.describe())}; the other workers made up "
+                      "for it", highlight=False, soft_wrap=True)
     return study
+
+
+def shortfall(doc: dict[str, Any], budget: int, exits: list[WorkerExit] | None = None) -> str | None:
+    """Why the sweep in best document `doc` has no result to use, in one line; None if it has.
+
+    Not met: the budget (workers died, or trials kept failing), or any COMPLETE trial (every
+    one was pruned or diverged)."""
+    trials = doc["trials"]
+    done = sum(t["state"] in (s.name for s in FINISHED) for t in trials)
+    if done < budget:
+        head = f"sweep incomplete: {done}/{budget} trials finished"
+        if exits:
+            return f"{head} ({'; '.join(e.describe() for e in exits)}); re-run the same command to continue"
+        failed = [t for t in trials if t["state"] == "FAIL" and t["reason"]
+                  and t["reason"] != INTERRUPTED and not t["reason"].startswith("surplus")]
+        if failed:
+            return f"{head}: trials keep failing, the last with: {failed[-1]['reason']}"
+        return head
+    if doc["trial"] is None and done > 0:
+        diverged = sum(t["state"] == "PRUNED" and t["reason"].startswith("diverged") for t in trials)
+        pruned = sum(t["state"] == "PRUNED" for t in trials) - diverged
+        hint = ("lower the lr range (sweep.params optim.lr), or lower the init / output "
+                "multiplier ranges" if diverged else "use sweep.pruner=none, or more trials")
+        return (f"all {done} trials were pruned or diverged ({diverged} diverged, {pruned} pruned "
+                f"by sweep.pruner): nothing to transfer; {hint}")
+    return None
 
 
 class _Progress:
@@ -107,9 +177,11 @@ class _Progress:
 
 
 def write_outputs(study: optuna.Study, out_dir: Path) -> dict[str, Any]:
-    """Write out_dir/trials.csv (Optuna's dataframe) and out_dir/best.json; return the doc."""
+    """Write out_dir/trials.csv (Optuna's dataframe) and out_dir/best.json, each atomically
+    (another machine's tune may write them at the same time); return the doc."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
+    frame = study.trials_dataframe()
+    atomic_write(out_dir / "trials.csv", lambda tmp: frame.to_csv(tmp, index=False))
     doc = best_document(study)
     write_best_json(doc, out_dir / "best.json")
     return doc

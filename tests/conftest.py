@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -32,5 +36,53 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 @pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run `mupsweep ARGS` through the CLI's own entry point in this process, from tmp_path;
+    returns what `run_cli` would. For cases refused before any work: no interpreter start."""
+    from mupsweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A private PostgreSQL 15 cluster on a free port, run as the postgres OS user; one per test
+    session, shared by test_tune.py and test_transfer_trust.py (each test uses its own study)."""
+    bin_dir = Path("/usr/lib/postgresql/15/bin")
+    if not (bin_dir / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries are not installed")
+    data = Path(tempfile.mkdtemp(prefix="mupsweep-pg-"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as postgres, which owns DIR
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_pg, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
+    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-o",
+        f"-p {port} -c listen_addresses=127.0.0.1 -k {data}", "-l", str(data / "log"), "start", "-w")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "stop", "-m", "fast"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)

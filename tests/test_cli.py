@@ -9,7 +9,7 @@ from conftest import TINY, assert_one_line_error, run_cli
 @pytest.mark.parametrize("override, needle", [
     ("model.no_such_key=1", "no_such_key"),
     ("model.width=70", "model.width=70 is not divisible by model.head_dim=16"),
-    ("model.base_width=128", "model.base_width=128 is larger than model.width=64"),
+    ("model.base_width=40", "model.base_width=40 is not divisible by model.head_dim=16"),
     ("optim.lr=0", "optim.lr"),
     ("optim.lr=-1e-3", "optim.lr"),
     ("model.parametrization=ntk", "model.parametrization"),
@@ -26,7 +26,7 @@ def test_missing_data_dir(tmp_path):
 
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"this is not a checkpoint")
-    proc = run_cli("train", *TINY, "train.steps=2", f"train.run_dir={tmp_path}")
+    proc = run_cli("train", *TINY, "train.steps=2", f"train.run_dir={tmp_path}", "train.resume=true")
     assert_one_line_error(proc, "corrupt", str(tmp_path / "last.pt"))
 
 

@@ -1,4 +1,4 @@
-"""The README's main job, shrunk: every stage runs and leaves its files."""
+"""The README's main job, shrunk: every stage runs and leaves its files; a re-run resumes."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ def test_demo_runs_every_stage(tmp_path):
     for path in (summary["target"]["config"], summary["target"]["samples"], summary["report"],
                  summary["coord_check_mup"]["plot"]):
         assert Path(path).stat().st_size > 0
+
+    # Re-running continues: the study has its trials and the target run its steps, so nothing
+    # is trained again (and the target directory is resumed, not refused as taken).
+    metrics = (tmp_path / "target" / "metrics.jsonl").read_text()
+    again = run_demo(tmp_path, n_trials=2, proxy_steps=6, target_steps=6)
+    assert again["target"]["steps"] == 6
+    assert again["target"]["validation_loss"] == summary["target"]["validation_loss"]
+    assert (tmp_path / "target" / "metrics.jsonl").read_text() == metrics

@@ -132,3 +132,16 @@ def test_ema_keeps_infshape_and_readout_runs():
     out = ema(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), {"y": torch.tensor([0, 1])})
     assert out.shape == (2, 1, 8, 8)
     assert ema.final_layer.linear.width_mult() == 2.0
+
+
+def test_a_proxy_narrower_than_its_base_shapes_gets_the_mup_multipliers():
+    """The paper tunes DiT-XL/2 on width 144 with base shapes at 288 (4 heads of 72): a model
+    narrower than its base has width multiplier m = 1/2, so hidden layers train at lr / m =
+    2 lr and the readout multiplies by 1 / m = 2."""
+    cfg = ModelConfig(width=32, base_width=64, parametrization="mup")
+    torch.manual_seed(0)
+    model = build_model(cfg, SPEC)
+    rows = {r["name"]: r for r in describe_parameters(model, cfg, make_optimizer(model, cfg, OptimConfig()))}
+    assert rows["blocks.0.attn.qkv.weight"]["lr_mult"] == pytest.approx(2.0)
+    assert rows["final_layer.linear.weight"]["width_mult"] == pytest.approx(0.5)
+    assert rows["x_embedder.proj.weight"]["lr_mult"] == pytest.approx(1.0)

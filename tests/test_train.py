@@ -77,7 +77,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     killed_at = torch.load(ckpt, weights_only=False)["step"]
     assert killed_at < 300, "the run finished before it could be killed"
 
-    resumed = run_cli("train", *common, f"train.run_dir={run_dir}", "--json")
+    resumed = run_cli("train", *common, f"train.run_dir={run_dir}", "train.resume=true", "--json")
     assert resumed.returncode == 0, resumed.stderr
     got = json.loads(resumed.stdout)
     assert got["steps"] == 300
@@ -106,9 +106,11 @@ def test_a_checkpoint_holding_pickled_objects_is_refused_without_running_them(tm
     marker = tmp_path / "code-ran"
     ckpt["note"] = _RunsCodeWhenUnpickled(marker)
     torch.save(ckpt, run_dir / "last.pt")
-    proc = run_cli("train", *TINY, "train.steps=3", f"train.run_dir={run_dir}")
+    proc = run_cli("train", *TINY, "train.steps=3", f"train.run_dir={run_dir}", "train.resume=true")
     assert not marker.exists(), "loading the checkpoint ran code"
-    assert_one_line_error(proc, "last.pt", "train.resume=false")
+    # the way out it names: train.resume=false no longer is one (a directory that holds a run
+    # is refused without resume), so the message names another run directory instead
+    assert_one_line_error(proc, "last.pt", "another train.run_dir")
 
 
 @pytest.mark.parametrize("preset, steps, learned", [
@@ -136,3 +138,33 @@ def test_ema_run_writes_samples(tmp_path):
     r = train(cfg)
     assert Path(r.samples_path).stat().st_size > 500
     assert torch.load(tmp_path / "last.pt", weights_only=False)["ema"] is not None
+
+
+def test_diverged_run_exits_1_and_still_prints_its_result(tmp_path):
+    proc = run_cli("train", *TINY, "optim.lr=10", "train.steps=20", f"train.run_dir={tmp_path}", "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert "diverged" in proc.stderr and "Traceback" not in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["diverged"] and result["reason"]
+    # the weights it stopped with were never evaluated: no earlier loss may stand for them
+    assert result["validation_loss"] is None  # inf, written as null
+
+
+@pytest.mark.parametrize("parametrization, hidden_mult", [("mup", 1 / 4), ("sp", 1.0)])
+def test_metrics_log_base_and_each_roles_lr_after_the_schedule(tmp_path, parametrization, hidden_mult):
+    """At width 128 (4 x the base width) muP's hidden lr is lr / 4, and every group follows
+    warmup + cosine; "lr" is the base lr, not whichever group comes first."""
+    from mupsweep.train import lr_lambda
+
+    cfg = compose([*TINY, "model.width=128", f"model.parametrization={parametrization}",
+                   "optim.lr=1e-3", "optim.warmup_steps=3", "optim.schedule=cosine", "train.steps=8",
+                   "train.log_every=1", "train.eval_every=8", f"train.run_dir={tmp_path}"])
+    train(cfg)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    for r in logged:
+        lr = 1e-3 * lr_lambda(cfg)(r["step"])  # the optimizer's lr for the next step
+        assert r["lr"] == pytest.approx(lr, rel=1e-9)
+        assert r["lr_hidden"] == pytest.approx(lr * hidden_mult, rel=1e-9)
+        assert r["lr_input"] == r["lr_output"] == r["lr_vector"] == pytest.approx(lr, rel=1e-9)

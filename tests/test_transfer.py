@@ -141,16 +141,19 @@ def test_pipeline_from_stdin(tmp_path, best_json):
 
 def test_library_applies_hparams_preset_and_steps(doc):
     doc["hparams"] = {"optim.lr": 2.0**-8, "model.init_mult": 0.5, "model.output_mult": 2.0}
-    r = transfer(doc, preset="dit-s-2", steps=1000)
+    # dit-s-2 learns sigma and the dit-tiny proxy does not: accepted by name (else refused,
+    # tests/test_transfer_trust.py)
+    accept = ["model.learn_sigma=true"]
+    r = transfer(doc, preset="dit-s-2", steps=1000, overrides=accept)
     m = r.config.model
     assert (m.width, m.depth, m.learn_sigma) == (384, 12, True)  # from the preset
-    assert (m.head_dim, m.base_width) == (16, 32)  # the proxy's, not the preset's 64/64
+    assert (m.head_dim, m.base_width) == (16, 32)  # the proxy's, not the preset's 64/256
     assert (r.config.optim.lr, m.init_mult, m.output_mult) == (2.0**-8, 0.5, 2.0)
     assert r.config.train.steps == 1000 and r.config.train.run_dir == "runs/target"
     assert any("preset dit-s-2 sets model.head_dim=64" in w for w in r.warnings)
     assert any("model.depth=4 but target model.depth=12" in w for w in r.warnings)
     # an explicit width wins over the preset's
-    assert transfer(doc, preset="dit-s-2", width=256).config.model.width == 256
+    assert transfer(doc, preset="dit-s-2", width=256, overrides=accept).config.model.width == 256
 
 
 # --------------------------------------------------------------------------------------------

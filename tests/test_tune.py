@@ -4,14 +4,10 @@ processes, real training of tiny proxies. No mocks."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -131,32 +127,6 @@ def test_two_worker_processes_on_a_journal_file(tmp_path):
     assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) == 2  # both did work
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A private PostgreSQL 15 cluster on a free port, run as the postgres OS user."""
-    bin_dir = Path("/usr/lib/postgresql/15/bin")
-    if not (bin_dir / "initdb").exists():
-        pytest.skip("PostgreSQL server binaries are not installed")
-    data = Path(tempfile.mkdtemp(prefix="mupsweep-pg-"))
-    as_pg: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root: run the server as postgres, which owns DIR
-        as_pg = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(data, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = lambda *cmd: subprocess.run([*as_pg, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
-    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres")
-    run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-o",
-        f"-p {port} -c listen_addresses=127.0.0.1 -k {data}", "-l", str(data / "log"), "start", "-w")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "stop", "-m", "fast"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
-
-
 @pytest.mark.postgres
 def test_two_worker_processes_on_postgresql(tmp_path, postgres_url):
     proc = tune_cli(tmp_path / "sweep", "sweep.n_trials=4", "--storage", postgres_url,
@@ -176,9 +146,10 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path):
     re-queued with the same parameters, and a restart completes exactly n_trials."""
     out = tmp_path / "sweep"
     url = f"sqlite:///{out}/study.db"
-    hb = ["sweep.heartbeat_s=1", "sweep.grace_s=2", "sweep.n_trials=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "mupsweep.cli", "tune", *FAST, "train.steps=400",
-                             "train.eval_every=50", f"sweep.out_dir={out}", *hb],
+    # Long trials, to be killed mid-trial; the restart keeps them (the study refuses another budget).
+    hb = ["sweep.heartbeat_s=1", "sweep.grace_s=2", "sweep.n_trials=3", "train.steps=400",
+          "train.eval_every=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "mupsweep.cli", "tune", *FAST, f"sweep.out_dir={out}", *hb],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline, running = time.time() + 120, []

@@ -4,6 +4,10 @@ One class serves both parametrizations; the differences live in the role tags (w
 builds each layer) and `parametrize.init_weights`. muP follows the official DiT-muP code
 (Zheng et al. 2025): kaiming fan-in init everywhere incl. adaLN (not zero), label table N(0, 1),
 zero-init MuReadout, LayerNorms without affine, fixed sin-cos pos embed.
+
+Depth (mupsweep/completep.py): each block is built with its residual multiplier and adds its
+attention and MLP branches with it; all of a block's parameters (attention, MLP, adaLN
+modulation) are in a residual block. The final layer's adaLN and readout are not.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mupsweep.completep import depth_scale
 from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     Attention,
@@ -24,29 +29,35 @@ from mupsweep.models.layers import (
     hidden_linear,
     matmul_flops,
     modulate,
+    residual,
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
+from mupsweep.roles import mark_residual_block
 
 
 class DiTBlock(nn.Module):
     """adaLN block: shift/scale/gate for attention and MLP from the conditioning vector c."""
 
-    def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float):
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float,
+                 residual_mult: float = 1.0):
         super().__init__()
+        self.residual_mult = residual_mult  # CompleteP's m_L^-alpha on both branches
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, head_dim, attn_scale)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, 6 * width, adaln=True))
+        mark_residual_block(self)  # the gates scale both branches: adaLN is in them too
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).chunk(6, dim=1)  # each (B, D)
         )
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        attn = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = residual(x, attn, self.residual_mult)
+        mlp = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return residual(x, mlp, self.residual_mult)
 
 
 class DiT(nn.Module):
@@ -67,8 +78,9 @@ class DiT(nn.Module):
         grid = data.image_size // cfg.patch_size
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
+        mult = depth_scale(cfg).residual_mult
         self.blocks = nn.ModuleList(
-            DiTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale) for _ in range(cfg.depth)
+            DiTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, mult) for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
 
@@ -92,6 +104,10 @@ class DiT(nn.Module):
             mods[f"blocks.{i}.adaLN"] = block.adaLN_modulation
         mods["final_layer"] = self.final_layer.linear
         return mods
+
+    def stream_head(self) -> nn.Module:
+        """The module whose first input is the residual stream after the last block."""
+        return self.final_layer
 
     def flops_per_image(self, data: DataSpec) -> int:
         """Analytic forward FLOPs for one image (matmuls + attention); training is ~3x."""

@@ -103,6 +103,13 @@ def gain(width: int) -> nn.Parameter:
 # --------------------------------------------------------------------------------------------
 
 
+def residual(x: torch.Tensor, branch: torch.Tensor, mult: float) -> torch.Tensor:
+    """x + mult * branch: a residual add with the block's depth multiplier (CompleteP's
+    m_L^-alpha, 1.0 under depth_parametrization=none). torch.add's alpha keeps it one kernel,
+    and at mult == 1.0 it is exactly x + branch, forward and backward."""
+    return torch.add(x, branch, alpha=mult)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 

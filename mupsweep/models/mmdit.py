@@ -16,6 +16,11 @@ muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
 - vector: biases and the QK-norm gains (head_dim, per head, shared across heads).
 Attention scale: `layers.attention_scale` (muP 1/d anchored at the base head_dim). SP =
 SD3/DiT-style init: xavier linears, N(0, 0.02) embedder MLPs, adaLN-zero, zero readout.
+
+Depth (mupsweep/completep.py): both streams of every joint block add their attention and MLP
+branches with the block's residual multiplier; all of a joint block's parameters are in a
+residual block (the last block's pre-only caption stream too: its keys and values feed the
+image stream's attention branch). Embedders and the final layer are not.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mupsweep.completep import depth_scale
 from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     FinalLayer,
@@ -38,10 +44,12 @@ from mupsweep.models.layers import (
     key_mask,
     matmul_flops,
     modulate,
+    residual,
     rms_norm,
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
+from mupsweep.roles import mark_residual_block
 from mupsweep.text_settings import text_dims, text_settings
 
 
@@ -49,9 +57,11 @@ class StreamBlock(nn.Module):
     """One stream's half of a joint block: adaLN, qkv with QK-norm, then (unless pre_only)
     proj and MLP applied to that stream's slice of the joint attention output."""
 
-    def __init__(self, width: int, head_dim: int, mlp_ratio: float, pre_only: bool = False):
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, pre_only: bool = False,
+                 residual_mult: float = 1.0):
         super().__init__()
         self.num_heads, self.head_dim, self.pre_only = width // head_dim, head_dim, pre_only
+        self.residual_mult = residual_mult  # CompleteP's m_L^-alpha on both branches
         n_mod = 2 if pre_only else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), hidden_linear(width, n_mod * width, adaln=True))
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -73,19 +83,22 @@ class StreamBlock(nn.Module):
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor,
                        mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa.unsqueeze(1) * self.proj(attn)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = residual(x, gate_msa.unsqueeze(1) * self.proj(attn), self.residual_mult)
+        mlp = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return residual(x, mlp, self.residual_mult)
 
 
 class JointBlock(nn.Module):
     """Caption stream + image stream, one attention over [caption; image] tokens."""
 
     def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float,
-                 last: bool = False):
+                 last: bool = False, residual_mult: float = 1.0):
         super().__init__()
         self.scale = attn_scale
-        self.context_block = StreamBlock(width, head_dim, mlp_ratio, pre_only=last)
-        self.x_block = StreamBlock(width, head_dim, mlp_ratio)
+        self.context_block = StreamBlock(width, head_dim, mlp_ratio, pre_only=last,
+                                         residual_mult=residual_mult)
+        self.x_block = StreamBlock(width, head_dim, mlp_ratio, residual_mult=residual_mult)
+        mark_residual_block(self)
 
     def forward(self, ctx: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                 c: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -127,8 +140,10 @@ class MMDiT(nn.Module):
         grid = data.image_size // p
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
+        mult = depth_scale(cfg).residual_mult
         self.joint_blocks = nn.ModuleList(
-            JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1)
+            JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1,
+                       residual_mult=mult)
             for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)  # as DiT's: adaLN norm + readout
 
@@ -164,6 +179,10 @@ class MMDiT(nn.Module):
                     mods[f"joint_blocks.{i}.{stream}.mlp"] = sb.mlp
         mods["final_layer"] = self.final_layer.linear
         return mods
+
+    def stream_head(self) -> nn.Module:
+        """The module whose first input is the (image) residual stream after the last block."""
+        return self.final_layer
 
     def flops_per_image(self, data: DataSpec) -> int:
         """Analytic forward FLOPs for one image; training is ~3x."""

@@ -21,6 +21,11 @@ SP = original PixArt-alpha: xavier linears, N(0, 0.02) timestep / t_block / capt
 zero cross-attn proj, scale_shift_table randn/sqrt(D), zero readout. (The SP default
 adaLN-zero, model.adaln_zero=null -> true, also zeroes t_block; PixArt's own is N(0, 0.02):
 set model.adaln_zero=false for exactly that.)
+
+Depth (mupsweep/completep.py): each block adds its self-attention, cross-attention and MLP
+branches with its residual multiplier; all of a block's parameters (its scale_shift_table
+too: it makes the gates) are in a residual block. The shared t_block, the caption projection
+and the final layer are not.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mupsweep.completep import depth_scale
 from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     Attention,
@@ -44,9 +50,11 @@ from mupsweep.models.layers import (
     key_mask,
     matmul_flops,
     readout,
+    residual,
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
+from mupsweep.roles import mark_residual_block
 from mupsweep.text_settings import text_dims
 
 
@@ -99,24 +107,26 @@ class PixArtBlock(nn.Module):
     """adaLN-single block: self-attn, cross-attn, MLP; modulation = table + shared t_block(t)."""
 
     def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float,
-                 table_std: dict):
+                 table_std: dict, residual_mult: float = 1.0):
         super().__init__()
+        self.residual_mult = residual_mult  # CompleteP's m_L^-alpha on all three branches
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, head_dim, attn_scale)
         self.cross_attn = CrossAttention(width, head_dim, attn_scale)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.scale_shift_table = input_parameter(6, width, **table_std)
+        mark_residual_block(self)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                 t0: torch.Tensor) -> torch.Tensor:
         B, D = x.shape[0], x.shape[2]
         mod = self.scale_shift_table[None] + t0.reshape(B, 6, D)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + self.cross_attn(x, y, mask)
-        x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        m = self.residual_mult
+        x = residual(x, gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa)), m)
+        x = residual(x, self.cross_attn(x, y, mask), m)
+        return residual(x, gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)), m)
 
 
 class PixArtFinalLayer(nn.Module):
@@ -157,8 +167,9 @@ class PixArt(nn.Module):
         grid = data.image_size // p
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
-        self.blocks = nn.ModuleList(
-            PixArtBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, table_std) for _ in range(cfg.depth))
+        mult = depth_scale(cfg).residual_mult
+        self.blocks = nn.ModuleList(PixArtBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, table_std, mult)
+                                    for _ in range(cfg.depth))
         self.final_layer = PixArtFinalLayer(D, p, self.out_channels, table_std)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
@@ -183,6 +194,10 @@ class PixArt(nn.Module):
             mods[f"blocks.{i}.mlp"] = block.mlp
         mods["final_layer"] = self.final_layer.linear
         return mods
+
+    def stream_head(self) -> nn.Module:
+        """The module whose first input is the residual stream after the last block."""
+        return self.final_layer
 
     def flops_per_image(self, data: DataSpec) -> int:
         """Analytic forward FLOPs for one image; training is ~3x."""

@@ -15,6 +15,18 @@ muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
   parameter (base lr, width-independent init; `layers.finite_conv`).
 SP = original U-ViT: trunc-normal(0.02)-like N(0, 0.02) linears, N(0, 1) label table (torch's
 nn.Embedding default, which U-ViT keeps), zero readout here as in DiT.
+
+Depth (mupsweep/completep.py): every block (in, mid, out) adds its attention and MLP branches
+with its residual multiplier, and those branches' parameters (the pre-LNs too) are in a
+residual block. The long skips get neither: `skip_linear` is not a branch added to the stream
+but a hidden layer that replaces the stream by a mix of it and the skip ([x, skip] -> x), so
+its gradient is not scaled by m_L^-alpha, and its fan-in init keeps the stream's size (each
+out-block's mix halves the weight of what came before it, so the skip layers' updates do not
+pile up with depth). The final norm and readout are outside the blocks, as Table 1's final LN
+and unembedding. Measured (`coord-check --depths 3,5,9,17`): the stream's per-step update
+stays flat under completep (it grows x1.7 per doubling under none), but the stream's size
+falls with depth (slope -0.32 at init, the skip layer's output -0.48 by step 4), so U-ViT
+does not pass the depth check at 0.3; see docs/results.md.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mupsweep.completep import depth_scale
 from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     Attention,
@@ -36,9 +49,11 @@ from mupsweep.models.layers import (
     layer_norm,
     matmul_flops,
     readout,
+    residual,
     unpatchify,
 )
 from mupsweep.models.registry import DataSpec, register
+from mupsweep.roles import mark_residual_block
 
 EXTRAS = 2  # tokens in front of the patches: time, label
 
@@ -47,19 +62,21 @@ class UViTBlock(nn.Module):
     """Pre-LN transformer block; out-blocks first fuse the long skip: skip_linear([x, skip])."""
 
     def __init__(self, width: int, head_dim: int, mlp_ratio: float, attn_scale: float,
-                 skip: bool = False):
+                 skip: bool = False, residual_mult: float = 1.0):
         super().__init__()
+        self.residual_mult = residual_mult  # CompleteP's m_L^-alpha on both branches
         self.skip_linear = hidden_linear(2 * width, width, sp_init="normal") if skip else None
         self.norm1 = layer_norm(width)
         self.attn = Attention(width, head_dim, attn_scale, sp_init="normal")
         self.norm2 = layer_norm(width)
         self.mlp = Mlp(width, int(width * mlp_ratio), sp_init="normal")
+        mark_residual_block(self.norm1, self.attn, self.norm2, self.mlp)  # not skip_linear
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, L, 2D) -> (B, L, D)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = residual(x, self.attn(self.norm1(x)), self.residual_mult)
+        return residual(x, self.mlp(self.norm2(x)), self.residual_mult)
 
 
 class UViT(nn.Module):
@@ -85,12 +102,13 @@ class UViT(nn.Module):
         self.time_embed = TimestepEmbedder(D)
         self.label_emb = LabelEmbedder(data.num_classes, D, sp_std=1.0)
         self.pos_embed = input_parameter(1, EXTRAS + self.num_patches, D, mup_std=0.02, sp_std=0.02)
-        half = cfg.depth // 2
+        half, mult = cfg.depth // 2, depth_scale(cfg).residual_mult
         self.in_blocks = nn.ModuleList(
-            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale) for _ in range(half))
-        self.mid_block = UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale)
+            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, residual_mult=mult) for _ in range(half))
+        self.mid_block = UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, residual_mult=mult)
         self.out_blocks = nn.ModuleList(
-            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, skip=True) for _ in range(half))
+            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, skip=True, residual_mult=mult)
+            for _ in range(half))
         self.norm = layer_norm(D)
         self.decoder_pred = readout(D, p * p * self.out_channels)
         self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) \
@@ -125,6 +143,10 @@ class UViT(nn.Module):
             mods[f"out_blocks.{i}.attn"], mods[f"out_blocks.{i}.mlp"] = block.attn, block.mlp
         mods["decoder_pred"] = self.decoder_pred
         return mods
+
+    def stream_head(self) -> nn.Module:
+        """The module whose first input is the residual stream after the last block."""
+        return self.norm
 
     def flops_per_image(self, data: DataSpec) -> int:
         """Analytic forward FLOPs for one image (matmuls, attention, convs); training is ~3x."""

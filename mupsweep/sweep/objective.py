@@ -18,25 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import Trial
 
 from mupsweep.config import Config, SweepParam, check_config, set_by_path
 from mupsweep.data import ImageDataset
-from mupsweep.parametrize import data_spec_of
-from mupsweep.storage import redact_text
-from mupsweep.sweep.space import suggest
-from mupsweep.train import TrainResult
+from mupsweep.errors import UserError
+from mupsweep.parametrize import build_model, data_spec_of, make_conditioner
+from mupsweep.rundir import new_run_dir
+from mupsweep.storage import redact_text, redact_url
+from mupsweep.sweep.space import corners, suggest
+from mupsweep.train import TrainResult, resolve_device
 from mupsweep.train import train as run_train
 from mupsweep.util import first_line
 
 
 def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path) -> Config:
     """The base config with the trial's values at one proxy width: no checkpoints, no resume
-    (a trial always starts fresh), no per-step progress bar."""
+    (a trial always starts fresh, in a new `run_dir`), no per-step progress bar, and the
+    storage URL's password hidden (train() writes this config into the trial's run dir)."""
     run_cfg = copy.deepcopy(cfg)
     for key, value in hparams.items():
         set_by_path(run_cfg, key, value)
     set_by_path(run_cfg, "model.width", width)
+    set_by_path(run_cfg, "sweep.storage", redact_url(cfg.sweep.storage))
     set_by_path(run_cfg, "train.save", False)
     set_by_path(run_cfg, "train.resume", False)
     set_by_path(run_cfg, "train.progress", False)
@@ -63,7 +68,9 @@ class TrialProgress:
 
     def width_config(self, i: int, width: int) -> Config:
         """The trial's config at proxy width number i."""
-        run_dir = Path(self.cfg.sweep.out_dir) / "trials" / f"{self.trial.number:05d}" / f"w{width}"
+        # A new directory (w64, or w64-1 beside a stale one from an earlier study)
+        run_dir = new_run_dir(Path(self.cfg.sweep.out_dir) / "trials" / f"{self.trial.number:05d}",
+                              f"w{width}")
         self.step = 0
         return trial_config(self.cfg, self.hparams, width, run_dir)
 
@@ -111,6 +118,31 @@ class TrialProgress:
         self.trial.set_user_attr("flops", self.flops)
         self.trial.set_user_attr("wall_time_s", time.perf_counter() - self.t0
                                  if wall_time_s is None else wall_time_s)
+
+
+def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDataset) -> None:
+    """Build what a trial builds before training, at every proxy width, so a config that
+    cannot run fails here (one UserError) rather than in every trial of every worker: the
+    device, the conditioner (captions, text encoder) and the model on the meta device (no
+    memory, no init cost). Swept int and categorical model.* axes are built at each of their
+    corners (they may change shapes); a float axis only scales values."""
+    resolve_device(cfg.train.device)
+    shape_axes = [{p.name: v} for p in params
+                  if p.name.startswith("model.") and p.type in ("int", "categorical") for v in corners(p)]
+    specs: dict[str, Any] = {}  # a text model's conditioner encodes captions: once per setting
+    for width in cfg.sweep.proxy_widths:
+        for hparams in [{}, *shape_axes]:
+            run_cfg = trial_config(cfg, hparams, width, Path(cfg.sweep.out_dir) / "trials")
+            key = repr((run_cfg.model.arch, run_cfg.model.extra))
+            if key not in specs:
+                specs[key] = make_conditioner(run_cfg, dataset).data_spec
+            spec = specs[key]
+            try:
+                with torch.device("meta"):
+                    build_model(run_cfg.model, spec, "meta")
+            except ValueError as e:
+                where = "".join(f" {k}={v}" for k, v in hparams.items())
+                raise UserError(f"model config at proxy width {width}{where}: {e}") from None
 
 
 def objective(trial: Trial, cfg: Config, params: list[SweepParam], dataset: ImageDataset) -> float:

@@ -4,6 +4,7 @@ its Optuna parameter name, and the grid for sweep.sampler=grid."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any
 
@@ -60,7 +61,7 @@ def search_space(cfg: Config) -> list[SweepParam]:
     # Every corner of the space must give a valid config at every proxy width, so a typo
     # (optim.lr low=-1e9 on a linear scale, a width not divisible by head_dim) fails now.
     for p in params:
-        for value in _corners(p):
+        for value in corners(p):
             for width in cfg.sweep.proxy_widths:
                 probe = copy.deepcopy(cfg)
                 set_by_path(probe, p.name, value)
@@ -86,7 +87,9 @@ def _check_key(cfg: Config, key: str, where: str) -> None:
     set_by_path(probe, key, obj)  # raises UserError for keys set_by_path cannot reach
 
 
-def _corners(p: SweepParam) -> list[Any]:
+def corners(p: SweepParam) -> list[Any]:
+    """The values at the ends of an axis (every choice of a categorical one), as the config
+    gets them."""
     if p.type == "categorical":
         return list(p.choices or [])
     values = [p.low, p.high]
@@ -139,3 +142,14 @@ def grid(params: list[SweepParam]) -> dict[str, list[Any]]:
         values = [p.low + k * step for k in range(n)]
         space[optuna_name(p)] = [int(v) for v in values] if p.type == "int" else [float(v) for v in values]
     return space
+
+
+def grid_points(params: list[SweepParam]) -> list[dict[str, Any]]:
+    """Every point of the grid, as Optuna params {optuna name: value}, in a fixed order."""
+    space = grid(params)
+    return [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
+
+
+def point_key(point: dict[str, Any]) -> tuple:
+    """A hashable identity of a grid point; floats rounded so 0.1 + 0.2 matches 0.3."""
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in point.items()))

@@ -1,54 +1,71 @@
 """Workers: run trials until the study's global budget is met, in this process or in worker
-processes, and fail (then re-queue) the trials of dead workers.
+processes; fail (then re-queue) the trials of dead or interrupted workers.
 
 Budget: `sweep.n_trials` counts COMPLETE + PRUNED trials over all workers and machines that
 share the storage. A worker starts a trial only while finished + running < n_trials and waits
 otherwise (a running trial may still fail and need a replacement), so the study ends with
-exactly n_trials; re-running a finished study runs nothing, an interrupted one continues.
+exactly n_trials; re-running a finished study runs nothing, an interrupted one continues. A
+trial that two workers start at the same moment past the budget is failed as surplus (not a
+failure: `retry.SURPLUS`).
 
 Dead workers: RDB storages (SQLite, PostgreSQL, ...) run Optuna's heartbeat: a trial whose
 worker stopped beating for `sweep.grace_s` is set FAIL and re-queued with the same parameters
-(RetryHeartbeatStaleTrialCallback). Optuna 5.0's JournalStorage has no heartbeat, so every
-worker also fails RUNNING trials whose recorded worker process (same host) no longer exists.
+(`retry.retry_trial`, at most sweep.max_retry times). Optuna 5.0's JournalStorage has no
+heartbeat, so every worker also fails RUNNING trials whose recorded worker process (same host)
+no longer exists. The parent of `--workers` keeps the other workers going when one dies.
+
+Ctrl-C (SIGINT, which a terminal sends to every process of the command): each worker fails
+its running trial with reason "interrupted", re-queues it with the same parameters and exits
+quietly; later SIGINTs are ignored meanwhile, so that bookkeeping is not cut short.
 
 Packs (sweep.pack = K > 1): a worker asks for up to K trials at once (never more than the
 budget leaves free), runs Optuna's heartbeat for each and trains them as one packed model
-(`sweep.packing`); a dead pack worker's trials are failed and re-queued like any others.
+(`sweep.packing`); each asked trial passes the same budget and grid rules as a single one, and
+a dead or interrupted pack worker's trials are failed and re-queued like any others.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.data import ImageDataset, load_dataset
+from mupsweep.errors import UserError
 from mupsweep.optuna_adapter import fail_trial, heartbeat
 from mupsweep.storage import redact_text, uses_heartbeat
 from mupsweep.sweep.objective import TrialProgress, objective
 from mupsweep.sweep.packing import check_pack_settings, train_trials_packed
-from mupsweep.sweep.space import grid, search_space
-from mupsweep.sweep.study import open_study
+from mupsweep.sweep.retry import INTERRUPTED, SURPLUS, is_surplus, retry_trial
+from mupsweep.sweep.space import grid_points, point_key, search_space
+from mupsweep.sweep.study import enqueue_grid, grid_conflict, open_study
 from mupsweep.util import first_line
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the states the budget counts
 POLL_S = 1.0  # how often a waiting worker / the parent of --workers looks at the storage
 MAX_CONSECUTIVE_FAILURES = 3  # a worker whose trials keep failing stops (the config is broken)
+STOP_WAIT_S = 30.0  # after Ctrl-C, how long the parent waits for workers to re-queue their trials
+EXIT_INTERRUPTED = 130  # a worker's exit code after Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_BAD_INPUT = 2  # a worker's exit code after a UserError (its line goes to the parent)
 
 
 def trial_budget(cfg: Config, params: list[SweepParam]) -> int:
-    """n_trials, but never more than the grid has points (GridSampler would repeat them)."""
+    """n_trials, but never more than the grid has distinct points (each runs once)."""
     if cfg.sweep.sampler == "grid":
-        return min(cfg.sweep.n_trials, math.prod(len(v) for v in grid(params).values()))
+        return min(cfg.sweep.n_trials, len({point_key(p) for p in grid_points(params)}))
     return cfg.sweep.n_trials
 
 
@@ -66,7 +83,6 @@ def fail_dead_trials(study: optuna.Study, cfg: Config) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.sweep.max_retry)
     if uses_heartbeat(cfg):
         return
     host = socket.gethostname()
@@ -76,7 +92,7 @@ def fail_dead_trials(study: optuna.Study, cfg: Config) -> None:
             continue
         failed = fail_trial(study, t, f"worker process {worker['pid']} died")
         if failed is not None:  # None: another worker got there first
-            retry(study, failed)
+            retry_trial(study, failed, cfg.sweep.max_retry)
 
 
 def _alive(pid: int) -> bool:
@@ -88,20 +104,29 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (dead, not yet reaped by its parent) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
-def run_worker(cfg: Config, worker: int = 0,
-               on_trial: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
+# --------------------------------------------------------------------------------------------
+# One worker: trials until the budget is met
+# --------------------------------------------------------------------------------------------
+
+
+def run_worker(cfg: Config, on_trial: Callable[[optuna.Study], None] | None = None,
+               dataset: ImageDataset | None = None) -> optuna.Study:
     """Run trials of the study until COMPLETE + PRUNED reaches the budget (over all workers).
 
     Returns early, leaving the budget unmet, after MAX_CONSECUTIVE_FAILURES failed trials in a
-    row: a config that fails every trial should stop, not loop."""
+    row: a config that fails every trial should stop, not loop. `dataset`: already loaded
+    (else loaded here, once, if there is work to do). KeyboardInterrupt propagates after the
+    running trial is failed and re-queued."""
     params = search_space(cfg)
     check_pack_settings(cfg, params)
-    study = open_study(cfg, params, worker)
+    study = open_study(cfg, params)
     budget = trial_budget(cfg, params)
-    dataset = None  # loaded once per process, only if there is work to do
     failures = 0
     while True:
         fail_dead_trials(study, cfg)
@@ -112,6 +137,8 @@ def run_worker(cfg: Config, worker: int = 0,
             # The last trials are running elsewhere; one may still fail and need a stand-in.
             time.sleep(POLL_S)
             continue
+        if cfg.sweep.sampler == "grid":
+            enqueue_grid(study, params)  # a point whose trial failed waits again
         if dataset is None:
             dataset = load_dataset(cfg.data)
         if cfg.sweep.pack > 1:
@@ -120,8 +147,7 @@ def run_worker(cfg: Config, worker: int = 0,
             finished = [t for t in [_run_one(study, cfg, params, dataset, budget)] if t is not None]
         for trial in finished:
             failed = trial.state == TrialState.FAIL
-            surplus = trial.user_attrs.get("reason", "").startswith("surplus")
-            failures = failures + 1 if failed and not surplus else 0
+            failures = failures + 1 if failed and not is_surplus(trial) else 0
         if on_trial is not None:
             on_trial(study)
         if failures >= MAX_CONSECUTIVE_FAILURES:
@@ -129,27 +155,53 @@ def run_worker(cfg: Config, worker: int = 0,
     return study
 
 
+def _why_surplus(study: optuna.Study, cfg: Config, number: int, budget: int) -> str | None:
+    """Why trial `number`, just started, must yield (its reason, "surplus..."), or None.
+
+    Two workers may pass the budget check at the same moment; the later trial (by number)
+    yields, so COMPLETE + PRUNED never exceeds the budget. And each grid point runs once,
+    whatever the number of workers (`grid_conflict`)."""
+    earlier = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+               if t.state in FINISHED or t.number < number]
+    if len(earlier) >= budget:
+        return SURPLUS
+    conflict = grid_conflict(study, number) if cfg.sweep.sampler == "grid" else None
+    return f"{SURPLUS}: {conflict}" if conflict else None
+
+
 def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset: ImageDataset,
              budget: int) -> FrozenTrial | None:
     """One trial through `study.optimize`, which runs Optuna's heartbeat thread and records an
     exception as a FAIL (catch) instead of ending the sweep. Returns the finished trial."""
     finished: list[FrozenTrial] = []
+    started: list[int] = []
+    verbosity = optuna.logging.get_verbosity()
 
     def one_trial(trial: Trial) -> float:
-        # Two workers may pass the budget check at the same moment; the later trial (by
-        # number) yields, so COMPLETE + PRUNED never exceeds the budget.
-        earlier = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-                   if t.state in FINISHED or t.number < trial.number]
-        if len(earlier) >= budget:
-            trial.set_user_attr("reason", "surplus: the budget was reached by other workers")
-            raise _Surplus()
-        # Who runs the trial: fail_dead_trials fails it when this process is gone.
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        return objective(trial, cfg, params, dataset)
+        started.append(trial.number)
+        try:
+            surplus = _why_surplus(study, cfg, trial.number, budget)
+            if surplus:
+                trial.set_user_attr("reason", surplus)
+                raise _Surplus()
+            # Who runs the trial: fail_dead_trials fails it when this process is gone.
+            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+            return objective(trial, cfg, params, dataset)
+        except KeyboardInterrupt:
+            trial.set_user_attr("reason", INTERRUPTED)
+            # Optuna logs a failed trial with its traceback; this one is re-queued, not failed.
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            raise
 
     # The callback receives the trial as stored after it finished (a FAIL included: `catch`).
-    study.optimize(one_trial, n_trials=1, catch=(Exception,),
-                   callbacks=[lambda _study, trial: finished.append(trial)])
+    try:
+        study.optimize(one_trial, n_trials=1, catch=(Exception,),
+                       callbacks=[lambda _study, trial: finished.append(trial)])
+    except KeyboardInterrupt:
+        optuna.logging.set_verbosity(verbosity)
+        if started:
+            _requeue_interrupted(study, started[0])
+        raise
     return finished[0] if finished else None
 
 
@@ -168,12 +220,10 @@ def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], datase
                 with warnings.catch_warnings():  # "heartbeat is for Study.optimize": we run it
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = study.ask()
-                # The budget rule of _run_one: a trial that another worker's made surplus yields.
-                earlier = [t for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-                           if t.state in FINISHED or t.number < trial.number]
-                if len(earlier) >= budget:
-                    trial.set_user_attr("reason", "surplus: the budget was reached by other workers")
-                    finished.append(_tell(study, trial, state=TrialState.FAIL))
+                surplus = _why_surplus(study, cfg, trial.number, budget)
+                if surplus:  # the budget or the grid point is taken: no more asks this round
+                    trial.set_user_attr("reason", surplus)
+                    finished.append(study.tell(trial, state=TrialState.FAIL))
                     break
                 heartbeats.enter_context(heartbeat(study, trial))
                 trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -181,64 +231,173 @@ def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], datase
                     asked.append(TrialProgress(trial, cfg, params))  # suggests its HPs
                 except Exception as e:
                     trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
-                    finished.append(_tell(study, trial, state=TrialState.FAIL))
+                    finished.append(study.tell(trial, state=TrialState.FAIL))
             for p in asked:
                 p.trial.set_user_attr("pack_size", len(asked))
             outcomes = train_trials_packed(asked, cfg, dataset)
-        except BaseException:  # Ctrl-C, a storage error: as study.optimize, fail the trials
+        except KeyboardInterrupt:  # as _run_one: fail each as "interrupted" and queue it again
             for p in asked:
-                _tell(study, p.trial, state=TrialState.FAIL, skip_if_finished=True)
+                _requeue_interrupted(study, p.trial.number)
+            raise
+        except BaseException:  # a storage error: as study.optimize, fail the trials
+            for p in asked:
+                study.tell(p.trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
     for p, outcome in zip(asked, outcomes, strict=True):
         if isinstance(outcome, optuna.TrialPruned):
-            finished.append(_tell(study, p.trial, state=TrialState.PRUNED))
+            finished.append(study.tell(p.trial, state=TrialState.PRUNED))
         elif isinstance(outcome, BaseException):
-            finished.append(_tell(study, p.trial, state=TrialState.FAIL))
+            finished.append(study.tell(p.trial, state=TrialState.FAIL))
         else:
-            finished.append(_tell(study, p.trial, outcome))
+            finished.append(study.tell(p.trial, outcome))
     return finished
 
 
-def _tell(study: optuna.Study, trial: Trial, value: float | None = None, **kwargs) -> FrozenTrial:
-    """`study.tell`. GridSampler calls `Study.stop` once its last point is told, which raises
-    RuntimeError outside `study.optimize` after the trial is stored (Optuna documents this for
-    ask-and-tell); the budget, not the sampler, ends our sweeps, so that error is dropped."""
+def _requeue_interrupted(study: optuna.Study, number: int) -> None:
+    """Fail trial `number` with reason "interrupted" (when the interrupt came before Optuna
+    could) and queue its parameters again. Best effort: if the storage cannot be reached now,
+    the trial stays RUNNING and the next run's dead-worker check fails and re-queues it."""
     try:
-        return study.tell(trial, value, **kwargs)
-    except RuntimeError:
-        stored = study.get_trials(deepcopy=False)[trial.number]
-        if not (isinstance(study.sampler, optuna.samplers.GridSampler) and stored.state.is_finished()):
-            raise
-        return stored
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if trial is not None and trial.state == TrialState.RUNNING:
+            trial = fail_trial(study, trial, INTERRUPTED)
+        if trial is not None and trial.state == TrialState.FAIL:
+            retry_trial(study, trial, max_retry=None)
+    except Exception:  # noqa: BLE001 - a storage error here must not hide the interrupt
+        pass
 
 
 class _Surplus(Exception):
     """This trial started after the budget was filled by other workers."""
 
 
-def _worker_main(cfg_dict: dict, worker: int, verbosity: int) -> None:
-    """Entry point of a `--workers` process (multiprocessing spawn)."""
-    optuna.logging.set_verbosity(verbosity)
-    run_worker(from_dict(cfg_dict), worker)
+def _interrupt_once(signum: int, frame: object) -> None:
+    """SIGINT handler: raise KeyboardInterrupt once; ignore later SIGINTs (a second Ctrl-C, or
+    the parent forwarding the first) so the interrupted trial is failed and re-queued."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
-def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None]) -> None:
-    """Run `workers` processes of `run_worker` on the study of `cfg` and wait for them all,
-    calling on_poll() every POLL_S meanwhile. Raises RuntimeError naming every worker that
-    exited with an error (the study is intact: run again to continue)."""
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DB handles
-    procs = [ctx.Process(target=_worker_main, args=(to_dict(cfg), k, optuna.logging.get_verbosity()),
-                         name=f"mupsweep-tune-{k}") for k in range(workers)]
-    for p in procs:
-        p.start()
+@contextlib.contextmanager
+def interrupt_once() -> Iterator[None]:
+    """Handle SIGINT with `_interrupt_once` in this block (main thread only; a process that
+    ignores SIGINT keeps ignoring it), then restore the previous handler."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        while any(p.is_alive() for p in procs):
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes (--workers N)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerExit:
+    """A worker process that did not end normally."""
+
+    worker: int
+    pid: int
+    exitcode: int
+    error: str = ""  # its UserError (bad input only a worker could see), if that stopped it
+
+    def describe(self) -> str:
+        who = f"worker {self.worker} (pid {self.pid})"
+        if self.error:
+            return f"{who}: {self.error}"
+        if self.exitcode < 0:
+            return f"{who} was killed by {signal.Signals(-self.exitcode).name}"
+        if self.exitcode == EXIT_INTERRUPTED:
+            return f"{who} was interrupted"
+        return f"{who} exited with code {self.exitcode} (see its error above)"
+
+
+def _worker_main(cfg_dict: dict, worker: int, verbosity: int, interruptible: bool,
+                 errors: multiprocessing.SimpleQueue) -> None:
+    """Entry point of a `--workers` process (multiprocessing spawn). It starts with SIGINT
+    ignored (inherited from the parent), so a Ctrl-C while it imports leaves no traceback;
+    from here on SIGINT stops it the way `_interrupt_once` says."""
+    if interruptible:
+        signal.signal(signal.SIGINT, _interrupt_once)
+    optuna.logging.set_verbosity(verbosity)
+    try:
+        run_worker(from_dict(cfg_dict))
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    except UserError as e:
+        errors.put((worker, str(e)))
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None]) -> list[WorkerExit]:
+    """Run `workers` processes of `run_worker` on the study of `cfg` and wait for them all,
+    calling on_poll() every POLL_S meanwhile. A worker that dies does not stop the others
+    (its trial is failed and retried by them). Returns the workers that did not end normally.
+
+    On KeyboardInterrupt: every worker gets SIGINT (also when only this process got it), has
+    STOP_WAIT_S to re-queue its trial, is killed after that; then the interrupt propagates."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DB handles
+    errors = ctx.SimpleQueue()
+    main = threading.current_thread() is threading.main_thread()
+    interruptible = main and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+    procs = [ctx.Process(target=_worker_main, name=f"mupsweep-tune-{k}",
+                         args=(to_dict(cfg), k, optuna.logging.get_verbosity(), interruptible, errors))
+             for k in range(workers)]
+    with _sigint_ignored(main):  # inherited by the workers until _worker_main runs
+        for p in procs:
+            p.start()
+    try:
+        # is_alive() reaps a dead worker: every one is asked (no short-circuit), so none stays
+        # a zombie that the dead-worker check would take for alive.
+        while any([p.is_alive() for p in procs]):
             time.sleep(POLL_S)
             on_poll()
+    except KeyboardInterrupt:
+        _stop(procs, main)
+        raise
+    for p in procs:
+        p.join()
+    messages = {}
+    while not errors.empty():
+        k, message = errors.get()
+        messages[k] = message
+    return [WorkerExit(k, p.pid or 0, p.exitcode or 0, messages.get(k, ""))
+            for k, p in enumerate(procs) if p.exitcode]
+
+
+@contextlib.contextmanager
+def _sigint_ignored(main: bool) -> Iterator[None]:
+    if not main:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
     finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(procs: list[multiprocessing.process.BaseProcess], main: bool) -> None:
+    """After Ctrl-C: SIGINT every worker until it exits (one still starting up ignores it
+    until it can handle it), for at most STOP_WAIT_S; then kill what is left (its trial stays
+    RUNNING until the next run's dead-worker check fails and re-queues it)."""
+    with _sigint_ignored(main):
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            alive = [p for p in procs if p.is_alive()]
+            if not alive:
+                break
+            for p in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
+            alive[0].join(0.5)
         for p in procs:
+            if p.is_alive():
+                p.kill()
             p.join()
-    bad = [f"worker {k} exit code {p.exitcode}" for k, p in enumerate(procs) if p.exitcode]
-    if bad:
-        on_poll()  # announce the trials that finished before the failure
-        raise RuntimeError("; ".join(bad))
