@@ -121,7 +121,9 @@ def test_a_member_that_leaves_does_not_change_the_others(tmp_path):
     assert isinstance(pruned.error, Pruned) and pruned.result.steps == 4
     assert pruned.result.flops == four[0].result.flops / 3
     assert not (Path(cfgs[1].train.run_dir) / "result.json").exists()  # as a pruned train()
-    unpacked = train(cfgs[3], dataset=dataset)
+    alone_cfg = copy.deepcopy(cfgs[3])  # its own run directory: the member's holds a run
+    alone_cfg.train.run_dir = str(tmp_path / "alone")
+    unpacked = train(alone_cfg, dataset=dataset)
     diverged = four[3].result
     assert four[3].error is None and unpacked.diverged and unpacked.steps < 12
     assert (diverged.diverged, diverged.steps) == (True, unpacked.steps)
