@@ -26,7 +26,6 @@ then, so the members' times add up to the pack's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -38,7 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mupsweep.config import Config, to_dict, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
@@ -119,15 +117,6 @@ def check_packable(cfgs: list[Config]) -> None:
                         "to compile each trial, or train.compile=false")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("a pack trains in one process; it cannot run under torchrun")
-
-
-def attention_backend_for_vmap(device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """CPU: torch has no vmap batching rule for its fused CPU attention kernel and would run it
-    once per member; the math backend is matmul + softmax, which vmap batches. (CUDA's fused
-    kernels have batching rules.)"""
-    if torch.device(device).type == "cpu":
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +452,7 @@ def train_step(pack: Pack) -> torch.Tensor:
                   noise=torch.stack([b.noise for b in batches]),
                   drop=torch.stack([b.drop for b in batches]),
                   cond={key: torch.stack([b.cond[key] for b in batches]) for key in batches[0].cond})
-    with attention_backend_for_vmap(pack.device), pack.autocast():
+    with pack.autocast():
         losses = pack.weights.losses(pack.diffusion, batch)
     losses.sum().backward()  # members share no weights: each gets its own loss's gradient
     pack.optimizer.clip_grad_norms()
@@ -482,7 +471,7 @@ def validation_losses(pack: Pack) -> list[float]:
     totals = torch.zeros(pack.weights.size, dtype=torch.float64, device=pack.device)
     for i in range(0, n, batch_size):
         s = slice(i, i + batch_size)
-        with attention_backend_for_vmap(pack.device), pack.autocast():
+        with pack.autocast():
             cond = {k: v[s] for k, v in val.cond.items()}
             per_sample = pack.weights.per_sample_losses(pack.diffusion, val.x0[s], val.t[s],
                                                         val.noise[s], cond)

@@ -26,7 +26,6 @@ image stream's attention branch). Embedders and the final layer are not.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mupsweep.completep import depth_scale
@@ -36,6 +35,7 @@ from mupsweep.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
     attention_scale,
     gain,
     get_2d_sincos_pos_embed,
@@ -106,7 +106,7 @@ class JointBlock(nn.Module):
         qc, kc, vc, mod_c = self.context_block.pre_attention(ctx, c)
         qx, kx, vx, mod_x = self.x_block.pre_attention(x, c)
         q, k, v = torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask), scale=self.scale)
+        out = attention(q, k, v, self.scale, key_mask(mask))
         B, Lc, D = ctx.shape
         out = out.transpose(1, 2).reshape(B, -1, D)  # (B, Lc + N, D)
         x = self.x_block.post_attention(x, out[:, Lc:], mod_x)

@@ -31,7 +31,6 @@ and the final layer are not.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mupsweep.completep import depth_scale
@@ -41,6 +40,7 @@ from mupsweep.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
     attention_scale,
     finite_parameter,
     get_2d_sincos_pos_embed,
@@ -79,7 +79,7 @@ class CrossAttention(nn.Module):
         q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_linear(y).reshape(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, heads, L, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask), scale=self.scale)
+        out = attention(q, k, v, self.scale, key_mask(mask))
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
