@@ -13,7 +13,7 @@ from conftest import TINY, assert_one_line_error, run_cli
     ("optim.lr=0", "optim.lr"),
     ("optim.lr=-1e-3", "optim.lr"),
     ("model.parametrization=ntk", "model.parametrization"),
-    ("model=no-such-preset", "model/no-such-preset"),
+    ("model=no-such-preset", "unknown model 'no-such-preset'"),
 ])
 def test_bad_config_is_one_line_exit_2(override, needle):
     assert_one_line_error(run_cli("train", *TINY, override), needle)
