@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -469,8 +470,10 @@ def _loop(run: Run, on_eval: EvalCallback | None) -> TrainResult:
             loss_value, finite = window.read(run.world)
             window_start, synced_at = synced_at + 1, step
             if log_due:
-                run.metrics.write({"step": step, "loss": loss_value, **run.lrs(),
+                lrs = run.lrs()
+                run.metrics.write({"step": step, "loss": loss_value, **lrs,
                                    "time_s": state.wall_time_s})
+                advance.log(step, loss_value, lrs["lr"])
             advance(step, loss_value)
             if not finite:
                 result.diverged = True
@@ -559,16 +562,38 @@ class _MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class _NoProgress:
+    def __call__(self, step: int, loss: float) -> None:
+        pass
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        pass
+
+
 class _progress:
-    """A rich progress bar on stderr (loss, steps/s), or nothing."""
+    """Progress on stderr: a rich bar on a terminal; otherwise (SLURM, nohup, CI logs) one
+    plain line per `train.log_every` steps: step, loss, lr, steps/s, ETA. Or nothing."""
 
     def __init__(self, enabled: bool, total: int, start: int, run_dir: Path):
         self.enabled, self.total, self.start, self.run_dir = enabled, total, start, run_dir
+        self.bar = None
 
     def __enter__(self):
         if not self.enabled:
-            return lambda step, loss: None
+            return _NoProgress()
         from rich.console import Console
+
+        console = Console(stderr=True)
+        # Said before the first step, so an interrupted run can be found and resumed.
+        console.print(f"run dir {self.run_dir} (continue it: mupsweep train --resume {self.run_dir})",
+                      highlight=False, soft_wrap=True, markup=False)
+        t0, s0 = time.perf_counter(), self.start
+
+        def rate(step: int) -> float:
+            return (step - s0) / max(1e-9, time.perf_counter() - t0)
+
+        if not console.is_terminal:
+            return _PlainLines(self.total, rate)
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -577,10 +602,6 @@ class _progress:
             TimeRemainingColumn,
         )
 
-        console = Console(stderr=True)
-        # Said before the first step, so an interrupted run can be found and resumed.
-        console.print(f"run dir {self.run_dir} (continue it: mupsweep train --resume {self.run_dir})",
-                      highlight=False, soft_wrap=True)
         self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"),
                             TextColumn("{task.fields[rate]:.1f} steps/s"), TimeRemainingColumn(),
@@ -588,15 +609,34 @@ class _progress:
         self.bar.__enter__()
         task = self.bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"),
                                  rate=0.0)
-        t0, s0 = time.perf_counter(), self.start
+        bar = self.bar
 
-        def advance(step: int, loss: float) -> None:
-            rate = (step - s0) / max(1e-9, time.perf_counter() - t0)
-            self.bar.update(task, completed=step, loss=loss, rate=rate)
+        class _Bar(_NoProgress):
+            def __call__(self, step: int, loss: float) -> None:
+                bar.update(task, completed=step, loss=loss, rate=rate(step))
 
-        return advance
+        return _Bar()
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
         return False
+
+
+class _PlainLines(_NoProgress):
+    """One line per log step, flushed at once, for logs that are files."""
+
+    def __init__(self, total: int, rate: Callable[[int], float]):
+        self.total, self.rate = total, rate
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        r = self.rate(step)
+        eta = (self.total - step) / r if r > 0 else math.inf
+        if math.isfinite(eta):
+            minutes, seconds = divmod(int(eta), 60)
+            eta_text = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+        else:
+            eta_text = "-"
+        sys.stderr.write(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  "
+                         f"{r:.2f} steps/s  ETA {eta_text}\n")
+        sys.stderr.flush()
