@@ -313,16 +313,24 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where everything goes"),
-         n_trials: int = typer.Option(12, "--trials", help="sweep trials on the proxies"),
+def demo(out_dir: Path = typer.Option(None, "--out", help="where everything goes "
+                                      "[default: runs/demo, with --quick runs/demo-quick]"),
+         n_trials: int = typer.Option(None, "--trials", help="sweep trials on the proxies "
+                                      "[default: 12, with --quick 6]"),
+         quick: bool = typer.Option(False, "--quick", help="a first look in about a minute: 6 "
+                                    "trials of 60 steps, a width-128 target trained 200 steps"),
          json_out: bool = JSON) -> None:
     """The main job on built-in digits: coord-check, tune, transfer, train, report."""
     import optuna
 
-    from mupsweep.demo import run_demo
+    from mupsweep.demo import QUICK, run_demo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summary = run_demo(out_dir, n_trials=n_trials, console=err)
+    settings = dict(QUICK) if quick else {}
+    if n_trials is not None:
+        settings["n_trials"] = n_trials
+    out_dir = out_dir or Path("runs/demo-quick" if quick else "runs/demo")
+    summary = run_demo(out_dir, console=err, **settings)
     if json_out:
         _print_json(summary)
     raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
