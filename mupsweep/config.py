@@ -109,7 +109,8 @@ class TrainConfig:
     resume: bool = False  # continue the run in run_dir (same config; steps may grow)
     save: bool = True  # write last.pt and the sample grid at the end (sweep trials: false)
     samples: int = 16  # images in the final sample grid (0: none)
-    progress: bool = True  # rich progress bar on stderr
+    progress: bool = True  # rich progress bar on stderr (plain lines when it is not a terminal)
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the .[tensorboard] extra)
     diverge_factor: float = 3.0  # stop as diverged when loss > factor x first loss (or NaN)
 
 
@@ -382,7 +383,7 @@ def set_by_path(cfg: Config, key: str, value: Any) -> None:
 
 # Keys that cannot change what a run computes: how often it logs, evaluates and checkpoints,
 # where and how fast it runs, what it saves at the end, and the other commands' sections.
-RESULT_NEUTRAL = ("train.progress", "train.log_every", "train.eval_every", "train.ckpt_every",
+RESULT_NEUTRAL = ("train.progress", "train.tensorboard", "train.log_every", "train.eval_every", "train.ckpt_every",
                   "train.device", "train.compile", "train.samples", "train.save",
                   "train.run_dir", "train.resume", "coord", "sweep", "provenance")
 

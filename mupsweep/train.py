@@ -286,7 +286,9 @@ def _build(cfg: Config, device: torch.device, rank: int, world: int, run_dir: Pa
         cfg=cfg, state=state, device=device, rank=rank, world=world, run_dir=run_dir,
         dataset=dataset, conditioner=conditioner, diffusion=diffusion, val_set=val_set,
         forward_model=forward_model, lock=lock, role_groups=role_groups(model, optimizer),
-        metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step, enabled=rank == 0),
+        metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step, enabled=rank == 0,
+                            tensorboard_dir=run_dir / "tensorboard" if tc.tensorboard else None,
+                            batch_size=tc.batch_size),
         train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
         local=slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world),
     )
@@ -442,6 +444,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     try:
         return _loop(run, on_eval)
     finally:
+        run.metrics.close()
         if run.lock is not None:
             run.lock.release()
 
@@ -536,10 +539,14 @@ def _write_text(path: Path, text: str) -> None:
 
 class _MetricsLog:
     """metrics.jsonl, one JSON object per line. On resume, lines past the checkpoint's step are
-    dropped so the file matches the weights."""
+    dropped so the file matches the weights. With `tensorboard_dir` (train.tensorboard=true)
+    every record also goes to TensorBoard: train/loss, validation/loss, lr/base and lr/<role>,
+    throughput/steps_per_s and images_per_s (events past a resumed step are purged)."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int, enabled: bool,
+                 tensorboard_dir: Path | None = None, batch_size: int = 0):
+        self.path, self.enabled, self.batch_size = path, enabled, batch_size
+        self.tb, self.last_log = None, None
         if not enabled:
             return
         kept = []
@@ -555,11 +562,50 @@ class _MetricsLog:
                 path.unlink()
             if kept:
                 path.write_text("\n".join(kept) + "\n")
+        if tensorboard_dir is not None:
+            self.tb = tensorboard_writer(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with _writing(self.path), self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                self._to_tensorboard(record)
+
+    def _to_tensorboard(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key == "loss":
+                self.tb.add_scalar("train/loss", value, step)
+            elif key == "validation_loss":
+                self.tb.add_scalar("validation/loss", value, step)
+            elif key == "lr":
+                self.tb.add_scalar("lr/base", value, step)
+            elif key.startswith("lr_"):
+                self.tb.add_scalar(f"lr/{key[3:]}", value, step)
+        if "time_s" in record:
+            if self.last_log is not None and record["time_s"] > self.last_log[1]:
+                rate = (step - self.last_log[0]) / (record["time_s"] - self.last_log[1])
+                self.tb.add_scalar("throughput/steps_per_s", rate, step)
+                self.tb.add_scalar("throughput/images_per_s", rate * self.batch_size, step)
+            self.last_log = (step, record["time_s"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
+    """A TensorBoard SummaryWriter (needs the `tensorboard` package: the .[tensorboard] extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard=true needs the tensorboard package: "
+                        "pip install 'mupsweep[tensorboard]' (or pip install tensorboard)") from None
+    with _writing(log_dir):
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 class _NoProgress:

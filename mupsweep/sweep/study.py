@@ -152,7 +152,8 @@ NOT_IN_SIGNATURE = (
     "sweep.n_trials", "sweep.storage", "sweep.out_dir", "sweep.study", "sweep.seed",
     "sweep.sampler", "sweep.pruner", "sweep.heartbeat_s", "sweep.grace_s", "sweep.max_retry",
     "sweep.pack",  # a packed member trains as its unpacked trial would (tests/test_packed.py)
-    "train.progress", "train.log_every", "train.device", "train.compile", "train.run_dir",
+    "train.progress", "train.tensorboard", "train.log_every", "train.device", "train.compile",
+    "train.run_dir",
     "train.resume", "train.save", "train.samples", "train.ckpt_every",
     "diffusion.sample_steps", "diffusion.cfg_scale", "model.width", "coord", "provenance",
 )
