@@ -50,7 +50,10 @@ def best_document(study: optuna.Study) -> dict[str, Any]:
                      "hparams": _hparams_of(t), "losses": dict(t.user_attrs.get("losses") or {}),
                      "flops": float(t.user_attrs.get("flops", 0.0)),
                      "wall_time_s": float(t.user_attrs.get("wall_time_s", 0.0)),
-                     "reason": t.user_attrs.get("reason", "")})
+                     "reason": t.user_attrs.get("reason", ""),
+                     # the last loss the pruner saw (what a pruned trial reached), or None
+                     "last_reported": (t.intermediate_values[max(t.intermediate_values)]
+                                       if t.intermediate_values else None)})
     return {
         "study": study.study_name,
         "storage": label_of(study),

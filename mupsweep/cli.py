@@ -248,7 +248,7 @@ def _print_slopes(r) -> None:
                 style = "red" if abs(v) > r.tolerance else "green"
                 cells.append(f"[{style}]{v:+.2f}[/]")
         table.add_row(str(module), *cells)
-    err.print(table)
+    _print_wide(table)
     verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
     err.print(f"{verdict} ({r.parametrization}): max |slope| {r.max_abs_slope:.2f} at {r.worst}, "
               f"tolerance {r.tolerance}; plot {r.plot_path}")
@@ -295,7 +295,7 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
                       "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
                       f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
                       f"{r['eps']:.3g}")
-    err.print(table)
+    _print_wide(table)
     blocks = describe_blocks(model)
     mults = sorted({b["residual_mult"] for b in blocks})
     err.print(f"{len(blocks)} residual blocks, each branch added x "
@@ -305,6 +305,18 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
     err.print(f"{len(rows)} tensors, {n:,} parameters")
     if json_out:
         _print_json(rows)
+
+
+def _print_wide(table: Table) -> None:
+    """A table at its natural width when stderr is not a terminal (a file, a pipe: rich would
+    squeeze it into 80 columns and cut every cell); on a terminal, the terminal's width."""
+    if err.is_terminal:
+        err.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(err, err.options.update_width(10_000), table).maximum
+    Console(stderr=True, width=max(err.width, natural)).print(table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +510,7 @@ def _print_best_trials(doc: dict, top: int = 10) -> None:
                       *[f"{t['losses'].get(w, math.nan):.4f}" for w in widths],
                       *[f"{t['hparams'].get(k):.4g}" if isinstance(t["hparams"].get(k), float)
                         else str(t["hparams"].get(k)) for k in keys])
-    err.print(table)
+    _print_wide(table)
     c = doc["cost"]
     extra = "".join(f", {c[k]} {k[2:]}" for k in ("n_interrupted", "n_surplus") if c.get(k))
     err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed{extra}; "
