@@ -136,7 +136,9 @@ class FixedValidationSet:
 
 def make_ema(model: nn.Module, cfg: Config, spec: DataSpec, device: torch.device) -> nn.Module:
     """EMA weights in a freshly built model (which has its own base shapes): mup's infshape
-    does not survive copy.deepcopy, so we copy tensors, never the module."""
+    does not survive copy.deepcopy, so we copy tensors, never the module. (Our own EMA for
+    that reason: torch's `swa_utils.AveragedModel` deep-copies the module, and its copy would
+    sample as an SP model with the muP weights.)"""
     ema = build_model(cfg.model, spec, device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
