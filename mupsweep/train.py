@@ -137,8 +137,8 @@ class FixedValidationSet:
 def make_ema(model: nn.Module, cfg: Config, spec: DataSpec, device: torch.device) -> nn.Module:
     """EMA weights in a freshly built model (which has its own base shapes): mup's infshape
     does not survive copy.deepcopy, so we copy tensors, never the module. (Our own EMA for
-    that reason: torch's `swa_utils.AveragedModel` deep-copies the module, and its copy would
-    sample as an SP model with the muP weights.)"""
+    that reason: torch's `swa_utils.AveragedModel` deep-copies the module, and its copy has
+    lost the base shapes that MuReadout's output scaling reads.)"""
     ema = build_model(cfg.model, spec, device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
