@@ -1,9 +1,10 @@
 """Structured configs: the single source of truth for every knob, and Hydra composition.
 
 Every field has a comment saying what it is. Hydra YAML files fill these dataclasses: the
-packaged defaults under `mupsweep/configs/` (so an installed mupsweep composes anywhere), then
-the user's own `./configs` of the current directory (or `--config-dir DIR`) on the search path,
-so `configs/model/mine.yaml` is `model=mine`. Merging into the dataclass schema rejects unknown
+user's own `./configs` of the current directory (or `--config-dir DIR`) first, so
+`configs/model/mine.yaml` is `model=mine`, then the packaged defaults under `mupsweep/configs/`
+(so an installed mupsweep composes anywhere; the root defaults list is
+`mupsweep/config_root/config.yaml`). Merging into the dataclass schema rejects unknown
 keys and wrong types, so a typo on the command line is an error naming the nearest valid name,
 not a silently ignored override.
 """
@@ -24,7 +25,11 @@ from omegaconf.errors import OmegaConfBaseException
 from mupsweep.errors import UserError
 from mupsweep.util import first_line
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs"  # the packaged config groups (model/, data/, ...)
+# The packaged root config (defaults list) lives apart from the groups, so that Hydra's search
+# path can be: root, then the user's configs, then the packaged groups; a user's
+# configs/model/dit-tiny.yaml then wins over the packaged one, as Hydra users expect.
+ROOT_CONFIG_DIR = Path(__file__).parent / "config_root"
 USER_CONFIG_DIR = "configs"  # the user's presets, relative to the current directory
 
 
@@ -188,8 +193,8 @@ def _to_config(node: Any) -> Config:
 
 
 def config_search_path(config_dir: str | Path | None = None) -> list[Path]:
-    """Where config groups are looked up, in order: the packaged defaults, then `config_dir`
-    (must exist) or else `./configs` when the current directory has one."""
+    """The packaged config groups, then `config_dir` (must exist) or else `./configs` when the
+    current directory has one. (Hydra looks in the user's before the packaged: `compose`.)"""
     if config_dir is not None:
         user = Path(config_dir)
         if not user.is_dir():
@@ -285,12 +290,16 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
         raise UserError("hydra.searchpath is set by mupsweep: put your configs in ./configs "
                         "or give --config-dir DIR")
     _check_group_names(overrides, config_dir)
-    search = [f"file://{p}" for p in config_search_path(config_dir)[1:]]
-    hydra_overrides = overrides + ([f"hydra.searchpath=[{','.join(search)}]"] if search else [])
+    # Looked up in this order: the root config (the user's configs/config.yaml if there is
+    # one, else the packaged one), the user's groups, the packaged groups.
+    user_dirs = config_search_path(config_dir)[1:]
+    root = next((d for d in user_dirs if (d / "config.yaml").is_file()), ROOT_CONFIG_DIR)
+    search = ",".join(f"file://{p}" for p in [*user_dirs, CONFIG_DIR] if p != root)
+    hydra_overrides = [*overrides, f"hydra.searchpath=[{search}]"]
     ConfigStore.instance().store(name="schema", node=Config)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             node = hydra_compose(config_name="config", overrides=hydra_overrides)
     except MissingConfigException as e:
         raise UserError(_missing_option_message(e, config_dir)) from None

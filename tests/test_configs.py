@@ -36,6 +36,22 @@ def test_configs_of_the_current_directory_are_on_the_search_path(tmp_path):
     assert not (tmp_path / "runs").exists()  # --cfg runs nothing
 
 
+def test_a_users_preset_with_a_packaged_name_wins(tmp_path, cli):
+    """Hydra users expect their own file to replace the packaged one, not to be ignored."""
+    (tmp_path / "configs" / "model").mkdir(parents=True)
+    (tmp_path / "configs" / "model" / "dit-tiny.yaml").write_text(
+        "arch: dit\nwidth: 48\nhead_dim: 16\nbase_width: 32\n")
+    assert yaml.safe_load(cli("train", "--cfg").stdout)["model"]["width"] == 48  # the default
+    assert yaml.safe_load(cli("train", "model=dit-s-2", "--cfg").stdout)["model"]["width"] == 384
+
+
+def test_a_users_root_config_replaces_the_defaults_list(tmp_path, cli):
+    (tmp_path / "configs").mkdir()
+    root = (REPO / "mupsweep" / "config_root" / "config.yaml").read_text()
+    (tmp_path / "configs" / "config.yaml").write_text(root.replace("model: dit-tiny", "model: dit-s-2"))
+    assert yaml.safe_load(cli("train", "--cfg").stdout)["model"]["width"] == 384
+
+
 def test_config_dir_option(tmp_path, cli):
     write_preset(tmp_path / "elsewhere", width=112)
     (tmp_path / "elsewhere" / "model" / "mine.yaml").write_text("arch: dit\nwidth: 112\n")
