@@ -557,13 +557,19 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  steps: int = typer.Option(None, "--steps", help="target train.steps"),
                  out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
                  force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
-                 storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON) -> None:
+                 storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON,
+                 print_cfg: bool = typer.Option(False, "--cfg", help="print the target config "
+                                                "(YAML) on stdout instead of writing it (= -o -)")) -> None:
     """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
 
     Train it with `mupsweep train --config TARGET.yaml`."""
     from mupsweep.transfer import check_output, write_config
     from mupsweep.transfer import transfer as run_transfer
 
+    if print_cfg:
+        if out not in (None, "-"):
+            raise UserError(f"--cfg prints the target config; drop -o {out}, or drop --cfg")
+        out = "-"
     if out is None:
         raise UserError("no output: give -o TARGET.yaml (or -o - to print the YAML on stdout)")
     if out == "-" and json_out:

@@ -42,6 +42,9 @@ def test_the_study_names_its_metric_and_keeps_the_base_config_out_of_user_attrs(
     assert run_cli("transfer", "--storage", storage, "--study", "s", "--width", "64", "-o",
                    str(tmp_path / "u.yaml")).returncode == 0
     assert out.read_text() == (tmp_path / "u.yaml").read_text().replace("u.yaml", "t.yaml")
+    printed = run_cli("transfer", str(tmp_path / "best.json"), "--width", "64", "--cfg")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == out.read_text()  # --cfg: the same YAML, on stdout, no file
 
 
 def test_a_study_that_keeps_its_base_config_in_user_attrs_still_opens(tmp_path):
