@@ -47,6 +47,9 @@ def test_inspect_lists_roles():
 
 def test_coord_check_cli_exit_codes(tmp_path):
     args = ["coord.widths=[32,64,128,256]", f"coord.out_dir={tmp_path}"]
-    assert run_cli("coord-check", *args).returncode == 0
+    mup = run_cli("coord-check", *args)
+    assert mup.returncode == 0
+    assert "coordinate check [mup]" in mup.stderr  # rich must not eat "[mup]" as markup
     sp = run_cli("coord-check", "model.parametrization=sp", *args)
     assert sp.returncode == 1 and "FAIL" in sp.stderr
+    assert "coordinate check [sp]" in sp.stderr
