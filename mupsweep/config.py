@@ -236,6 +236,9 @@ def _unknown_key_message(e: BaseException | None) -> str | None:
     """'unknown key model.widht; did you mean model.width? (keys of model: ...)' for an
     OmegaConf "Key 'x' not in 'Y'" error, else None."""
     full_key = getattr(e, "full_key", None)
+    if not full_key:  # Hydra wraps the error of a key inside a group file in its message
+        found = re.search(r"not in '\w+'\s+full_key: (\S+)", str(e or ""))
+        full_key = found.group(1) if found else None
     if not full_key or "not in" not in str(e):
         return None
     section, _, name = str(full_key).rpartition(".")
@@ -306,7 +309,8 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     except (HydraException, OmegaConfBaseException) as e:
         known = _unknown_key_message(e.__cause__) or _unknown_key_message(e)
         if known:
-            raise UserError(known) from None
+            where = re.match(r"In '([^']+)'", str(e))  # the group file that has the key
+            raise UserError((f"{where.group(1)}.yaml: " if where else "") + known) from None
         cause = f" ({first_line(e.__cause__)})" if e.__cause__ is not None else ""
         raise UserError(f"config error: {first_line(e)}{cause}") from None
     finally:

@@ -120,6 +120,13 @@ def test_a_wrong_name_names_the_valid_ones(cli, override, needles):
     assert_one_line_error(cli("train", override), *needles)
 
 
+def test_a_wrong_key_in_a_users_preset_names_the_file_and_the_valid_ones(cli, tmp_path):
+    (tmp_path / "configs" / "model").mkdir(parents=True)
+    (tmp_path / "configs" / "model" / "mine.yaml").write_text("arch: dit\nwidht: 96\n")
+    assert_one_line_error(cli("train", "model=mine", "--cfg"), "model/mine.yaml: unknown key "
+                          "model.widht; did you mean model.width?")
+
+
 def test_a_wrong_key_in_a_config_file_names_the_valid_ones(cli, tmp_path):
     good = cli("train", "--cfg").stdout
     bad = tmp_path / "bad.yaml"
