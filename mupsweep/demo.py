@@ -67,7 +67,7 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
         r = coord_check(cfg, out_dir=cfg.coord.out_dir)
         verdict = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
         console.print(f"{par}: {verdict} (max |slope| {r.max_abs_slope:.2f} at {r.worst}) "
-                      f"-> {r.plot_path}", highlight=False)
+                      f"-> {r.plot_path}", highlight=False, soft_wrap=True)
         summary[f"coord_check_{par}"] = {"passed": r.passed, "max_abs_slope": r.max_abs_slope,
                                          "plot": r.plot_path}
 
@@ -82,13 +82,13 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
         f"train.run_dir={out_dir}/target", "train.resume=true", f"train.eval_every={max(1, target_steps // 6)}",
         "train.ema_decay=0.99", "train.samples=30", "train.progress=true"])
     for w in result.warnings:
-        console.print(f"warning: {w}", highlight=False)
-    console.print(result.cost_line, highlight=False)
+        console.print(f"warning: {w}", highlight=False, soft_wrap=True)
+    console.print(result.cost_line, highlight=False, soft_wrap=True)
     target_yaml = write_config(result.config, out_dir / "target.yaml")
     run = train(result.config)
     console.print(f"target: validation loss {run.initial_validation_loss:.4f} -> "
                   f"{run.validation_loss:.4f} in {run.steps} steps ({run.wall_time_s:.0f} s); "
-                  f"samples {run.samples_path}", highlight=False)
+                  f"samples {run.samples_path}", highlight=False, soft_wrap=True)
     summary["target"] = {"config": target_yaml, "width": result.config.model.width,
                          "validation_loss": run.validation_loss,
                          "steps": run.steps, "wall_time_s": run.wall_time_s, "flops": run.flops,
@@ -99,5 +99,5 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
     report = write_report(best, out_dir / "report")
     summary["report"] = str(report)
     console.print(f"report {report}; tuning cost {summary['tuning_cost_pct_of_target_flops']:.1f} % "
-                  "of the target run's FLOPs", highlight=False)
+                  "of the target run's FLOPs", highlight=False, soft_wrap=True)
     return summary
