@@ -24,6 +24,7 @@ from mupsweep.errors import UserError
 from mupsweep.storage import label_of, open_for_reading, parse_storage, redact_text
 from mupsweep.sweep.retry import is_interrupted, is_surplus
 from mupsweep.sweep.space import config_values
+from mupsweep.sweep.study import study_base_config
 from mupsweep.util import atomic_write_text, first_line, json_safe
 
 # Keys every best document must have (the rest are optional and only enrich provenance).
@@ -49,7 +50,10 @@ def best_document(study: optuna.Study) -> dict[str, Any]:
                      "hparams": _hparams_of(t), "losses": dict(t.user_attrs.get("losses") or {}),
                      "flops": float(t.user_attrs.get("flops", 0.0)),
                      "wall_time_s": float(t.user_attrs.get("wall_time_s", 0.0)),
-                     "reason": t.user_attrs.get("reason", "")})
+                     "reason": t.user_attrs.get("reason", ""),
+                     # the last loss the pruner saw (what a pruned trial reached), or None
+                     "last_reported": (t.intermediate_values[max(t.intermediate_values)]
+                                       if t.intermediate_values else None)})
     return {
         "study": study.study_name,
         "storage": label_of(study),
@@ -58,7 +62,7 @@ def best_document(study: optuna.Study) -> dict[str, Any]:
         "trial": best.number if best else None,
         "hparams": _hparams_of(best) if best else {},
         "proxy_widths": list(attrs.get("proxy_widths") or []),
-        "base_config": attrs.get("base_config", {}),
+        "base_config": study_base_config(study),
         "cost": {"flops": sum(r["flops"] for r in rows),
                  "wall_time_s": sum(r["wall_time_s"] for r in rows),
                  "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),

@@ -20,13 +20,36 @@ from rich.table import Table
 
 from mupsweep.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="muP hyperparameter transfer for diffusion transformers.")
 err = Console(stderr=True)
 
-OVERRIDES = typer.Argument(None, help="Hydra overrides: model=dit-tiny model.width=128 optim.lr=2e-3")
+OVERRIDES = typer.Argument(None, help="Hydra overrides: model=dit-tiny model.width=128 optim.lr=2e-3 "
+                           "(groups and their options: below)")
 JSON = typer.Option(False, "--json", help="print one JSON document on stdout")
 CONFIG = typer.Option(None, "--config", help="a resolved YAML (from transfer or a run dir) as base")
+PRINT_CFG = typer.Option(False, "--cfg", help="print the resolved config (YAML) on stdout and "
+                         "exit without running (Hydra's --cfg job)")
+CONFIG_DIR = typer.Option(None, "--config-dir", help="your config groups (DIR/model/NAME.yaml is "
+                          "model=NAME) [default: ./configs when it exists]")
+
+
+def _groups_epilog() -> str:
+    """The config groups and their options on the search path, for --help."""
+    from mupsweep.config import config_groups
+
+    try:
+        groups = config_groups()
+    except (OSError, UserError):
+        return ""
+    listed = "\n\n".join(f"{'+' if g == 'experiment' else ''}{g}=: {', '.join(opts)}"
+                         for g, opts in groups.items())
+    return ("Config groups (group=option; add your own as ./configs/GROUP/NAME.yaml or "
+            f"--config-dir DIR):\n\n{listed}")
+
+
+EPILOG = _groups_epilog()
+app.info.epilog = EPILOG
 
 
 def _print_json(doc: object) -> None:
@@ -37,10 +60,26 @@ def _print_json(doc: object) -> None:
     sys.stdout.flush()
 
 
-def _compose(overrides: list[str] | None, config: Path | None = None):
+def _compose(overrides: list[str] | None, config: Path | None = None,
+             config_dir: Path | None = None):
     from mupsweep.config import compose
 
-    return compose(overrides or [], config_file=str(config) if config else None)
+    return compose(overrides or [], config_file=str(config) if config else None,
+                   config_dir=config_dir)
+
+
+def _print_cfg(cfg) -> None:
+    """--cfg: the resolved config as YAML on stdout (storage password hidden), then exit 0."""
+    import copy
+
+    from mupsweep.config import to_yaml
+    from mupsweep.storage import redact_url
+
+    shown = copy.deepcopy(cfg)
+    shown.sweep.storage = redact_url(shown.sweep.storage)
+    sys.stdout.write(to_yaml(shown))
+    sys.stdout.flush()
+    raise typer.Exit(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,8 +87,9 @@ def _compose(overrides: list[str] | None, config: Path | None = None):
 # --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON,
+          print_cfg: bool = PRINT_CFG, config_dir: Path = CONFIG_DIR,
           resume: Path = typer.Option(None, "--resume", help="continue the run in this run "
                                       "directory: its config.yaml is the base, with overrides "
                                       "on top (train.steps may grow)"),
@@ -63,7 +103,9 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
     exit 1 when the run diverged."""
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node={nproc_per_node}: give 1 or more processes")
-    cfg = _train_config(overrides, config, resume)  # validate before any process starts
+    cfg = _train_config(overrides, config, resume, config_dir)  # validate before any process starts
+    if print_cfg:
+        _print_cfg(cfg)
     if nproc_per_node > 1 or nnodes != "1":
         if cfg.train.run_dir is not None:  # refuse here, before torchrun repeats it per rank
             from mupsweep.rundir import RunDirLock, check_run_dir
@@ -77,6 +119,8 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
         if node_rank is not None:
             launch += [f"--node-rank={node_rank}"]
         args = ["-m", "mupsweep.cli", "train", *(overrides or [])]
+        if config_dir:
+            args += ["--config-dir", str(config_dir)]
         if config:
             args += ["--config", str(config)]
         if resume:
@@ -101,11 +145,12 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
         raise typer.Exit(1)
 
 
-def _train_config(overrides: list[str] | None, config: Path | None, resume: Path | None):
+def _train_config(overrides: list[str] | None, config: Path | None, resume: Path | None,
+                  config_dir: Path | None = None):
     """The run's config. `--resume R [overrides]` is `--config R/config.yaml [overrides]
     train.run_dir=R train.resume=true`."""
     if resume is None:
-        return _compose(overrides, config)
+        return _compose(overrides, config, config_dir)
     if config is not None:
         raise UserError("--resume takes the run's own config.yaml as the base; drop --config")
     for item in overrides or []:
@@ -124,8 +169,9 @@ def _train_config(overrides: list[str] | None, config: Path | None, resume: Path
 # --------------------------------------------------------------------------------------------
 
 
-@app.command("coord-check")
+@app.command("coord-check", epilog=EPILOG)
 def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
+                print_cfg: bool = PRINT_CFG, config_dir: Path = CONFIG_DIR,
                 both: bool = typer.Option(False, "--both", help="also run SP (with --depths: the "
                                           "other depth parametrization), to show it fail"),
                 depths: str = typer.Option(None, "--depths", help="check across depth instead, "
@@ -135,7 +181,9 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     from mupsweep.config import set_by_path
     from mupsweep.coordcheck import coord_check as run_check
 
-    cfg = _compose(overrides)
+    cfg = _compose(overrides, config_dir=config_dir)
+    if print_cfg:
+        _print_cfg(cfg)
     if depths is not None:
         _coord_check_depths(cfg, _int_list(depths, "--depths"), both, json_out)
     parametrizations = [cfg.model.parametrization] + (["sp" if cfg.model.parametrization == "mup" else "mup"] if both else [])
@@ -200,14 +248,15 @@ def _print_slopes(r) -> None:
                 style = "red" if abs(v) > r.tolerance else "green"
                 cells.append(f"[{style}]{v:+.2f}[/]")
         table.add_row(str(module), *cells)
-    err.print(table)
+    _print_wide(table)
     verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
     err.print(f"{verdict} ({r.parametrization}): max |slope| {r.max_abs_slope:.2f} at {r.worst}, "
               f"tolerance {r.tolerance}; plot {r.plot_path}")
 
 
-@app.command()
-def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON) -> None:
+@app.command(epilog=EPILOG)
+def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: bool = JSON,
+            print_cfg: bool = PRINT_CFG, config_dir: Path = CONFIG_DIR) -> None:
     """Show each parameter's muP role, init std and the lr the optimizer really uses."""
     from mupsweep.completep import base_depth_of
     from mupsweep.data import load_dataset
@@ -220,7 +269,9 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
         make_optimizer,
     )
 
-    cfg = _compose(overrides, config)
+    cfg = _compose(overrides, config, config_dir)
+    if print_cfg:
+        _print_cfg(cfg)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
     m = cfg.model
@@ -244,7 +295,7 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
                       "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
                       f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
                       f"{r['eps']:.3g}")
-    err.print(table)
+    _print_wide(table)
     blocks = describe_blocks(model)
     mults = sorted({b["residual_mult"] for b in blocks})
     err.print(f"{len(blocks)} residual blocks, each branch added x "
@@ -256,29 +307,50 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
         _print_json(rows)
 
 
+def _print_wide(table: Table) -> None:
+    """A table at its natural width when stderr is not a terminal (a file, a pipe: rich would
+    squeeze it into 80 columns and cut every cell); on a terminal, the terminal's width."""
+    if err.is_terminal:
+        err.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(err, err.options.update_width(10_000), table).maximum
+    Console(stderr=True, width=max(err.width, natural)).print(table)
+
+
 # --------------------------------------------------------------------------------------------
 # demo: the main job on the built-in data
 # --------------------------------------------------------------------------------------------
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="where everything goes"),
-         n_trials: int = typer.Option(12, "--trials", help="sweep trials on the proxies"),
+def demo(out_dir: Path = typer.Option(None, "--out", help="where everything goes "
+                                      "[default: runs/demo, with --quick runs/demo-quick]"),
+         n_trials: int = typer.Option(None, "--trials", help="sweep trials on the proxies "
+                                      "[default: 12, with --quick 6]"),
+         quick: bool = typer.Option(False, "--quick", help="a first look in about a minute: 6 "
+                                    "trials of 60 steps, a width-128 target trained 200 steps"),
          json_out: bool = JSON) -> None:
     """The main job on built-in digits: coord-check, tune, transfer, train, report."""
     import optuna
 
-    from mupsweep.demo import run_demo
+    from mupsweep.demo import QUICK, run_demo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summary = run_demo(out_dir, n_trials=n_trials, console=err)
+    settings = dict(QUICK) if quick else {}
+    if n_trials is not None:
+        settings["n_trials"] = n_trials
+    out_dir = out_dir or Path("runs/demo-quick" if quick else "runs/demo")
+    summary = run_demo(out_dir, console=err, **settings)
     if json_out:
         _print_json(summary)
     raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
+             print_cfg: bool = PRINT_CFG, config_dir: Path = CONFIG_DIR,
              widths: str = typer.Option(None, "--widths", help="comma-separated widths "
                                         "[default: 32,64,128,256; with --depths: model.width, or "
                                         "one width per depth for a joint grid]"),
@@ -308,19 +380,21 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         except ValueError:
             raise UserError(f"{what}={text!r}: give comma-separated integers") from None
 
+    if print_cfg:
+        _print_cfg(_compose(overrides, config_dir=config_dir))
     grid, note = parse_log2_grid(lrs)
     if note:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if depths is not None:
         _validate_depths(overrides, widths, depths, depth_pars, grid, ints(seeds, "--seeds"),
-                         workers, json_out)
+                         workers, json_out, config_dir)
         return
     width_list, seed_list = ints(widths or "32,64,128,256", "--widths"), ints(seeds, "--seeds")
     check_grid(width_list, grid, seed_list)
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
     if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
-    cfg = _compose(overrides)
+    cfg = _compose(overrides, config_dir=config_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         result = run_validate(cfg, width_list, grid, seed_list, pars, workers=workers, pack=pack)
@@ -340,7 +414,7 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
 
 def _validate_depths(overrides: list[str] | None, widths: str | None, depths: str,
                      depth_pars: str, grid: list[float], seeds: list[int], workers: int,
-                     json_out: bool) -> None:
+                     json_out: bool, config_dir: Path | None = None) -> None:
     """validate --depths: shapes (model.width, d), or (w, d) pairs for a joint grid."""
     import optuna
 
@@ -350,7 +424,7 @@ def _validate_depths(overrides: list[str] | None, widths: str | None, depths: st
     pars = tuple(p.strip() for p in depth_pars.split(",") if p.strip())
     if not pars or any(p not in ("none", "completep") for p in pars):
         raise UserError(f"--depth-parametrizations={depth_pars!r}: use none, completep or both")
-    cfg = _compose(overrides)
+    cfg = _compose(overrides, config_dir=config_dir)
     ws = _int_list(widths, "--widths") if widths is not None else [cfg.model.width] * len(ds)
     if len(ws) != len(ds):
         raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
@@ -373,8 +447,9 @@ def _validate_depths(overrides: list[str] | None, widths: str | None, depths: st
 # --------------------------------------------------------------------------------------------
 
 
-@app.command("tune")
+@app.command("tune", epilog=EPILOG)
 def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
+             print_cfg: bool = PRINT_CFG, config_dir: Path = CONFIG_DIR,
              storage: str = typer.Option(None, "--storage", help="Optuna storage: SQLAlchemy URL, "
                                          "PATH.journal or journal:PATH (= sweep.storage)"),
              study: str = typer.Option(None, "--study", help="study name (= sweep.study)"),
@@ -383,7 +458,14 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
 
     Re-run the same command (here or on another machine, same --storage) to add workers or to
     continue an interrupted study. Writes sweep.out_dir/trials.csv and best.json. Exit 1 when
-    the sweep ran but has nothing to transfer (budget not met, or no trial completed)."""
+    the sweep ran but has nothing to transfer (budget not met, or no trial completed).
+
+    Search space: sweep.params, a list of axes {name, type (float|int|categorical), low, high,
+    log2 / log, step, choices}; default: log2 of optim.lr, model.init_mult and
+    model.output_mult. E.g. 'sweep.params=[{name: optim.lr, log2: true, low: -12, high: -6}]'
+    (quote it for the shell), or sweep=paper-grid (lr = 2^-13 .. 2^-9, sampler grid).
+    Sampler: sweep.sampler=tpe|gp|random|grid; pruner: sweep.pruner=hyperband|
+    successive_halving|median|none."""
     import optuna
 
     from mupsweep.best import best_document
@@ -391,11 +473,13 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     from mupsweep.tune import SweepFailed
     from mupsweep.tune import tune as run_tune
 
-    cfg = _compose(overrides)
+    cfg = _compose(overrides, config_dir=config_dir)
     if storage is not None:
         set_by_path(cfg, "sweep.storage", storage)
     if study is not None:
         set_by_path(cfg, "sweep.study", study)
+    if print_cfg:
+        _print_cfg(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial lines instead
     try:
         result = run_tune(cfg, workers=workers)
@@ -426,7 +510,7 @@ def _print_best_trials(doc: dict, top: int = 10) -> None:
                       *[f"{t['losses'].get(w, math.nan):.4f}" for w in widths],
                       *[f"{t['hparams'].get(k):.4g}" if isinstance(t["hparams"].get(k), float)
                         else str(t["hparams"].get(k)) for k in keys])
-    err.print(table)
+    _print_wide(table)
     c = doc["cost"]
     extra = "".join(f", {c[k]} {k[2:]}" for k in ("n_interrupted", "n_surplus") if c.get(k))
     err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed{extra}; "
@@ -473,13 +557,19 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  steps: int = typer.Option(None, "--steps", help="target train.steps"),
                  out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
                  force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
-                 storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON) -> None:
+                 storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON,
+                 print_cfg: bool = typer.Option(False, "--cfg", help="print the target config "
+                                                "(YAML) on stdout instead of writing it (= -o -)")) -> None:
     """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
 
     Train it with `mupsweep train --config TARGET.yaml`."""
     from mupsweep.transfer import check_output, write_config
     from mupsweep.transfer import transfer as run_transfer
 
+    if print_cfg:
+        if out not in (None, "-"):
+            raise UserError(f"--cfg prints the target config; drop -o {out}, or drop --cfg")
+        out = "-"
     if out is None:
         raise UserError("no output: give -o TARGET.yaml (or -o - to print the YAML on stdout)")
     if out == "-" and json_out:

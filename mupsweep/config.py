@@ -1,13 +1,18 @@
 """Structured configs: the single source of truth for every knob, and Hydra composition.
 
-Every field has a comment saying what it is. Hydra YAML files under `mupsweep/configs/` fill
-these dataclasses; merging into the dataclass schema rejects unknown keys and wrong types, so a
-typo on the command line is an error, not a silently ignored override.
+Every field has a comment saying what it is. Hydra YAML files fill these dataclasses: the
+user's own `./configs` of the current directory (or `--config-dir DIR`) first, so
+`configs/model/mine.yaml` is `model=mine`, then the packaged defaults under `mupsweep/configs/`
+(so an installed mupsweep composes anywhere; the root defaults list is
+`mupsweep/config_root/config.yaml`). Merging into the dataclass schema rejects unknown
+keys and wrong types, so a typo on the command line is an error naming the nearest valid name,
+not a silently ignored override.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,7 +25,12 @@ from omegaconf.errors import OmegaConfBaseException
 from mupsweep.errors import UserError
 from mupsweep.util import first_line
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs"  # the packaged config groups (model/, data/, ...)
+# The packaged root config (defaults list) lives apart from the groups, so that Hydra's search
+# path can be: root, then the user's configs, then the packaged groups; a user's
+# configs/model/dit-tiny.yaml then wins over the packaged one, as Hydra users expect.
+ROOT_CONFIG_DIR = Path(__file__).parent / "config_root"
+USER_CONFIG_DIR = "configs"  # the user's presets, relative to the current directory
 
 
 @dataclass
@@ -104,7 +114,8 @@ class TrainConfig:
     resume: bool = False  # continue the run in run_dir (same config; steps may grow)
     save: bool = True  # write last.pt and the sample grid at the end (sweep trials: false)
     samples: int = 16  # images in the final sample grid (0: none)
-    progress: bool = True  # rich progress bar on stderr
+    progress: bool = True  # rich progress bar on stderr (plain lines when it is not a terminal)
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the .[tensorboard] extra)
     diverge_factor: float = 3.0  # stop as diverged when loss > factor x first loss (or NaN)
 
 
@@ -176,13 +187,73 @@ def _to_config(node: Any) -> Config:
         merged = OmegaConf.merge(schema, node)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise UserError(f"config error: {first_line(e)}") from None
+        raise UserError(_unknown_key_message(e) or f"config error: {first_line(e)}") from None
     check_config(cfg)
     return cfg
 
 
-def compose(overrides: list[str] | None = None, config_file: str | None = None) -> Config:
-    """Build a Config from the packaged Hydra configs plus `key=value` overrides.
+def config_search_path(config_dir: str | Path | None = None) -> list[Path]:
+    """The packaged config groups, then `config_dir` (must exist) or else `./configs` when the
+    current directory has one. (Hydra looks in the user's before the packaged: `compose`.)"""
+    if config_dir is not None:
+        user = Path(config_dir)
+        if not user.is_dir():
+            raise UserError(f"--config-dir {user}: not a directory")
+        return [CONFIG_DIR, user.resolve()]
+    user = Path(USER_CONFIG_DIR)
+    return [CONFIG_DIR, user.resolve()] if user.is_dir() else [CONFIG_DIR]
+
+
+def config_groups(config_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """{group: sorted option names} over the search path (model: dit-tiny, dit-s-2, ...)."""
+    groups: dict[str, set[str]] = {}
+    for root in config_search_path(config_dir):
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            names = {f.stem for f in sub.glob("*.yaml")}
+            if names:
+                groups.setdefault(sub.name, set()).update(names)
+    return {g: sorted(v) for g, v in sorted(groups.items())}
+
+
+def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:
+    """'did you mean PREFIXoption? ' for the nearest option, or '' when none is near."""
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"did you mean {prefix}{close[0]}? " if close else ""
+
+
+def _schema_keys(path: str) -> list[str] | None:
+    """The field names of the schema section at `path` ('' = top level); None if not one."""
+    obj: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+        if part not in fields:
+            return None
+        obj = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
+    return [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else None
+
+
+def _unknown_key_message(e: BaseException | None) -> str | None:
+    """'unknown key model.widht; did you mean model.width? (keys of model: ...)' for an
+    OmegaConf "Key 'x' not in 'Y'" error, else None."""
+    full_key = getattr(e, "full_key", None)
+    if not full_key:  # Hydra wraps the error of a key inside a group file in its message
+        found = re.search(r"not in '\w+'\s+full_key: (\S+)", str(e or ""))
+        full_key = found.group(1) if found else None
+    if not full_key or "not in" not in str(e):
+        return None
+    section, _, name = str(full_key).rpartition(".")
+    keys = _schema_keys(section)
+    if keys is None:
+        return None
+    where = f"keys of {section}" if section else "sections"
+    hint = _did_you_mean(name, keys, f"{section}." if section else "")
+    return f"unknown key {full_key}{'; ' + hint if hint else ' '}({where}: {', '.join(keys)})"
+
+
+def compose(overrides: list[str] | None = None, config_file: str | None = None,
+            config_dir: str | Path | None = None) -> Config:
+    """Build a Config from the Hydra configs on the search path (`config_search_path`) plus
+    `key=value` overrides; `+experiment=NAME` applies `configs/experiment/NAME.yaml`.
 
     With `config_file` (a resolved YAML from `transfer` or a run directory) that file is the
     base instead of the packaged defaults, and overrides apply on top of it.
@@ -216,19 +287,66 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None) 
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
 
+    if any(o.split("=", 1)[0] == "hydra.searchpath" for o in overrides):
+        raise UserError("hydra.searchpath is set by mupsweep: put your configs in ./configs "
+                        "or give --config-dir DIR")
+    _check_group_names(overrides, config_dir)
+    # Looked up in this order: the root config (the user's configs/config.yaml if there is
+    # one, else the packaged one), the user's groups, the packaged groups.
+    user_dirs = config_search_path(config_dir)[1:]
+    root = next((d for d in user_dirs if (d / "config.yaml").is_file()), ROOT_CONFIG_DIR)
+    search = ",".join(f"file://{p}" for p in [*user_dirs, CONFIG_DIR] if p != root)
+    hydra_overrides = [*overrides, f"hydra.searchpath=[{search}]"]
     ConfigStore.instance().store(name="schema", node=Config)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            node = hydra_compose(config_name="config", overrides=overrides)
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            node = hydra_compose(config_name="config", overrides=hydra_overrides)
+    except MissingConfigException as e:
+        raise UserError(_missing_option_message(e, config_dir)) from None
     except (HydraException, OmegaConfBaseException) as e:
+        known = _unknown_key_message(e.__cause__) or _unknown_key_message(e)
+        if known:
+            where = re.match(r"In '([^']+)'", str(e))  # the group file that has the key
+            raise UserError((f"{where.group(1)}.yaml: " if where else "") + known) from None
         cause = f" ({first_line(e.__cause__)})" if e.__cause__ is not None else ""
         raise UserError(f"config error: {first_line(e)}{cause}") from None
     finally:
         GlobalHydra.instance().clear()
     return _to_config(node)
+
+
+def _check_group_names(overrides: list[str], config_dir: str | Path | None) -> None:
+    """A group override whose group is on no search path (`+experiment=x` run outside the
+    directory that has configs/experiment/) would be dropped by Hydra in silence: refuse it."""
+    groups = config_groups(config_dir)
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "=" in item and "." not in key and key not in groups and not key.startswith("hydra"):
+            where = ", ".join(str(p) for p in config_search_path(config_dir))
+            if key in {f.name for f in dataclasses.fields(Config)}:
+                continue  # a whole section given as a value; the schema checks it
+            hint = _did_you_mean(key, list(groups))
+            raise UserError(f"unknown config group {key!r}{'; ' + hint if hint else ' '}"
+                            f"(groups: {', '.join(groups)}; searched {where}; your own go in "
+                            f"./configs/{key}/NAME.yaml or --config-dir DIR)")
+
+
+def _missing_option_message(e: Any, config_dir: str | Path | None) -> str:
+    """'unknown model 'dit-tny'; did you mean dit-tiny? (options: ...)' from Hydra's
+    MissingConfigException (whose one-line form drops its list of options)."""
+    missing = str(getattr(e, "missing_cfg_file", "") or "")
+    group, _, name = missing.rpartition("/")
+    if not group:
+        return f"config error: {first_line(e)}"
+    options = list(getattr(e, "options", None) or config_groups(config_dir).get(group, []))
+    if not options:
+        where = ", ".join(str(p / group) for p in config_search_path(config_dir))
+        return f"unknown config group {group!r} (no {group}/*.yaml in {where})"
+    hint = _did_you_mean(name, options)
+    return f"unknown {group} {name!r}{'; ' + hint if hint else ' '}(options: {', '.join(options)})"
 
 
 def _check_resolved(base: Any, path: Path) -> None:
@@ -278,7 +396,7 @@ def set_by_path(cfg: Config, key: str, value: Any) -> None:
 
 # Keys that cannot change what a run computes: how often it logs, evaluates and checkpoints,
 # where and how fast it runs, what it saves at the end, and the other commands' sections.
-RESULT_NEUTRAL = ("train.progress", "train.log_every", "train.eval_every", "train.ckpt_every",
+RESULT_NEUTRAL = ("train.progress", "train.tensorboard", "train.log_every", "train.eval_every", "train.ckpt_every",
                   "train.device", "train.compile", "train.samples", "train.save",
                   "train.run_dir", "train.resume", "coord", "sweep", "provenance")
 

@@ -5,6 +5,7 @@
     model -> train it -> report (lr-vs-loss per width, optimization history, samples, cost)
 
 Everything lands in one directory; re-running resumes the study and the training run.
+`QUICK` is the same job shrunk for a first look in about a minute (`mupsweep demo --quick`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mupsweep.tune import tune
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256
 PACK = 12  # trials trained at once on a GPU (sweep.pack); scripts/bench_sweep.py measures it
+# `demo --quick`: fewer and shorter trials, a 4x (not 8x) wider target, trained briefly
+QUICK = {"n_trials": 6, "proxy_steps": 60, "target_steps": 200, "target_width": 128}
 
 
 def demo_sweep_config(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300,
@@ -48,7 +51,7 @@ def demo_sweep_config(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300,
 
 
 def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_steps: int = 1200,
-             console: Console | None = None) -> dict:
+             console: Console | None = None, target_width: int = TARGET_WIDTH) -> dict:
     """Run every stage; return a summary (each stage's key numbers and file paths)."""
     for name, value in (("--trials", n_trials), ("proxy_steps", proxy_steps),
                         ("target_steps", target_steps)):
@@ -64,7 +67,7 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
         r = coord_check(cfg, out_dir=cfg.coord.out_dir)
         verdict = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
         console.print(f"{par}: {verdict} (max |slope| {r.max_abs_slope:.2f} at {r.worst}) "
-                      f"-> {r.plot_path}", highlight=False)
+                      f"-> {r.plot_path}", highlight=False, soft_wrap=True)
         summary[f"coord_check_{par}"] = {"passed": r.passed, "max_abs_slope": r.max_abs_slope,
                                          "plot": r.plot_path}
 
@@ -73,20 +76,21 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
     best = best_document(tune(sweep_cfg))
     summary["tune"] = {k: best[k] for k in ("value", "trial", "hparams", "cost")}
 
-    console.rule(f"3/4 transfer to width {TARGET_WIDTH} and train")
-    result = transfer(best, width=TARGET_WIDTH, steps=target_steps, overrides=[
+    console.rule(f"3/4 transfer to width {target_width} and train")
+    result = transfer(best, width=target_width, steps=target_steps, overrides=[
         # resume: re-running the demo continues (or just reports) its target run
-        f"train.run_dir={out_dir}/target", "train.resume=true", f"train.eval_every={target_steps // 6}",
+        f"train.run_dir={out_dir}/target", "train.resume=true", f"train.eval_every={max(1, target_steps // 6)}",
         "train.ema_decay=0.99", "train.samples=30", "train.progress=true"])
     for w in result.warnings:
-        console.print(f"warning: {w}", highlight=False)
-    console.print(result.cost_line, highlight=False)
+        console.print(f"warning: {w}", highlight=False, soft_wrap=True)
+    console.print(result.cost_line, highlight=False, soft_wrap=True)
     target_yaml = write_config(result.config, out_dir / "target.yaml")
     run = train(result.config)
     console.print(f"target: validation loss {run.initial_validation_loss:.4f} -> "
                   f"{run.validation_loss:.4f} in {run.steps} steps ({run.wall_time_s:.0f} s); "
-                  f"samples {run.samples_path}", highlight=False)
-    summary["target"] = {"config": target_yaml, "validation_loss": run.validation_loss,
+                  f"samples {run.samples_path}", highlight=False, soft_wrap=True)
+    summary["target"] = {"config": target_yaml, "width": result.config.model.width,
+                         "validation_loss": run.validation_loss,
                          "steps": run.steps, "wall_time_s": run.wall_time_s, "flops": run.flops,
                          "samples": run.samples_path}
     summary["tuning_cost_pct_of_target_flops"] = 100 * best["cost"]["flops"] / max(run.flops, 1.0)
@@ -95,5 +99,5 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
     report = write_report(best, out_dir / "report")
     summary["report"] = str(report)
     console.print(f"report {report}; tuning cost {summary['tuning_cost_pct_of_target_flops']:.1f} % "
-                  "of the target run's FLOPs", highlight=False)
+                  "of the target run's FLOPs", highlight=False, soft_wrap=True)
     return summary

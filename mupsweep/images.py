@@ -64,5 +64,27 @@ def save_sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | Rect
     nrow = min(spec.num_classes, n)
     upscale = max(1, 64 // spec.image_size)
     grid = image_grid(images, nrow=nrow, upscale=upscale)
+    if class_names:  # column c holds class c: name it above the column
+        grid = label_columns(grid, [class_names[c] for c in range(nrow)])
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path
+
+
+def label_columns(grid: Image.Image, names: list[str]) -> Image.Image:
+    """The grid with a white strip on top naming each of its len(names) columns (a name cut
+    to fit its column)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    strip = 14
+    out = Image.new(grid.mode, (grid.width, grid.height + strip), 255 if grid.mode == "L" else (255, 255, 255))
+    out.paste(grid, (0, strip))
+    draw = ImageDraw.Draw(out)
+    col = grid.width / len(names)
+    for i, name in enumerate(names):
+        text = str(name)
+        while text and draw.textlength(text, font=font) > col - 2:
+            text = text[:-1]
+        x = i * col + (col - draw.textlength(text, font=font)) / 2
+        draw.text((x, 1), text, fill=0 if grid.mode == "L" else (0, 0, 0), font=font)
+    return out

@@ -56,3 +56,20 @@ def heartbeat(study: optuna.Study, trial: Trial) -> contextlib.AbstractContextMa
     `optuna.storages._heartbeat.get_heartbeat_thread` (what study.optimize uses),
     `Study._storage` and `Trial._trial_id` (the storage's key of the trial)."""
     return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: object) -> None:
+    """Store `value` in the study's system attributes.
+
+    mupsweep keeps the study's base config (~2 KB of JSON) there: user attributes are what
+    `optuna studies` prints and optuna-dashboard shows (cut at 1024 characters), while system
+    attributes live in every storage (SQLite, PostgreSQL, journal), so every machine that
+    opens the study reads them. `Study.set_system_attr` was removed in Optuna 5: touches
+    `Study._storage` and `Study._study_id` (the storage's key of the study)."""
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def study_system_attrs(study: optuna.Study) -> dict:
+    """The study's system attributes (`Study.system_attrs` was removed in Optuna 5): touches
+    `Study._storage` and `Study._study_id`."""
+    return dict(study._storage.get_study_system_attrs(study._study_id))

@@ -36,22 +36,29 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str
     line per module."""
     plt = _pyplot()
     steps = sorted(table["step"].unique())
-    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.4), sharey=True)
+    modules = list(dict.fromkeys(table["module"]))
+    # one look per module: 20 colours x 3 line styles x markers (matplotlib's default cycle has
+    # 10 colours, so modules 1 and 11 looked the same)
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))
+    looks = {m: dict(color=colors[i % 20], ls=("-", "--", ":")[(i // 20) % 3],
+                     marker="osD^v<>ph*"[i % 10]) for i, m in enumerate(modules)}
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps) + 1.8, 3.8), sharey=True)
     axes = np.atleast_1d(axes)
     for ax, step in zip(axes, steps, strict=True):
         sub = table[table["step"] == step]
         for module, g in sub.groupby("module", sort=False):
             g = g.groupby(axis)["l1"].mean()
-            ax.plot(g.index, g.values, marker="o", ms=3, lw=1, label=module)
+            ax.plot(g.index, g.values, ms=3.5, lw=1.2, label=module, **looks[module])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"step {step}")
         ax.set_xlabel(axis)
     axes[0].set_ylabel("mean |activation|")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False,
+               ncol=1 if len(labels) <= 20 else 2)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (3.2 * len(steps) + 1.8), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -62,68 +69,108 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str
 # --------------------------------------------------------------------------------------------
 
 
-def _lr_curves(best_doc: dict) -> dict[int, list[tuple[float, float]]]:
-    """Per proxy width: sorted (lr, loss) points, each the min loss over the other HPs at that
-    lr. TPE draws continuous lrs, so most lrs have one trial; a grid sweep has several."""
+def lr_points(best_doc: dict) -> tuple[dict[int, list[tuple[float, float, dict]]], list[str]]:
+    """Per proxy width: (lr, loss, other HPs) of every complete trial, sorted by lr; and the
+    other HPs whose values differ between trials (then points at two lrs are not one curve)."""
     widths = [int(w) for w in best_doc.get("proxy_widths", [])]
-    curves: dict[int, dict[float, float]] = {w: {} for w in widths}
+    points: dict[int, list[tuple[float, float, dict]]] = {w: [] for w in widths}
+    others: dict[str, set] = {}
     for t in complete_trials(best_doc):
-        lr = (t.get("hparams") or {}).get("optim.lr")
+        hp = dict(t.get("hparams") or {})
+        lr = hp.pop("optim.lr", None)
         if not isinstance(lr, int | float) or lr <= 0:
             continue
+        for k, v in hp.items():
+            others.setdefault(k, set()).add(repr(v))
         for w, loss in width_losses(t, widths).items():
-            points = curves.setdefault(w, {})
-            points[float(lr)] = min(loss, points.get(float(lr), math.inf))
-    return {w: sorted(p.items()) for w, p in curves.items() if p}
+            points.setdefault(w, []).append((float(lr), loss, hp))
+    varying = sorted(k for k, v in others.items() if len(v) > 1)
+    return {w: sorted(p, key=lambda x: x[0]) for w, p in points.items() if p}, varying
 
 
 def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
-    """Validation loss vs log2 lr, one curve per proxy width, each width's best marked.
+    """Validation loss vs log2 lr per proxy width, each width's best marked (a star).
 
-    Under muP the minima line up across widths: the picture that shows transfer works."""
+    Under muP the minima line up across widths: the picture that shows transfer works. When
+    only the lr varies (a grid, or the demo) each width is one curve; when other HPs vary too
+    (the default search space), points at two lrs differ in more than the lr, so they are not
+    joined: one panel per width, each point coloured by the first other HP that varies."""
     plt = _pyplot()
-    curves = _lr_curves(best_doc)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(1, len(curves))))
-    for color, (w, points) in zip(colors, sorted(curves.items()), strict=False):
-        x = [math.log2(lr) for lr, _ in points]
-        y = [loss for _, loss in points]
-        ax.plot(x, y, marker="o", ms=4, lw=1.5, color=color, label=f"width {w}")
-        i = int(np.argmin(y))
-        ax.plot([x[i]], [y[i]], marker="*", ms=16, color=color, markeredgecolor="black", zorder=5)
-    if not curves:
-        ax.text(0.5, 0.5, "no complete trials with optim.lr", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set_xlabel("log2 learning rate")
-    ax.set_ylabel("validation loss (min over other HPs)")
+    points, varying = lr_points(best_doc)
     par = best_doc.get("parametrization", "?")
-    ax.set_title(f"{best_doc.get('study', 'study')} ({par}): loss vs lr per proxy width (* = best)")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(frameon=False)
-    fig.tight_layout()
+    title = f"{best_doc.get('study', 'study')} ({par}): loss vs lr per proxy width (* = best)"
+    if not varying or not points:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(1, len(points))))
+        for color, (w, pts) in zip(colors, sorted(points.items()), strict=False):
+            curve: dict[float, float] = {}
+            for lr, loss, _ in pts:  # repeats of one lr (seeds): the best
+                curve[lr] = min(loss, curve.get(lr, math.inf))
+            x = [math.log2(lr) for lr in curve]
+            y = list(curve.values())
+            ax.plot(x, y, marker="o", ms=4, lw=1.5, color=color, label=f"width {w}")
+            i = int(np.argmin(y))
+            ax.plot([x[i]], [y[i]], marker="*", ms=16, color=color, markeredgecolor="black", zorder=5)
+        if not points:
+            ax.text(0.5, 0.5, "no complete trials with optim.lr", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_xlabel("log2 learning rate")
+        ax.set_ylabel("validation loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if points:
+            ax.legend(frameon=False)
+        fig.tight_layout()
+    else:
+        key = varying[0]
+        fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points) + 1.0, 4.4),
+                                 sharey=True, squeeze=False, layout="constrained")
+        axes = list(axes[0])
+
+        def shade(v) -> float:
+            return math.log2(v) if isinstance(v, int | float) and v > 0 else float("nan")
+
+        all_c = [shade(hp.get(key)) for pts in points.values() for _, _, hp in pts]
+        finite = [c for c in all_c if math.isfinite(c)] or [0.0]
+        norm = plt.Normalize(min(finite), max(finite))
+        for ax, (w, pts) in zip(axes, sorted(points.items()), strict=True):
+            x = [math.log2(lr) for lr, _, _ in pts]
+            y = [loss for _, loss, _ in pts]
+            sc = ax.scatter(x, y, c=[shade(hp.get(key)) for _, _, hp in pts], cmap="viridis",
+                            norm=norm, s=28, edgecolors="none")
+            i = int(np.argmin(y))
+            ax.plot([x[i]], [y[i]], marker="*", ms=16, color="none", markeredgecolor="black",
+                    zorder=5)
+            ax.set_title(f"width {w}")
+            ax.set_xlabel("log2 learning rate")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("validation loss")
+        others = ", ".join(varying[1:])
+        fig.colorbar(sc, ax=axes, label=f"log2 {key}")
+        fig.suptitle(title + (f"\nalso varying, not shown: {others}" if others else ""), fontsize=10)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)
 
 
 def plot_history(best_doc: dict, path: Path) -> Path:
-    """Objective per trial number (complete trials as dots, others as crosses at the bottom)
-    and the best-so-far line: how fast the sweep found its optimum."""
+    """Objective per trial number (complete trials as dots; pruned ones as crosses at the last
+    loss they reported, which is how far they got) and the best-so-far line: how fast the
+    sweep found its optimum. Failed trials have no loss and are counted in the legend."""
     plt = _pyplot()
-    done = sorted(complete_trials(best_doc), key=lambda t: t.get("number", 0))
+    (xs, ys), (px, py), failed = history_points(best_doc)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    if done:
-        xs = [t.get("number", i) for i, t in enumerate(done)]
-        ys = [float(t["value"]) for t in done]
+    if xs:
         ax.plot(xs, ys, "o", ms=5, alpha=0.7, label="complete trial")
         ax.step(xs, np.minimum.accumulate(ys), where="post", color="C3", lw=2, label="best so far")
-        others = [t for t in best_doc.get("trials", []) if t not in done]
-        if others:  # pruned / failed: no objective; mark where they happened
-            ax.plot([t.get("number", 0) for t in others], [min(ys)] * len(others), "x",
-                    color="gray", label="pruned / failed")
+    if px:
+        ax.plot(px, py, "x", color="gray", label="pruned (last reported loss)")
+    if failed:  # no loss to draw: failed, or pruned before any report (older best.json too)
+        ax.plot([], [], " ", label=f"{failed} failed / no loss reported")
+    done = xs
+    if xs or px or failed:
         ax.legend(frameon=False)
-    else:
+    if not done:
         ax.text(0.5, 0.5, "no complete trials", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("trial number")
     ax.set_ylabel("objective (validation loss)")
@@ -133,6 +180,21 @@ def plot_history(best_doc: dict, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def history_points(best_doc: dict) -> tuple[tuple[list, list], tuple[list, list], int]:
+    """(numbers, values) of the complete trials, (numbers, last reported losses) of the pruned
+    ones that reported any, and how many trials have no loss to draw."""
+    done = sorted(complete_trials(best_doc), key=lambda t: t.get("number", 0))
+    others = [t for t in best_doc.get("trials", []) if t not in done]
+    pruned = [t for t in others if t.get("state") == "PRUNED" and _finite(t.get("last_reported"))]
+    return (([t.get("number", i) for i, t in enumerate(done)], [float(t["value"]) for t in done]),
+            ([t.get("number", 0) for t in pruned], [float(t["last_reported"]) for t in pruned]),
+            len(others) - len(pruned))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
 
 
 def _fmt(v) -> str:

@@ -4,7 +4,7 @@ for `tune` (created when new) or read-only for `transfer` / `report`, never a pa
 Forms: None -> SQLite file `sweep.out_dir/study.db`; `PATH.journal` or `journal:PATH` -> an
 Optuna journal file; anything with `://` -> a SQLAlchemy URL (sqlite:///study.db,
 postgresql://user:pass@host/db). Every failure is a UserError of one line with the password
-hidden (DESIGN.md section 5).
+hidden (docs/design.md section 6).
 """
 
 from __future__ import annotations

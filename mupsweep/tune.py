@@ -133,12 +133,17 @@ def shortfall(doc: dict[str, Any], budget: int, exits: list[WorkerExit] | None =
 
 
 class _Progress:
-    """Trials done / budget, best so far and running trials, on stderr; one line per trial."""
+    """Trials done / budget, best so far and running trials, on stderr; one line per trial.
+    On a terminal a rich bar; otherwise (SLURM, nohup, CI logs) the trial lines alone, each
+    with the count and the best so far, one unwrapped line each."""
 
     def __init__(self, budget: int):
         self.budget, self.seen, self.console = budget, set(), Console(stderr=True)
+        self.bar = None
 
     def __enter__(self):
+        if not self.console.is_terminal:
+            return self
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("tune"), BarColumn(), MofNCompleteColumn(),
@@ -148,7 +153,8 @@ class _Progress:
         return self
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
         return False
 
     def start(self, study: optuna.Study) -> None:
@@ -158,6 +164,11 @@ class _Progress:
 
     def update(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        best = min(complete, key=lambda t: t.value) if complete else None
+        info = (f"best {best.value:.4f} (#{best.number})" if best else "best -") + f"  running {running}"
         for t in trials:
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
@@ -165,15 +176,12 @@ class _Progress:
                 hp = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in (t.user_attrs.get("hparams") or {}).items())
                 reason = t.user_attrs.get("reason", "")
-                self.bar.console.print(f"trial {t.number} {t.state.name.lower()} {value}  {hp}"
-                                       + (f"  [{reason}]" if reason else ""), highlight=False,
-                                       markup=False)
-        done = sum(t.state in FINISHED for t in trials)
-        running = sum(t.state == TrialState.RUNNING for t in trials)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        best = min(complete, key=lambda t: t.value) if complete else None
-        info = (f"best {best.value:.4f} (#{best.number})" if best else "best -") + f"  running {running}"
-        self.bar.update(self.task, completed=min(done, self.budget), info=info)
+                count = "" if self.bar is not None else f"[{min(done, self.budget)}/{self.budget}, {info}] "
+                self.console.print(f"{count}trial {t.number} {t.state.name.lower()} {value}  {hp}"
+                                   + (f"  [{reason}]" if reason else ""), highlight=False,
+                                   markup=False, soft_wrap=True)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=min(done, self.budget), info=info)
 
 
 def write_outputs(study: optuna.Study, out_dir: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from conftest import TINY, assert_one_line_error, run_cli
     ("optim.lr=0", "optim.lr"),
     ("optim.lr=-1e-3", "optim.lr"),
     ("model.parametrization=ntk", "model.parametrization"),
-    ("model=no-such-preset", "model/no-such-preset"),
+    ("model=no-such-preset", "unknown model 'no-such-preset'"),
 ])
 def test_bad_config_is_one_line_exit_2(override, needle):
     assert_one_line_error(run_cli("train", *TINY, override), needle)
@@ -47,6 +47,9 @@ def test_inspect_lists_roles():
 
 def test_coord_check_cli_exit_codes(tmp_path):
     args = ["coord.widths=[32,64,128,256]", f"coord.out_dir={tmp_path}"]
-    assert run_cli("coord-check", *args).returncode == 0
+    mup = run_cli("coord-check", *args)
+    assert mup.returncode == 0
+    assert "coordinate check [mup]" in mup.stderr  # rich must not eat "[mup]" as markup
     sp = run_cli("coord-check", "model.parametrization=sp", *args)
     assert sp.returncode == 1 and "FAIL" in sp.stderr
+    assert "coordinate check [sp]" in sp.stderr

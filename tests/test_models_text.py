@@ -1,4 +1,4 @@
-"""U-ViT, PixArt-alpha and MMDiT: muP roles against DESIGN.md section 3, coordinate checks
+"""U-ViT, PixArt-alpha and MMDiT: muP roles against docs/design.md section 3, coordinate checks
 (muP passes, SP fails) and training on real digits; the text conditioning path (captions,
 frozen encoders, the embedding cache, one-line errors)."""
 
@@ -39,7 +39,7 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# Roles: DESIGN.md section 3, written out per model
+# Roles: docs/design.md section 3, written out per model
 # --------------------------------------------------------------------------------------------
 
 _COMMON = [

@@ -1,4 +1,4 @@
-"""muP roles, inits and optimizer groups of DiT against DESIGN.md section 3."""
+"""muP roles, inits and optimizer groups of DiT against docs/design.md section 3."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mupsweep.train import make_ema
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)
 
-# DESIGN.md section 3, written out for DiT's parameter names.
+# docs/design.md section 3, written out for DiT's parameter names.
 EXPECTED_ROLES = [
     (r"x_embedder\.proj\.weight", "input"),
     (r"t_embedder\.mlp\.0\.weight", "input"),

@@ -7,7 +7,7 @@ rectified flow (the presets set diffusion.kind=rectified_flow). The last block's
 is "pre-only" (as SD3): it gives keys/values but its own output is never used, so it has no
 proj/MLP. Caption dropout (CFG) zeroes the caption tokens and the pooled vector, as SD3 does.
 
-muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
+muP roles (docs/design.md section 3), decided by the helper that builds each layer:
 - input: patch embed, timestep MLP first linear (256 -> D), context embedder
   (text_dim -> D), pooled-text embedder first linear (pooled_dim -> D);
 - hidden: every qkv/proj/MLP/adaLN modulation of both streams, the timestep and pooled MLPs'

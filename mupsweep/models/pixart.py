@@ -7,7 +7,7 @@ self-attention, cross-attention to the projected caption tokens, MLP. Captions c
 (text_dim -> D -> D). Caption dropout for classifier-free guidance swaps in a learned null
 caption `y_embedding` (L, text_dim).
 
-muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
+muP roles (docs/design.md section 3), decided by the helper that builds each layer:
 - input: patch embed, timestep MLP first linear, caption projection fc1 (text_dim -> D),
   per-block and final `scale_shift_table` (`input_parameter`; constant std 1/sqrt(base_width),
   which equals PixArt's randn/sqrt(D) at the base width);

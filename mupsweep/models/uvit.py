@@ -5,7 +5,7 @@ learned positional embedding covers all of them; in-blocks, a mid-block and out-
 joined by long skips (concat then `skip_linear` 2D -> D); a final norm and the `decoder_pred`
 readout, then an optional 3x3 conv on the image.
 
-muP roles (DESIGN.md section 3), decided by the helper that builds each layer:
+muP roles (docs/design.md section 3), decided by the helper that builds each layer:
 - input: patch embed conv, timestep MLP first linear (256 -> D), label table, pos embed
   (`input_parameter`, constant std 0.02 in both parametrizations);
 - hidden: qkv, proj, MLP fc1/fc2, timestep MLP second linear, skip_linear (2D -> D);

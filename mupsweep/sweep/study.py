@@ -23,10 +23,23 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.errors import UserError
+from mupsweep.optuna_adapter import set_study_system_attr, study_system_attrs
 from mupsweep.storage import open_for_tune, redact_text, storage_spec
 from mupsweep.sweep.retry import retry_trial
 from mupsweep.sweep.space import default_params, grid, grid_points, point_key, search_space
 from mupsweep.util import first_line
+
+METRIC_NAME = "validation_loss"  # the objective: mean final validation loss over proxy widths
+# The study's base config: a system attribute, out of `optuna studies` and the dashboard's
+# user attributes (mupsweep.optuna_adapter.set_study_system_attr says why).
+BASE_CONFIG_ATTR = "mupsweep:base_config"
+
+
+def study_base_config(study: optuna.Study) -> dict[str, Any]:
+    """The base config the study recorded when it was created ({} if none): a system
+    attribute; studies made before it moved there keep it in their user attributes."""
+    return study_system_attrs(study).get(BASE_CONFIG_ATTR) or study.user_attrs.get("base_config") or {}
+
 
 # --------------------------------------------------------------------------------------------
 # Sampler and pruner
@@ -139,7 +152,8 @@ NOT_IN_SIGNATURE = (
     "sweep.n_trials", "sweep.storage", "sweep.out_dir", "sweep.study", "sweep.seed",
     "sweep.sampler", "sweep.pruner", "sweep.heartbeat_s", "sweep.grace_s", "sweep.max_retry",
     "sweep.pack",  # a packed member trains as its unpacked trial would (tests/test_packed.py)
-    "train.progress", "train.log_every", "train.device", "train.compile", "train.run_dir",
+    "train.progress", "train.tensorboard", "train.log_every", "train.device", "train.compile",
+    "train.run_dir",
     "train.resume", "train.save", "train.samples", "train.ckpt_every",
     "diffusion.sample_steps", "diffusion.cfg_scale", "model.width", "coord", "provenance",
 )
@@ -182,7 +196,7 @@ def _check_signature(study: optuna.Study, cfg: Config, where: str) -> None:
     The study's side is derived from the base config it recorded when it was created (every
     mupsweep study does; older ones recorded only a "model_signature" beside it, which is
     ignored), read with today's schema: a field added since takes its default."""
-    base = study.user_attrs["base_config"]
+    base = study_base_config(study)
     try:
         recorded = from_dict(base)
     except UserError as e:
@@ -225,8 +239,7 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None,
                         f"{redact_text(first_line(e))}") from None
     if check_first is not None:
         check_first(study)
-    attrs = study.user_attrs
-    if "base_config" in attrs:
+    if study_base_config(study):
         _check_signature(study, cfg, spec.label)
     elif study.get_trials(deepcopy=False):
         raise UserError(f"study {cfg.sweep.study!r} in {spec.label} was not made by mupsweep tune "
@@ -234,10 +247,14 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None,
     else:
         base = to_dict(cfg)
         base["sweep"]["storage"] = spec.label  # never store a password in the study
-        study.set_user_attr("base_config", base)
+        set_study_system_attr(study, BASE_CONFIG_ATTR, base)
         study.set_user_attr("parametrization", cfg.model.parametrization)
         study.set_user_attr("proxy_widths", list(cfg.sweep.proxy_widths))
         study.set_user_attr("storage", spec.label)
+    if study.metric_names is None:  # optuna-dashboard says "validation_loss", not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
     return study
 
 

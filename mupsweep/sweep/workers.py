@@ -6,7 +6,9 @@ share the storage. A worker starts a trial only while finished + running < n_tri
 otherwise (a running trial may still fail and need a replacement), so the study ends with
 exactly n_trials; re-running a finished study runs nothing, an interrupted one continues. A
 trial that two workers start at the same moment past the budget is failed as surplus (not a
-failure: `retry.SURPLUS`).
+failure: `retry.SURPLUS`). Our own count, not Optuna's `MaxTrialsCallback`: that one is
+checked only after a trial ends, so workers that start together overshoot the budget by up to
+one trial each, and it does not hold back a trial while a running one may still fail.
 
 Dead workers: RDB storages (SQLite, PostgreSQL, ...) run Optuna's heartbeat: a trial whose
 worker stopped beating for `sweep.grace_s` is set FAIL and re-queued with the same parameters
