@@ -11,7 +11,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -396,8 +398,15 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
     cfg = _compose(overrides, config_dir=config_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _say_verdicts(lambda: run_validate(cfg, width_list, grid, seed_list, pars, workers=workers,
+                                       pack=pack), json_out)
+
+
+def _say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
+    """Run validate's grids and say what they show: the JSON summary on stdout if asked, then
+    the table and figure, or why a grid was not judged (exit 1)."""
     try:
-        result = run_validate(cfg, width_list, grid, seed_list, pars, workers=workers, pack=pack)
+        result = run_grids()
     except RuntimeError as e:  # a worker process died: the studies are intact
         err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
                   highlight=False, soft_wrap=True)
@@ -430,16 +439,8 @@ def _validate_depths(overrides: list[str] | None, widths: str | None, depths: st
         raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
                         "a joint grid, or leave --widths out to keep model.width")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    result = validate_depths(cfg, list(zip(ws, ds, strict=True)), grid, seeds, pars,
-                             workers=workers)
-    if json_out:
-        _print_json(result.summary())
-    if result.incomplete:
-        for why in result.incomplete.values():
-            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    err.print(Path(result.table_md).read_text(), highlight=False)
-    err.print(f"figure {result.figure}", highlight=False)
+    _say_verdicts(lambda: validate_depths(cfg, list(zip(ws, ds, strict=True)), grid, seeds, pars,
+                                          workers=workers), json_out)
 
 
 # --------------------------------------------------------------------------------------------
