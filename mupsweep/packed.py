@@ -42,7 +42,7 @@ from mupsweep.config import Config, to_dict, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
-from mupsweep.parametrize import build_model, make_conditioner, make_optimizer
+from mupsweep.parametrize import build_model, make_conditioner, make_optimizer, role_groups
 from mupsweep.text import Conditioner
 from mupsweep.train import (
     Batch,
@@ -52,8 +52,10 @@ from mupsweep.train import (
     _MetricsLog,
     draw_batch,
     draw_indices,
+    final_validation_loss,
     loss_divergence,
     lr_lambda,
+    lr_record,
     resolve_device,
     sync_points,
     to_device,
@@ -133,12 +135,13 @@ class ParamGroup:
     settings: list[tuple[float, float, float, float, float]]  # per member: lr, wd, b1, b2, eps
 
 
-def adamw_groups(models: list[nn.Module], cfgs: list[Config]) -> tuple[list[ParamGroup], list[float]]:
+def adamw_groups(models: list[nn.Module], cfgs: list[Config]
+                 ) -> tuple[list[ParamGroup], list[dict[str, float]]]:
     """The parameters grouped by their AdamW settings in every member, as
     `parametrize.make_optimizer` sets them for each (muP: hidden weights lr / m, weight decay x
-    m), and each member's first group's lr (what train() logs as "lr")."""
+    m), and each member's lr per muP role before the schedule (what train() logs)."""
     settings: dict[str, list[tuple[float, ...]]] = {n: [] for n, _ in models[0].named_parameters()}
-    logged_lr = []
+    role_lrs = []
     for model, cfg in zip(models, cfgs, strict=True):
         optimizer = make_optimizer(model, cfg.model, cfg.optim)
         if type(optimizer) is not torch.optim.AdamW:
@@ -151,7 +154,8 @@ def adamw_groups(models: list[nn.Module], cfgs: list[Config]) -> tuple[list[Para
             for p in group["params"]:
                 settings[name_of[id(p)]].append((group["lr"], group["weight_decay"],
                                                  *group["betas"], group["eps"]))
-        logged_lr.append(optimizer.param_groups[0]["lr"])
+        role_lrs.append({role: optimizer.param_groups[i]["lr"]
+                         for role, i in role_groups(model, optimizer).items()})
     untrained = [n for n, s in settings.items() if len(s) != len(models)]
     if untrained:
         raise UserError(f"parameter {untrained[0]} is not trained by its optimizer; a pack "
@@ -159,7 +163,7 @@ def adamw_groups(models: list[nn.Module], cfgs: list[Config]) -> tuple[list[Para
     by_settings: dict[tuple, list[str]] = {}
     for name, member_settings in settings.items():
         by_settings.setdefault(tuple(member_settings), []).append(name)
-    return [ParamGroup(names, list(key)) for key, names in by_settings.items()], logged_lr
+    return [ParamGroup(names, list(key)) for key, names in by_settings.items()], role_lrs
 
 
 class StackedWeights:
@@ -249,11 +253,12 @@ class PackedAdamW:
     COEFFICIENTS = 7  # per group and member: decay, 1-b1, b2, 1-b2, -lr/bc1, sqrt(bc2), eps
 
     def __init__(self, weights: StackedWeights, groups: list[ParamGroup], cfgs: list[Config],
-                 logged_lr: list[float]):
+                 role_lrs: list[dict[str, float]]):
         self.weights, self.groups = weights, groups
         self.schedules = [lr_lambda(cfg) for cfg in cfgs]
         self.grad_clip = [cfg.optim.grad_clip for cfg in cfgs]
-        self.logged_lr = logged_lr
+        self.base_lrs = [cfg.optim.lr for cfg in cfgs]
+        self.role_lrs = role_lrs
         self.exp_avg = [torch.zeros_like(f) for f in weights.flats]
         self.exp_avg_sq = [torch.zeros_like(f) for f in weights.flats]
         self.steps = 0
@@ -272,9 +277,11 @@ class PackedAdamW:
                 return g.settings[k][0] * self.schedules[k](self.steps)
         raise KeyError(name)
 
-    def last_lr(self, k: int) -> float:
-        """Member k's first group's lr after the last step: what train() logs as "lr"."""
-        return self.logged_lr[k] * self.schedules[k](self.steps)
+    def logged_lrs(self, k: int) -> dict[str, float]:
+        """Member k's base lr and lr per role after the last step, as train() logs them."""
+        factor = self.schedules[k](self.steps)
+        return lr_record(self.base_lrs[k] * factor,
+                         {role: lr * factor for role, lr in self.role_lrs[k].items()})
 
     def _coefficients(self, device: torch.device) -> torch.Tensor:
         """(COEFFICIENTS, groups, K, 1) for the next step, computed in double precision on the
@@ -332,7 +339,8 @@ class PackedAdamW:
             g.settings = [g.settings[k] for k in keep]
         self.schedules = [self.schedules[k] for k in keep]
         self.grad_clip = [self.grad_clip[k] for k in keep]
-        self.logged_lr = [self.logged_lr[k] for k in keep]
+        self.base_lrs = [self.base_lrs[k] for k in keep]
+        self.role_lrs = [self.role_lrs[k] for k in keep]
         self._clip_tensors()
 
 
@@ -427,9 +435,9 @@ def setup_pack(cfgs: list[Config], on_evals: list[EvalCallback | None],
             gen_noise=torch.Generator(device).manual_seed(seed + 2),
             metrics=_MetricsLog(run_dir / "metrics.jsonl", resume_step=0, enabled=True),
             result=TrainResult(math.nan, math.nan, 0, 0.0, 0.0, run_dir=str(run_dir))))
-    groups, logged_lr = adamw_groups(models, cfgs)
+    groups, role_lrs = adamw_groups(models, cfgs)
     weights = StackedWeights(models, [g.names for g in groups])
-    optimizer = PackedAdamW(weights, groups, cfgs, logged_lr)
+    optimizer = PackedAdamW(weights, groups, cfgs, role_lrs)
     flops_per_step = 3 * models[0].flops_per_image(conditioner.data_spec) * tc.batch_size
     del models[1:]  # their weights are in the stack now
     return Pack(cfg=cfg, members=members, weights=weights, optimizer=optimizer, device=device,
@@ -534,7 +542,7 @@ def train_packed(cfgs: list[Config], on_evals: list[EvalCallback | None] | None 
         for k, m in enumerate(pack.members):
             if log_due:
                 m.metrics.write({"step": step, "loss": last_values[k],
-                                 "lr": pack.optimizer.last_lr(k), "time_s": clock.elapsed})
+                                 **pack.optimizer.logged_lrs(k), "time_s": clock.elapsed})
             if not math.isfinite(totals[k]):
                 m.result.diverged = True
                 m.result.reason = loss_divergence(last_values[k], step, window_start)
@@ -592,8 +600,6 @@ def _finish(pack: Pack, m: _Member) -> None:
     r = m.result
     r.steps, r.history = pack.step, m.history
     r.flops = pack.flops_per_step * pack.step
-    r.validation_loss = m.history[-1]["validation_loss"] if m.history else math.nan
-    if r.diverged and not math.isfinite(r.validation_loss):
-        r.validation_loss = math.inf
+    r.validation_loss = final_validation_loss(m.history, pack.step, r.diverged)
     if m.error is None:  # a run that raised out of train() writes no result.json either
         atomic_write_text(Path(r.run_dir) / "result.json", json.dumps(r.to_dict(), indent=2))

@@ -190,10 +190,8 @@ class Run:
     def lrs(self) -> dict[str, float]:
         """The base lr and each role's lr, read from the optimizer (after the schedule)."""
         groups = self.state.optimizer.param_groups
-        factor = groups[0]["lr"] / groups[0]["initial_lr"]
-        out = {"lr": self.cfg.optim.lr * factor}
-        out.update({f"lr_{role}": groups[i]["lr"] for role, i in self.role_groups.items()})
-        return out
+        return lr_record(self.cfg.optim.lr * groups[0]["lr"] / groups[0]["initial_lr"],
+                         {role: groups[i]["lr"] for role, i in self.role_groups.items()})
 
     @property
     def spec(self) -> DataSpec:
@@ -206,6 +204,12 @@ class Run:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.train.precision == "bf16")
+
+
+def lr_record(base_lr: float, role_lrs: dict[str, float]) -> dict[str, float]:
+    """What metrics.jsonl logs of the lrs, both after the schedule: "lr", the base lr
+    (optim.lr), and "lr_<role>" for each muP role (a pack's members log the same keys)."""
+    return {"lr": base_lr, **{f"lr_{role}": lr for role, lr in role_lrs.items()}}
 
 
 def setup(cfg: Config, dataset: ImageDataset | None = None,
@@ -504,13 +508,8 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
     result.wall_time_s = state.wall_time_s
     result.flops = float(flops_per_step * state.step)
     result.history = state.history
-    last = state.history[-1] if state.history else {"step": -1, "validation_loss": math.nan}
-    result.validation_loss = last["validation_loss"]
-    if result.diverged and not (last["step"] == state.step and math.isfinite(last["validation_loss"])):
-        # stopped on a non-finite training loss: the weights it stopped with were never
-        # evaluated (and are not finite), so an earlier evaluation must not stand for them
-        result.validation_loss = math.inf
-    elif run.rank == 0 and tc.save:
+    result.validation_loss = final_validation_loss(state.history, state.step, result.diverged)
+    if not result.diverged and run.rank == 0 and tc.save:
         save_checkpoint(state, run.ckpt_path)
         if tc.samples > 0:
             result.samples_path = str(run.run_dir / "samples.png")
@@ -523,6 +522,16 @@ def _finish(run: Run, result: TrainResult) -> TrainResult:
     if run.rank == 0:
         _write_text(run.run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def final_validation_loss(history: list[dict], steps: int, diverged: bool) -> float:
+    """A run's result: its last validation loss; inf for a run that diverged on a non-finite
+    training loss, whose last weights were never evaluated (an earlier evaluation must not
+    stand for them)."""
+    last = history[-1] if history else {"step": -1, "validation_loss": math.nan}
+    if diverged and not (last["step"] == steps and math.isfinite(last["validation_loss"])):
+        return math.inf
+    return last["validation_loss"]
 
 
 @contextmanager

@@ -91,6 +91,28 @@ def test_packed_members_train_as_their_unpacked_runs(tmp_path, preset):
     assert packed_lr == pytest.approx(alone_lr)
 
 
+def lr_records(run_dir: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k.startswith("lr")} for x in lines if "loss" in x]
+
+
+def test_a_member_logs_the_lrs_its_unpacked_run_logs_away_from_the_base_width(tmp_path):
+    """At width 64 on base 32 (m = 2) the roles' lrs differ: metrics.jsonl's "lr" is the base
+    lr (not the first optimizer group's, which is the hidden lr / m), and each role's lr is
+    logged as train() logs it, schedule (warmup) included."""
+    base = compose(["model=dit-tiny", *SMALL, "model.width=64", "train.steps=4",
+                    "train.eval_every=4", "train.log_every=2", "optim.warmup_steps=3"])
+    dataset = load_dataset(base.data)
+    train(member_configs(base, tmp_path / "alone", MEMBERS[:1])[0], dataset=dataset)
+    train_packed(member_configs(base, tmp_path / "packed", MEMBERS[:1]), dataset=dataset)
+    alone, packed = lr_records(tmp_path / "alone" / "m0"), lr_records(tmp_path / "packed" / "m0")
+    assert alone[0]["lr_hidden"] == pytest.approx(alone[0]["lr"] / 2)  # the run really has m = 2
+    assert len(packed) == len(alone) == 2
+    for got, want in zip(packed, alone, strict=True):
+        assert got.keys() == want.keys()
+        assert list(got.values()) == pytest.approx(list(want.values()))
+
+
 def test_a_member_that_leaves_does_not_change_the_others(tmp_path):
     """Member 1 is pruned at step 4 (its on_eval raises), member 3 diverges (lr 4): both leave
     with train()'s step, FLOPs and reason; members 0 and 2 train on exactly as a pack of the
@@ -145,9 +167,9 @@ def stack(cfgs: list[Config], width: int) -> tuple[list[torch.nn.Module], Stacke
     for seed, cfg in enumerate(cfgs):
         torch.manual_seed(seed)
         models.append(build_model(cfg.model, spec))
-    groups, logged_lr = adamw_groups(models, cfgs)
+    groups, role_lrs = adamw_groups(models, cfgs)
     weights = StackedWeights(models, [g.names for g in groups])
-    return models, weights, PackedAdamW(weights, groups, cfgs, logged_lr)
+    return models, weights, PackedAdamW(weights, groups, cfgs, role_lrs)
 
 
 def test_packed_adamw_is_torch_adamw_per_member():

@@ -27,7 +27,6 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path):
-    pytest.importorskip("tensorboard")
     cfg = compose([*RUN, "train.steps=20", f"train.run_dir={tmp_path}"])
     train(cfg)
     got = scalars(tmp_path / "tensorboard")
@@ -46,7 +45,6 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path):
 
 
 def test_a_resumed_run_continues_its_tensorboard_history(tmp_path):
-    pytest.importorskip("tensorboard")
     train(compose([*RUN, "train.steps=10", f"train.run_dir={tmp_path}"]))
     train(compose([*RUN, "train.steps=20", f"train.run_dir={tmp_path}", "train.resume=true"]))
     got = scalars(tmp_path / "tensorboard")
