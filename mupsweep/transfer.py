@@ -40,7 +40,14 @@ from typing import Any
 
 from mupsweep.best import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
 from mupsweep.completep import base_depth_of
-from mupsweep.config import CONFIG_DIR, Config, compose, from_dict, set_by_path
+from mupsweep.config import (
+    Config,
+    compose,
+    config_groups,
+    config_search_path,
+    from_dict,
+    set_by_path,
+)
 from mupsweep.errors import UserError
 from mupsweep.storage import redact_url
 from mupsweep.util import atomic_write_text
@@ -132,17 +139,20 @@ def _fmt_flops(x: float) -> str:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    """The model presets on the config search path: the packaged ones and the user's."""
+    return config_groups().get("model", [])
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A model preset (mupsweep/configs/model/NAME.yaml) as {config key: value}, flattened:
-    {"model.arch": "dit", "model.extra.text_dim": 4096, "diffusion.kind": ...}. A preset in
-    Hydra's `_global_` package (mmdit*) sets whole sections; the others set model fields."""
+    """A model preset (`model=NAME`: ./configs/model/NAME.yaml, else the packaged one, the
+    order `compose` uses) as {config key: value}, flattened: {"model.arch": "dit",
+    "model.extra.text_dim": 4096, "diffusion.kind": ...}. A preset in Hydra's `_global_`
+    package (mmdit*) sets whole sections; the others set model fields."""
     from omegaconf import OmegaConf
 
-    path = CONFIG_DIR / "model" / f"{name}.yaml"
-    if not path.is_file():
+    found = [root / "model" / f"{name}.yaml" for root in reversed(config_search_path())]
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
         raise UserError(f"--preset {name!r} is unknown; use one of {', '.join(list_presets())}")
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     is_global = "@package _global_" in path.read_text().split("\n", 1)[0]

@@ -20,7 +20,7 @@ from conftest import assert_one_line_error, run_cli
 from test_transfer import real_best_doc
 from test_tune import tune_cli
 
-from mupsweep.config import compose, to_dict
+from mupsweep.config import CONFIG_DIR, compose, to_dict
 from mupsweep.data import load_dataset
 from mupsweep.diffusion import make_diffusion
 from mupsweep.errors import UserError
@@ -108,6 +108,21 @@ def test_text_model_preset_lists_its_text_settings(doc):
     assert accepted.config.model.extra["text_dim"] == 4096
     assert set(accepted.provenance["accepted_differences"]) == {
         "model.extra.text_dim", "model.extra.text_len", "model.extra.pooled_dim"}
+
+
+def test_a_users_own_preset_is_a_transfer_preset(tmp_path, monkeypatch):
+    """configs/model/NAME.yaml of the working directory is `model=NAME` for every command, so
+    it is `--preset NAME` too, and it wins over a packaged preset of the same name."""
+    doc = real_best_doc()
+    user = tmp_path / "configs" / "model"
+    user.mkdir(parents=True)
+    packaged = (CONFIG_DIR / "model" / "dit-tiny.yaml").read_text()
+    (user / "dit-tiny-wide.yaml").write_text(packaged.replace("width: 64", "width: 96"))
+    (user / "dit-tiny.yaml").write_text(packaged.replace("width: 64", "width: 80"))
+    monkeypatch.chdir(tmp_path)
+    assert "dit-tiny-wide" in list_presets()
+    assert transfer(doc, preset="dit-tiny-wide").config.model.width == 96
+    assert transfer(doc, preset="dit-tiny").config.model.width == 80
 
 
 def test_every_preset_loads_flat():
@@ -251,8 +266,9 @@ def test_demo_refuses_bad_trials_at_once(tmp_path):
 def test_paper_presets_use_four_and_five_heads_as_base_shapes():
     """The official DiT-muP code builds base shapes at 4 heads (DiT-XL/2: 288) with a delta
     of 5 (360); the official PixArt-muP base shapes are width 288 too. U-ViT and MMDiT follow
-    the same rule. (The tiny CPU presets keep base 32: their proxies are 32 wide.)"""
-    for name in list_presets():
+    the same rule. (The tiny CPU presets keep base 32: their proxies are 32 wide.) The packaged
+    presets only: a user's own (./configs/model) may choose other base shapes."""
+    for name in sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")):
         m = compose([f"model={name}"]).model
         if name.endswith("tiny") or name == "dit-small-cpu":
             continue
