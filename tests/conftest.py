@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,50 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert proc.stdout == ""
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@contextlib.contextmanager
+def frozen_mid_trial(proc: subprocess.Popen, load_study: Callable[[], object], n: int = 1,
+                     group: bool = False, timeout: float = 240) -> Iterator[list]:
+    """Hold `proc` (with group=True: its whole process group, workers included) stopped by
+    SIGSTOP while n of its trials are mid-trial, and yield those trials. What the caller does
+    inside (SIGKILL, SIGINT, SIGTERM) then meets the trials mid-trial on any machine: a fixed
+    sleep races the work, and on an idle machine a trial had already finished when it woke.
+
+    Mid-trial means RUNNING with progress reported (an intermediate value), read again while
+    the processes are frozen; if a trial finished between the poll and the freeze, the
+    processes go on and we wait for the next. SIGCONT on exit delivers what the caller sent."""
+    import optuna
+
+    def send(sig: int) -> None:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+
+    def running_with_progress() -> list:
+        try:
+            trials = load_study().get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # no study yet, or the database is mid-write: look again
+            return []
+        return [t for t in trials if t.intermediate_values]
+
+    deadline = time.time() + timeout
+    while True:
+        assert time.time() < deadline, f"{n} trials never ran at once"
+        assert proc.poll() is None, f"the command ended (exit {proc.returncode}) before {n} trials ran"
+        if len(running_with_progress()) >= n:
+            send(signal.SIGSTOP)
+            running = running_with_progress()
+            if len(running) >= n:
+                break
+            send(signal.SIGCONT)
+        time.sleep(0.1)
+    try:
+        yield running
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            send(signal.SIGCONT)
 
 
 @pytest.fixture

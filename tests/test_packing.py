@@ -6,12 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, frozen_mid_trial, run_cli
 
 from mupsweep.config import compose
 from mupsweep.sweep.study import open_study
@@ -126,21 +125,12 @@ def test_a_killed_pack_worker_has_its_trials_failed_and_retried(tmp_path):
           "train.steps=150", "train.eval_every=50"]
     proc = subprocess.Popen([sys.executable, "-m", "mupsweep.cli", "tune", *FAST,
                              f"sweep.out_dir={out}", *hb],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline, running = time.time() + 120, []
-        while len(running) < 2 and time.time() < deadline:
-            time.sleep(0.5)
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            if (out / "study.db").exists():
-                try:
-                    running = load(out).get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                except KeyError:  # the study is not created yet
-                    pass
-        assert len(running) == 2, "no pack started"
-        time.sleep(1.5)  # mid-pack, after a heartbeat or two
+        with frozen_mid_trial(proc, lambda: load(out), n=2) as running:
+            proc.send_signal(signal.SIGKILL)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()
         proc.wait()
     killed = sorted(t.number for t in running)
     proc = run_cli("tune", *FAST, f"sweep.out_dir={out}", *hb)

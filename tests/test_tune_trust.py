@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, frozen_mid_trial, run_cli
 from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
@@ -53,23 +52,6 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-
-
-def wait_running(proc: subprocess.Popen, storage: str, n: int, timeout: float = 180) -> list:
-    """Wait until n trials run (and have recorded their worker), then a little longer."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, finish(proc)[-3000:]
-        try:
-            running = [t for t in load(storage).get_trials(states=(TrialState.RUNNING,))
-                       if "worker" in t.user_attrs]
-        except Exception:  # not created yet
-            running = []
-        if len(running) >= n:
-            time.sleep(1.0)  # mid-trial
-            return running
-        time.sleep(0.3)
-    raise AssertionError(f"{n} trials never ran at once")
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,8 +243,8 @@ def test_ctrl_c_fails_and_requeues_the_running_trials(tmp_path, workers):
     storage = f"sqlite:///{out}/study.db"
     run = [*LONG, "sweep.n_trials=2", "--workers", str(workers)]
     proc = popen_tune(out, *run)
-    running = wait_running(proc, storage, workers)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    with frozen_mid_trial(proc, lambda: load(storage), workers, group=True) as running:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     stderr = finish(proc, timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -297,9 +279,9 @@ def test_a_killed_worker_leaves_the_others_going_and_the_outputs_written(tmp_pat
     out = tmp_path / "sweep"
     journal = tmp_path / "study.journal"
     proc = popen_tune(out, *LONG, "sweep.n_trials=3", "--storage", str(journal), "--workers", "2")
-    running = wait_running(proc, str(journal), 2)
-    victim = running[0]
-    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+    with frozen_mid_trial(proc, lambda: load(str(journal)), 2, group=True) as running:
+        victim = running[0]
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
     stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert f"pid {victim.user_attrs['worker']['pid']}) was killed by SIGKILL" in stderr
@@ -320,8 +302,9 @@ def test_when_every_worker_is_killed_the_outputs_are_written_and_the_shortfall_s
     out = tmp_path / "sweep"
     journal = tmp_path / "study.journal"
     proc = popen_tune(out, *LONG, "sweep.n_trials=3", "--storage", str(journal), "--workers", "2")
-    for t in wait_running(proc, str(journal), 2):
-        os.kill(t.user_attrs["worker"]["pid"], signal.SIGKILL)
+    with frozen_mid_trial(proc, lambda: load(str(journal)), 2, group=True) as running:
+        for t in running:
+            os.kill(t.user_attrs["worker"]["pid"], signal.SIGKILL)
     stderr = finish(proc)
     assert proc.returncode == 1, stderr[-3000:]
     assert "sweep incomplete: 0/3 trials finished (worker 0" in stderr
