@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+# Typer 0.29 vendors click and exports no usage-error class: its own module is the one place
+from typer._click import exceptions as typer_exceptions
 
 from mupsweep.errors import UserError
 
@@ -103,24 +105,19 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
 
     Each run gets a new directory (runs/train/<date>_<time>) unless train.run_dir is given;
     exit 1 when the run diverged."""
-    if nproc_per_node < 1:
-        raise UserError(f"--nproc-per-node={nproc_per_node}: give 1 or more processes")
+    from mupsweep.launch import check_launch, launch
+
+    check_launch(nproc_per_node, nnodes, node_rank)
     cfg = _train_config(overrides, config, resume, config_dir)  # validate before any process starts
     if print_cfg:
         _print_cfg(cfg)
     if nproc_per_node > 1 or nnodes != "1":
-        if cfg.train.run_dir is not None:  # refuse here, before torchrun repeats it per rank
+        if cfg.train.run_dir is not None:  # refuse here, before every rank repeats it
             from mupsweep.rundir import RunDirLock, check_run_dir
 
             check_run_dir(cfg, Path(cfg.train.run_dir))
             RunDirLock(Path(cfg.train.run_dir)).check_free()
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
-                  f"--nnodes={nnodes}"]
-        if rdzv_endpoint:
-            launch += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
-        if node_rank is not None:
-            launch += [f"--node-rank={node_rank}"]
-        args = ["-m", "mupsweep.cli", "train", *(overrides or [])]
+        args = ["train", *(overrides or [])]
         if config_dir:
             args += ["--config-dir", str(config_dir)]
         if config:
@@ -129,7 +126,8 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
             args += ["--resume", str(resume)]
         if json_out:
             args += ["--json"]
-        raise typer.Exit(subprocess.call(launch + args))
+        launch(args, nproc_per_node, nnodes, rdzv_endpoint, node_rank)
+        return
 
     from mupsweep.train import train as run_train
 
@@ -202,13 +200,18 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     raise typer.Exit(0 if results[0].passed else 1)
 
 
-def _int_list(text: str, what: str) -> list[int]:
+def _int_list(text: str, what: str, distinct: bool = True) -> list[int]:
+    """A comma-separated list flag: integers, at least one (an empty flag is not the default),
+    and with distinct=True (every axis of a grid) no value twice."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{what}={text!r}: give comma-separated integers") from None
     if not values:
-        raise UserError(f"{what}={text!r}: give comma-separated integers")
+        raise UserError(f"{what}={text!r}: give comma-separated integers (an empty list is "
+                        "not the default; leave the flag out for that)")
+    if distinct and len(set(values)) != len(values):
+        raise UserError(f"{what}={text!r} lists a value twice")
     return values
 
 
@@ -376,22 +379,17 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     from mupsweep.validate import check_grid, parse_log2_grid
     from mupsweep.validate import validate as run_validate
 
-    def ints(text: str, what: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"{what}={text!r}: give comma-separated integers") from None
-
     if print_cfg:
         _print_cfg(_compose(overrides, config_dir=config_dir))
     grid, note = parse_log2_grid(lrs)
     if note:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if depths is not None:
-        _validate_depths(overrides, widths, depths, depth_pars, grid, ints(seeds, "--seeds"),
+        _validate_depths(overrides, widths, depths, depth_pars, grid, _int_list(seeds, "--seeds"),
                          workers, json_out, config_dir)
         return
-    width_list, seed_list = ints(widths or "32,64,128,256", "--widths"), ints(seeds, "--seeds")
+    width_list = _int_list("32,64,128,256" if widths is None else widths, "--widths")
+    seed_list = _int_list(seeds, "--seeds")
     check_grid(width_list, grid, seed_list)
     pars = tuple(p.strip() for p in only.split(",") if p.strip())
     if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
@@ -408,9 +406,7 @@ def _say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
     try:
         result = run_grids()
     except RuntimeError as e:  # a worker process died: the studies are intact
-        err.print(f"[red]error:[/] {escape(str(e))}; re-run the same command to continue",
-                  highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _refuse(f"{e}; re-run the same command to continue", json_out, 1)
     if json_out:
         _print_json(result.summary())
     if result.incomplete:
@@ -434,7 +430,8 @@ def _validate_depths(overrides: list[str] | None, widths: str | None, depths: st
     if not pars or any(p not in ("none", "completep") for p in pars):
         raise UserError(f"--depth-parametrizations={depth_pars!r}: use none, completep or both")
     cfg = _compose(overrides, config_dir=config_dir)
-    ws = _int_list(widths, "--widths") if widths is not None else [cfg.model.width] * len(ds)
+    # a joint grid may hold a width twice (one width per depth)
+    ws = _int_list(widths, "--widths", distinct=False) if widths is not None else [cfg.model.width] * len(ds)
     if len(ws) != len(ds):
         raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
                         "a joint grid, or leave --widths out to keep model.width")
@@ -485,8 +482,11 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     try:
         result = run_tune(cfg, workers=workers)
     except SweepFailed as e:  # best.json and trials.csv are written; show what there is
-        _print_best_trials(best_document(e.study))
+        doc = best_document(e.study)
+        _print_best_trials(doc)
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        if json_out:  # the document exists (value null): the pipe's next command says why
+            _print_json(doc)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:  # the running trials are failed and re-queued
         err.print("interrupted; re-run the same command to continue", highlight=False)
@@ -627,25 +627,56 @@ def report(best: str = BEST,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Typer handles usage errors (exit 2) and typer.Exit; a UserError from library code
-    becomes one line on stderr and exit 2, never a traceback; a sweep that ran but has
-    nothing to use (tune.SweepFailed), one line and exit 1."""
+    """Every way a command can refuse ends in one line on stderr (and with --json an
+    {"error": ...} object on stdout, so a pipe's next command can say what failed), never a
+    traceback: a usage error (a flag, a command, a flag's value: Typer's boxed usage text
+    otherwise) and a UserError from library code exit 2; a sweep that ran but has nothing to
+    use (tune.SweepFailed), a launch whose rank failed, exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv)
-    except UserError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        code = app(args=args, prog_name="mupsweep", standalone_mode=False)
+    except typer_exceptions.NoArgsIsHelpError as e:  # `mupsweep` alone: the help (Typer prints it)
+        if e.format_message().strip():
+            err.print(e.format_message(), highlight=False, markup=False)
         sys.exit(2)
+    except typer_exceptions.UsageError as e:
+        _refuse(_usage_line(e), "--json" in args, 2)
+    except UserError as e:
+        _refuse(str(e), "--json" in args, 2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
     except Exception as e:
+        from mupsweep.launch import RanksFailed
         from mupsweep.tune import SweepFailed  # here only: importing it loads optuna and torch
 
+        if isinstance(e, RanksFailed):
+            _refuse(str(e), "--json" in args, e.exit_code)
         if not isinstance(e, SweepFailed):
             raise
         # A command built on tune (demo, validate) whose sweep has nothing to use: exit 1.
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _refuse(str(e), False, 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _refuse(message: str, json_out: bool, code: int) -> None:
+    """One line on stderr (a rank under `train --nproc-per-node` hands it to the launcher),
+    with --json the error object on stdout; exit `code`."""
+    from mupsweep.launch import write_rank_error
+
+    message = " ".join(message.split())  # one line, whatever the message held
+    if not write_rank_error(message, os.environ.get("RANK", "0")):
+        err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        if json_out:
+            _print_json({"error": message, "exit_code": code})
+    sys.exit(code)
+
+
+def _usage_line(e: typer_exceptions.UsageError) -> str:
+    """Typer's usage error (it suggests the nearest command itself) as one line, with where the
+    help is."""
+    where = e.ctx.command_path if e.ctx is not None else "mupsweep"
+    return f"{e.format_message().rstrip('.')} (see '{where} --help')"
 
 
 if __name__ == "__main__":
