@@ -2,19 +2,22 @@
 holds a run (only `train.resume=true` with the same config), and the lock that keeps a second
 process out of a directory in use.
 
-A run directory holds config.yaml, last.pt, metrics.jsonl and result.json (see `train`). Its
-`.lock` file is locked with flock(2) by the process writing there and records that process's
+A run directory holds config.yaml, last.pt, metrics.jsonl and result.json (see `train`). No
+file there holds a password: the config is written, and checked on resume, as
+`without_passwords` gives it (a storage URL's password hidden). Its `.lock` file is locked with flock(2) by the process writing there and records that process's
 pid and host; the kernel drops the lock when the process ends, however it ends, so a lock left
 by a dead process is taken over without anyone deleting it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -25,6 +28,46 @@ from mupsweep.util import first_line
 DEFAULT_ROOT = Path("runs/train")
 RUN_FILES = ("config.yaml", "last.pt", "metrics.jsonl", "result.json")
 LOCK_FILE = ".lock"
+
+
+def without_passwords(cfg: Config) -> Config:
+    """A copy of `cfg` fit to be written to a file: the password of every URL in it hidden
+    (sweep.storage, and a URL anywhere else, as in provenance.overrides). What a run writes
+    (config.yaml, the checkpoint's config) and what it is compared with on resume both go
+    through here, so a hidden password never makes an honest resume differ."""
+    return _hide_passwords(cfg)
+
+
+def _hide_passwords(value: Any) -> Any:
+    if isinstance(value, str):
+        return _hide_password(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _hide_passwords(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, dict):
+        return {k: _hide_passwords(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_hide_passwords(v) for v in value)
+    return value
+
+
+def _hide_password(text: str) -> str:
+    """`text` with the password of a URL in it hidden: a whole URL or an override's value
+    (`sweep.storage=postgresql://u:pw@host/db`) by SQLAlchemy's own parser (`redact_url`, which
+    falls back to hiding every URL's password in free text). Text without a password comes back unchanged, so nothing else moves."""
+    if "://" not in text:
+        return text
+    # Here only: mupsweep.storage loads optuna and SQLAlchemy, which a run without URLs skips.
+    from mupsweep.storage import redact_url
+
+    key, equals, value = text.partition("=")
+    if equals and "://" in value and "://" not in key:  # key=URL, as an override
+        hidden = f"{key}={redact_url(value)}"
+    else:
+        hidden = redact_url(text) or text
+    if hidden == text or "***" not in hidden:  # no password there: keep the text as it was
+        return text
+    return hidden
 
 
 def _os_error(path: Path, what: str, e: OSError) -> UserError:
@@ -80,7 +123,8 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
     except Exception as e:
         raise UserError(f"{path} is unreadable ({first_line(e)}); cannot check that the run "
                         "there has this config") from None
-    diff = config_differences(old if isinstance(old, dict) else {}, to_dict(cfg))
+    # The run wrote its config with passwords hidden (without_passwords): compare like that.
+    diff = config_differences(old if isinstance(old, dict) else {}, to_dict(without_passwords(cfg)))
     if diff:
         raise UserError(f"train.run_dir={run_dir} holds a run with another config ({'; '.join(diff)}"
                         "); resume it with its own values, or choose another train.run_dir")

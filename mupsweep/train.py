@@ -43,7 +43,7 @@ from mupsweep.parametrize import (
     make_optimizer,
     role_groups,
 )
-from mupsweep.rundir import RunDirLock, open_run_dir
+from mupsweep.rundir import RunDirLock, open_run_dir, without_passwords
 from mupsweep.text import Conditioner, LabelConditioner
 from mupsweep.util import atomic_write_text, first_line
 
@@ -269,8 +269,12 @@ def _build(cfg: Config, device: torch.device, rank: int, world: int, run_dir: Pa
     if on_model is not None:
         on_model(model)
     optimizer = make_optimizer(model, cfg.model, cfg.optim)
+    # The config as files may hold it (a storage URL's password hidden): the checkpoint stores
+    # the state's config and resume compares with it, and config.yaml is written from it.
+    # Training reads the run's own cfg; a password never changes what a run computes.
+    written_cfg = without_passwords(cfg)
     state = RunState(
-        cfg, model, optimizer,
+        written_cfg, model, optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
         ema=make_ema(model, cfg, conditioner.data_spec, device) if tc.ema_decay > 0 else None,
         gen_index=torch.Generator().manual_seed(tc.seed + 1),  # which images
@@ -280,7 +284,7 @@ def _build(cfg: Config, device: torch.device, rank: int, world: int, run_dir: Pa
     if tc.resume and (run_dir / "last.pt").exists():
         restore(state, run_dir / "last.pt")
     if rank == 0:  # only now: a config is never written over another config's weights
-        _write_text(run_dir / "config.yaml", to_yaml(cfg))
+        _write_text(run_dir / "config.yaml", to_yaml(written_cfg))
 
     forward_model: nn.Module = model
     if world > 1:

@@ -12,6 +12,12 @@ document" (written by `mupsweep tune` as best.json) into a target `Config`:
 4. record where the numbers came from in `cfg.provenance` (study, trial, proxy widths, sweep
    cost, estimated target FLOPs and tuning cost as a share of one target run).
 
+A tuned value never overrides a choice made on the command line in silence: a best document
+that tuned a key which is no hyperparameter (`sweep.space.NOT_HYPERPARAMETERS`: model.width,
+the base shapes, ...) is refused, and so is a tuned value that differs from what --depth,
+--steps or --preset sets (an explicit `key=value` override wins, with a warning). The target
+config, provenance included, holds no password.
+
 A preset is the wide model the proxy stands for, so it may change width and depth only. A
 preset of another architecture is refused; anything else it sets that differs from the proxy
 (learn_sigma, patch_size, mlp_ratio, diffusion.kind, model.extra's text settings, ...) is
@@ -49,7 +55,9 @@ from mupsweep.config import (
     set_by_path,
 )
 from mupsweep.errors import UserError
-from mupsweep.storage import redact_url
+from mupsweep.rundir import without_passwords
+from mupsweep.storage import redact_text, redact_url
+from mupsweep.sweep.space import not_a_hyperparameter
 from mupsweep.util import atomic_write_text
 
 # Architecture fields that width transfer does not cover: a difference between proxy and target
@@ -299,15 +307,26 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         raise UserError("the study has no complete trial yet: nothing to transfer")
     if not best["base_config"]:
         raise UserError("best document has an empty base_config: cannot rebuild the proxy")
+    check_tuned_keys(best["hparams"])
+    # The proxy the best trial trained: the base config with its tuned values (a swept
+    # model.depth included), which the checks below compare the target with.
     proxy = _base_config(best)
-    cfg = _base_config(best)
+    for key, value in best["hparams"].items():
+        set_by_path(proxy, key, value)
+    # Passwords hidden from the start: _apply_overrides writes this config to a temporary file.
+    cfg = without_passwords(_base_config(best))
 
     # 1. Model preset (its size; nothing else may differ unless overridden) and target width;
     # the proxy's base shapes stay.
     accepted: dict[str, dict[str, Any]] = {}
+    preset_settings: dict[str, Any] = {}
     if preset is not None:
         preset_warnings, accepted = apply_preset(cfg, proxy, preset, overrides, best["hparams"])
         warnings += preset_warnings
+        preset_settings = load_preset(preset)
+    check_tuned_against_command_line(
+        best["hparams"], command_line_choices(preset, preset_settings, width, depth, steps),
+        overrides)
     if width is not None:
         cfg.model.width = width
     if depth is not None:
@@ -330,7 +349,8 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
         if key in best["hparams"]:
-            warnings.append(f"override {item} replaces the tuned {key}={best['hparams'][key]}")
+            warnings.append(f"override {redact_text(item)} replaces the tuned "
+                            f"{key}={best['hparams'][key]}")
     cfg = _apply_overrides(cfg, overrides)
     if steps is not None:  # --steps wins over a train.steps override given alongside it
         cfg.train.steps = steps
@@ -423,7 +443,53 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         "accepted_differences": accepted,
         "warnings": list(warnings),
     }
-    return TransferResult(cfg, warnings, rows, spread, cost_line)
+    # The target YAML (and --json's provenance) must hold no password: an override such as
+    # sweep.storage=postgresql://u:pw@host/db lands in sweep.storage and provenance.overrides.
+    cfg = without_passwords(cfg)
+    return TransferResult(cfg, list(cfg.provenance["warnings"]), rows, spread, cost_line)
+
+
+def check_tuned_keys(hparams: dict[str, Any]) -> None:
+    """Refuse a best document that tuned a key which is no hyperparameter (model.width, the
+    base shapes, ...; `sweep.space.NOT_HYPERPARAMETERS`): its value would silently replace the
+    target's. `tune` refuses such a search space; this document came from elsewhere, or from
+    before that check."""
+    for key in hparams:
+        why = not_a_hyperparameter(str(key))
+        if why:
+            raise UserError(f"the best document's hparams hold {key}={hparams[key]}, which is not "
+                            f"a hyperparameter ({why}); transfer refuses it: re-tune without "
+                            f"{key} in sweep.params, or remove it from the document's hparams")
+
+
+def command_line_choices(preset: str | None, preset_settings: dict[str, Any], width: int | None,
+                         depth: int | None, steps: int | None) -> dict[str, tuple[Any, str]]:
+    """{config key: (value, the option that chose it)} for what the command line sets besides
+    `key=value` overrides: the preset's settings, then --width, --depth and --steps (which win
+    over the preset's width and depth, as `transfer` applies them)."""
+    choices: dict[str, tuple[Any, str]] = {}
+    for key, value in preset_settings.items():
+        if key != "model.parametrization" and key.removeprefix("model.") not in PROXY_SHAPE_FIELDS:
+            choices[key] = (value, f"--preset {preset}")  # the proxy's values of these are kept
+    for key, value, option in (("model.width", width, "--width"), ("model.depth", depth, "--depth"),
+                               ("train.steps", steps, "--steps")):
+        if value is not None:
+            choices[key] = (value, f"{option} {value}")
+    return choices
+
+
+def check_tuned_against_command_line(hparams: dict[str, Any],
+                                     choices: dict[str, tuple[Any, str]],
+                                     overrides: list[str]) -> None:
+    """Refuse a tuned value that differs from the one an option on the command line chose (the
+    tuned one would replace it in silence), naming both. An explicit `key=value` override of
+    that key settles it: the override wins, with a warning (`transfer`)."""
+    explicit = _override_keys(overrides)
+    for key, (chosen, option) in choices.items():
+        if key in hparams and key not in explicit and _plain(hparams[key]) != _plain(chosen):
+            raise UserError(f"{option} sets {key}={_yaml(chosen)} but the study tuned "
+                            f"{key}={_yaml(hparams[key])}; say which the target gets with "
+                            f"{key}=VALUE on the transfer command line")
 
 
 def _accepted(overridden: dict[str, dict[str, Any]], cfg: Config) -> dict[str, dict[str, Any]]:

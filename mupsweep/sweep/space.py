@@ -10,12 +10,62 @@ from typing import Any
 
 from optuna.trial import Trial
 
-from mupsweep.config import Config, SweepParam, check_config, set_by_path
+from mupsweep.config import RESULT_NEUTRAL, Config, SweepParam, check_config, set_by_path
 from mupsweep.errors import UserError
 
 # Appended to the Optuna name of a log2 axis: the trial records the exponent, the config the
 # value 2**exponent.
 LOG2_SUFFIX = ":log2"
+
+# Config keys that are not hyperparameters: `sweep.params` refuses them, and `transfer` refuses
+# a best document whose tuned values hold one. Each one, swept, gives a wrong answer in silence:
+# the trials overwrite or never read it, or it changes what the proxy stands for or what the
+# trials' losses measure, and best.json and the config transfer writes from it would still
+# record a "best" value. A key covers every key below it (`data` covers data.root). Keys that
+# really train as swept stay sweepable, shapes included (model.depth, model.patch_size,
+# model.mlp_ratio): every trial builds its model at the swept value, and transfer refuses a
+# tuned value that conflicts with the target asked for on its command line.
+_BASE_SHAPES = ("muP's base shapes (width = heads x head_dim): the tuned HPs are defined "
+                "relative to them, so a study holds them fixed and transfer keeps the proxy's")
+_DEPTH_BASE = ("CompleteP's base depth and exponent: the tuned HPs are defined relative to "
+               "them, so a study holds them fixed and transfer keeps the proxy's")
+_STUDY_KIND = ("what the study tunes for: best.json and transfer take it from the study's base "
+               "config, so a swept value would be reported and transferred as the base one")
+_OBJECTIVE = ("it defines the validation loss the trials are ranked by: losses under different "
+              "values measure different things and do not compare")
+_SET_BY_TRIAL = "every trial sets it itself (a new run directory, no checkpoint, no progress bar)"
+_NEUTRAL = "it cannot change the validation loss a trial is ranked by, so there is nothing to tune"
+NOT_HYPERPARAMETERS: dict[str, str] = {
+    # config.RESULT_NEUTRAL first: logging, device, output and the other commands' sections.
+    **{key: _NEUTRAL for key in RESULT_NEUTRAL},
+    "diffusion.sample_steps": _NEUTRAL + " (it only sets how sample grids are drawn)",
+    "diffusion.cfg_scale": _NEUTRAL + " (it only sets how sample grids are drawn)",
+    "sweep": "a setting of tune itself, which no trial reads",
+    "coord": "a setting of coord-check, which no trial reads",
+    "provenance": "written by transfer, and read by no trial",
+    "train.run_dir": _SET_BY_TRIAL, "train.resume": _SET_BY_TRIAL,
+    "train.save": _SET_BY_TRIAL, "train.progress": _SET_BY_TRIAL,
+    "model.width": ("every trial trains at each of sweep.proxy_widths, so a swept width would be "
+                    "overwritten; list the proxy widths in sweep.proxy_widths (transfer sets the "
+                    "target's with --width)"),
+    "model.head_dim": _BASE_SHAPES, "model.base_width": _BASE_SHAPES,
+    "model.delta_width": _BASE_SHAPES,
+    "model.base_depth": _DEPTH_BASE, "model.depth_alpha": _DEPTH_BASE,
+    "model.arch": _STUDY_KIND, "model.parametrization": _STUDY_KIND,
+    "model.depth_parametrization": _STUDY_KIND,
+    "data": ("the dataset is loaded once per study and every trial trains on it, so a swept "
+             "data key would never be read"),
+    "train.val_size": _OBJECTIVE, "train.val_seed": _OBJECTIVE, "model.learn_sigma": _OBJECTIVE,
+    "diffusion.kind": _OBJECTIVE, "diffusion.num_timesteps": _OBJECTIVE,
+    "diffusion.beta_start": _OBJECTIVE, "diffusion.beta_end": _OBJECTIVE,
+}
+
+
+def not_a_hyperparameter(key: str) -> str | None:
+    """Why `key` may not be tuned (see NOT_HYPERPARAMETERS), or None when it may. The most
+    specific entry wins: train.run_dir's own reason before a section's."""
+    covering = [k for k in NOT_HYPERPARAMETERS if key == k or key.startswith(k + ".")]
+    return NOT_HYPERPARAMETERS[max(covering, key=len)] if covering else None
 
 
 def default_params() -> list[SweepParam]:
@@ -40,6 +90,9 @@ def search_space(cfg: Config) -> list[SweepParam]:
             raise UserError(f"{where}: {p.name} appears twice in sweep.params")
         seen.add(p.name)
         _check_key(cfg, p.name, where)
+        why = not_a_hyperparameter(p.name)
+        if why:
+            raise UserError(f"{where}: {p.name} is not a hyperparameter and cannot be swept: {why}")
         if p.type == "categorical":
             if not p.choices:
                 raise UserError(f"{where}: type categorical needs a non-empty choices list")
