@@ -68,8 +68,51 @@ def _compose(overrides: list[str] | None, config: Path | None = None,
              config_dir: Path | None = None):
     from mupsweep.config import compose
 
-    return compose(overrides or [], config_file=str(config) if config else None,
-                   config_dir=config_dir)
+    readable = _readable_config(config)
+    try:
+        return compose(overrides or [], config_file=readable, config_dir=config_dir)
+    except UserError as e:  # name the stream the user gave, not its temporary copy
+        if readable not in _STREAM_COPIES:
+            raise
+        raise UserError(str(e).replace(readable, _STREAM_COPIES[readable])) from None
+
+
+_STREAM_COPIES: dict[str, str] = {}  # temporary copy of a piped --config -> what the user named
+
+
+def _readable_config(config: Path | None) -> str | None:
+    """--config as a file compose can read. '-' (stdin), /dev/stdin and a shell's <(...) are
+    streams that can be read once: their text is kept in a temporary file for this process,
+    so `mupsweep transfer best.json -o - | mupsweep train --config -` works."""
+    import atexit
+    import tempfile
+
+    if config is None:
+        return None
+    if str(config) in _STREAM_COPIES:
+        return str(config)
+    if str(config) != "-" and (config.is_file() or not config.exists()):
+        return str(config)  # a file, or a missing path that compose names in its error
+    if str(config) == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("--config -: stdin is a terminal; pipe a config in, e.g. "
+                            "`mupsweep transfer best.json -o - | mupsweep train --config -`")
+        text = sys.stdin.read()
+    elif config.is_dir():
+        raise UserError(f"--config {config}: a directory; give a YAML config file")
+    else:
+        try:
+            text = config.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--config {config}: cannot read it ({e})") from None
+    if not text.strip():
+        raise UserError(f"--config {config}: empty (nothing was piped in)")
+    fd, path = tempfile.mkstemp(prefix="mupsweep-config-", suffix=".yaml")
+    atexit.register(os.unlink, path)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    _STREAM_COPIES[path] = "stdin" if str(config) == "-" else str(config)
+    return path
 
 
 def _print_cfg(cfg) -> None:
@@ -108,6 +151,8 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
     from mupsweep.launch import check_launch, launch
 
     check_launch(nproc_per_node, nnodes, node_rank)
+    if config is not None:  # a pipe is read once, here: the ranks read the same text from a file
+        config = Path(_readable_config(config))
     cfg = _train_config(overrides, config, resume, config_dir)  # validate before any process starts
     if print_cfg:
         _print_cfg(cfg)
@@ -300,7 +345,7 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
                       "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
                       f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
                       f"{r['eps']:.3g}")
-    _print_wide(table)
+    _print_wide(table, to_stdout=not json_out)  # the product: stdout, unless JSON is
     blocks = describe_blocks(model)
     mults = sorted({b["residual_mult"] for b in blocks})
     err.print(f"{len(blocks)} residual blocks, each branch added x "
@@ -312,16 +357,18 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
         _print_json(rows)
 
 
-def _print_wide(table: Table) -> None:
-    """A table at its natural width when stderr is not a terminal (a file, a pipe: rich would
-    squeeze it into 80 columns and cut every cell); on a terminal, the terminal's width."""
-    if err.is_terminal:
-        err.print(table)
+def _print_wide(table: Table, to_stdout: bool = False) -> None:
+    """A table at its natural width when its stream is not a terminal (a file, a pipe: rich
+    would squeeze it into 80 columns and cut every cell); on a terminal, the terminal's width.
+    to_stdout: the table is the command's product (inspect), for `| grep` and files."""
+    console = Console() if to_stdout else err
+    if console.is_terminal:
+        console.print(table)
         return
     from rich.measure import Measurement
 
-    natural = Measurement.get(err, err.options.update_width(10_000), table).maximum
-    Console(stderr=True, width=max(err.width, natural)).print(table)
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(stderr=not to_stdout, width=max(console.width, natural)).print(table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +377,7 @@ def _print_wide(table: Table) -> None:
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(None, "--out", help="where everything goes "
+def demo(out_dir: str = typer.Option(None, "--out", help="where everything goes "
                                       "[default: runs/demo, with --quick runs/demo-quick]"),
          n_trials: int = typer.Option(None, "--trials", help="sweep trials on the proxies "
                                       "[default: 12, with --quick 6]"),
@@ -341,13 +388,15 @@ def demo(out_dir: Path = typer.Option(None, "--out", help="where everything goes
     import optuna
 
     from mupsweep.demo import QUICK, run_demo
+    from mupsweep.report import check_output_dir
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = dict(QUICK) if quick else {}
     if n_trials is not None:
         settings["n_trials"] = n_trials
-    out_dir = out_dir or Path("runs/demo-quick" if quick else "runs/demo")
-    summary = run_demo(out_dir, console=err, **settings)
+    if out_dir is None:  # (a str, not a Path: Typer makes Path("") the current directory)
+        out_dir = "runs/demo-quick" if quick else "runs/demo"
+    summary = run_demo(check_output_dir(out_dir, "--out"), console=err, **settings)
     if json_out:
         _print_json(summary)
     raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
@@ -605,18 +654,23 @@ def _print_lr_by_width(rows: list[dict]) -> None:
 
 @app.command()
 def report(best: str = BEST,
-           out_dir: Path = typer.Option(Path("runs/report"), "-o", "--out", help="output folder"),
+           out_dir: str = typer.Option("runs/report", "-o", "--out", help="output folder"),
            top: int = typer.Option(20, "--top", help="trials in the Markdown table"),
            storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON) -> None:
-    """Plots (loss vs lr per width, history) and a Markdown summary of a sweep."""
-    from mupsweep.report import write_report
+    """Plots (loss vs lr per width, history) and a Markdown summary of a sweep (the summary
+    on stdout; with --json, the paths instead)."""
+    from mupsweep.report import check_output_dir, write_report
 
+    check_output_dir(out_dir, "-o")  # before reading a study that may take a while
     doc, extra = _best_doc(best, storage, study)
     if extra:
         raise UserError(f"report takes no overrides (got {extra[0]})")
     md = write_report(doc, out_dir, top=top)
     err.print(f"wrote {md}, {md.parent / 'lr_vs_loss.png'}, {md.parent / 'history.png'}")
-    if json_out:
+    if not json_out:  # the product, for a pipe or a file
+        sys.stdout.write(md.read_text())
+        sys.stdout.flush()
+    else:
         _print_json({"markdown": str(md), "lr_vs_loss": str(md.parent / "lr_vs_loss.png"),
                      "history": str(md.parent / "history.png")})
 
@@ -634,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     use (tune.SweepFailed), a launch whose rank failed, exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = _hydra_cfg_spelling(args)
         code = app(args=args, prog_name="mupsweep", standalone_mode=False)
     except typer_exceptions.NoArgsIsHelpError as e:  # `mupsweep` alone: the help (Typer prints it)
         if e.format_message().strip():
@@ -648,8 +703,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as e:
         from mupsweep.launch import RanksFailed
+        from mupsweep.storage import storage_failure
         from mupsweep.tune import SweepFailed  # here only: importing it loads optuna and torch
 
+        full = storage_failure(e)  # a full disk met inside a trial, behind Optuna's AssertionError
+        if full is not None:
+            _refuse(str(full), "--json" in args, 2)
         if isinstance(e, RanksFailed):
             _refuse(str(e), "--json" in args, e.exit_code)
         if not isinstance(e, SweepFailed):
@@ -657,6 +716,20 @@ def main(argv: list[str] | None = None) -> None:
         # A command built on tune (demo, validate) whose sweep has nothing to use: exit 1.
         _refuse(str(e), False, 1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _hydra_cfg_spelling(args: list[str]) -> list[str]:
+    """Hydra's `--cfg job` (and `--cfg all`) is mupsweep's `--cfg`: the value is dropped
+    (mupsweep's config is the job config; it has no Hydra runtime config for `--cfg hydra`)."""
+    out = []
+    for i, arg in enumerate(args):
+        if i > 0 and args[i - 1] == "--cfg" and arg in ("job", "all", "hydra"):
+            if arg == "hydra":
+                raise UserError("--cfg hydra: mupsweep runs no Hydra job, so it has no Hydra "
+                                "config; --cfg (or --cfg job) prints mupsweep's")
+            continue
+        out.append(arg)
+    return out
 
 
 def _refuse(message: str, json_out: bool, code: int) -> None:

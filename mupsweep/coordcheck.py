@@ -32,7 +32,9 @@ from torch import nn
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
+from mupsweep.report import check_output_dir, make_output_dir, plot_coord_check
 from mupsweep.train import train
+from mupsweep.util import atomic_write, is_full, os_reason
 
 
 class ActivationRecorder:
@@ -147,7 +149,11 @@ def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True,
 
     With `depths`, the width stays model.width and the depth grows instead; the verdict is
     then about cfg.model.depth_parametrization, with the base depth model.base_depth (or the
-    smallest depth when it is not set)."""
+    smallest depth when it is not set).
+
+    `out_dir` (the CLI passes coord.out_dir) is checked before any training: a folder that can
+    never be written is refused at once. Its CSV and plot are each replaced whole, so a failed
+    write (a full disk) is one line naming the file and carrying the verdict."""
     cc = cfg.coord
     m = cfg.model
     if depths is not None:
@@ -161,6 +167,8 @@ def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True,
             raise UserError(f"coord.widths={cc.widths}: need two or more widths, each a positive "
                             f"multiple of model.head_dim={m.head_dim}")
         sizes, axis = cc.widths, "width"
+    if out_dir is not None:
+        check_output_dir(out_dir, "coord.out_dir")
     dataset = load_dataset(cfg.data)
     recorders = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,15 +203,32 @@ def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True,
         worst=f"{worst_row['module']}@step{int(worst_row['step'])}", tolerance=cc.tolerance,
         axis=axis)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"coord_{name}" if axis == "width" else f"coord_depth_{name}"
-        table.to_csv(out / f"{stem}.csv", index=False)
-        if plot:
-            from mupsweep.report import plot_coord_check
+        _write_outputs(result, cfg, sizes, Path(out_dir), plot)
+    return result
 
+
+def _write_outputs(result: CoordCheckResult, cfg: Config, sizes: list[int], out: Path,
+                   plot: bool) -> None:
+    """out/coord_<par>.csv (and .png): the table and its plot, each replaced whole, so a failed
+    write leaves the file as it was; the error says so and carries the verdict."""
+    name, axis = result.parametrization, result.axis
+    stem = f"coord_{name}" if axis == "width" else f"coord_depth_{name}"
+    verdict = (f"{'passed' if result.passed else 'FAILED'} (max |slope| "
+               f"{result.max_abs_slope:.2f} at {result.worst})")
+    try:
+        make_output_dir(out, "coord.out_dir")
+    except UserError as e:
+        raise UserError(f"{e}; the check {verdict}") from None
+    path = out / f"{stem}.csv"
+    try:
+        atomic_write(path, lambda tmp: result.table.to_csv(tmp, index=False))
+        if plot:
+            path = out / f"{stem}.png"
             title = (f"{cfg.model.arch} {name}: max |slope| vs {axis} "
                      f"{result.max_abs_slope:.2f} ({'pass' if result.passed else 'FAIL'})")
-            result.plot_path = str(plot_coord_check(table, sizes, out / f"{stem}.png", title,
-                                                    axis=axis))
-    return result
+            result.plot_path = str(plot_coord_check(result.table, sizes, path, title, axis=axis))
+    except OSError as e:
+        kept = "left as it was" if path.suffix == ".csv" else "left as it was (the CSV is written)"
+        again = "; free space and run it again" if is_full(e) else ""
+        raise UserError(f"cannot write {path}: {os_reason(e)}; {path.name} {kept}; the check "
+                        f"{verdict}{again}") from None

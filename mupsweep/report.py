@@ -19,7 +19,27 @@ from mupsweep.best import (
     width_losses,
 )
 from mupsweep.errors import UserError
-from mupsweep.util import atomic_write, atomic_write_text
+from mupsweep.util import atomic_write, atomic_write_text, is_full, os_reason, output_dir_problem
+
+
+def check_output_dir(path: str | Path | None, what: str) -> Path:
+    """The output folder `path`, or a UserError of one line naming `what` (the option or key)
+    when it can never be written: empty, a file, under a file, not writable
+    (`mupsweep.util.output_dir_problem`). Call it before any work; it creates nothing."""
+    problem = output_dir_problem(path, what)
+    if problem:
+        raise UserError(problem)
+    return Path(path)
+
+
+def make_output_dir(path: str | Path, what: str) -> Path:
+    """check_output_dir, then mkdir -p, with one line when that still fails."""
+    out = check_output_dir(path, what)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {out}: cannot create the folder: {os_reason(e)}") from None
+    return out
 
 
 def _pyplot():
@@ -59,8 +79,10 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str
                ncol=1 if len(labels) <= 20 else 2)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 1.8 / (3.2 * len(steps) + 1.8), 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -148,8 +170,10 @@ def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
         others = ", ".join(varying[1:])
         fig.colorbar(sc, ax=axes, label=f"log2 {key}")
         fig.suptitle(title + (f"\nalso varying, not shown: {others}" if others else ""), fontsize=10)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -177,8 +201,10 @@ def plot_history(best_doc: dict, path: Path) -> Path:
     ax.set_title(f"{best_doc.get('study', 'study')}: optimization history")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -209,22 +235,38 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
-def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
+REPORT_FILES = ("lr_vs_loss.png", "history.png", "report.md")
+
+
+def write_report(best_doc: dict, out_dir: str | Path, top: int = 20, what: str = "-o") -> Path:
     """Write lr_vs_loss.png, history.png and report.md (summary, per-width best lr, cost and
-    the top `top` trials by value) into out_dir; return the markdown path."""
+    the top `top` trials by value) into out_dir; return the markdown path. `what` names the
+    option that chose out_dir in errors.
+
+    Each file is replaced whole (written beside it, then renamed), so a failed write (a full
+    disk, a size limit) is one line naming the file, and every file there stays as it was or
+    is the new one, never half of one; the study is only read."""
     if top < 0:
         raise UserError(f"--top {top}: give the number of trials to list (0 or more)")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"-o {out_dir} is a file; report writes a folder (report.md, "
-                        "lr_vs_loss.png, history.png): give a folder name")
+    out_dir = make_output_dir(out_dir, what)
+    path = out_dir / REPORT_FILES[0]
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        lr_png = plot_lr_vs_loss(best_doc, path)
+        path = out_dir / REPORT_FILES[1]
+        hist_png = plot_history(best_doc, path)
+        path = out_dir / REPORT_FILES[2]
+        return atomic_write_text(path, _report_markdown(best_doc, lr_png, hist_png, top))
     except OSError as e:
-        raise UserError(f"cannot create {out_dir}: {e.strerror or e}") from None
-    lr_png = plot_lr_vs_loss(best_doc, out_dir / "lr_vs_loss.png")
-    hist_png = plot_history(best_doc, out_dir / "history.png")
+        done = REPORT_FILES[:REPORT_FILES.index(path.name)]
+        kept = (f"{', '.join(done)} written, the rest as before" if done
+                else "the files there are as they were")
+        again = "; free space and run report again" if is_full(e) else ""
+        raise UserError(f"cannot write {path}: {os_reason(e)}; {kept} (each file is replaced "
+                        f"whole){again}") from None
 
+
+def _report_markdown(best_doc: dict, lr_png: Path, hist_png: Path, top: int) -> str:
+    """report.md's text."""
     d = best_doc
     lines = [f"# Sweep report: {d.get('study', '?')}", "",
              f"- parametrization: **{d.get('parametrization')}**",
@@ -261,7 +303,7 @@ def write_report(best_doc: dict, out_dir: Path, top: int = 20) -> Path:
         [[t.get("number"), t.get("value"), *((t.get("hparams") or {}).get(k) for k in hp_keys),
           *((t.get("losses") or {}).get(w) for w in widths), t.get("flops"), t.get("wall_time_s")]
          for t in ranked])
-    return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _best_line(d: dict) -> str:

@@ -5,11 +5,19 @@ Forms: None -> SQLite file `sweep.out_dir/study.db`; `PATH.journal` or `journal:
 Optuna journal file; anything with `://` -> a SQLAlchemy URL (sqlite:///study.db,
 postgresql://user:pass@host/db). Every failure is a UserError of one line with the password
 hidden (docs/design.md section 6).
+
+A storage that cannot grow (a full disk, a quota, a file size limit) raises `StorageFull`, a
+UserError naming the storage, from the write that failed: SQLite and PostgreSQL through an
+SQLAlchemy error hook on the engine, a journal file through its own append, which writes whole
+lines only. The study keeps every finished trial (a failed SQL transaction is rolled back, a
+failed journal append is cut off); `storage_failure` finds that error behind the errors Optuna
+raises while it handles it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import time
 import warnings
@@ -27,7 +35,7 @@ from sqlalchemy.exc import ArgumentError
 from mupsweep.config import Config
 from mupsweep.errors import UserError
 from mupsweep.optuna_adapter import opened_storage
-from mupsweep.util import first_line
+from mupsweep.util import append_lines, first_line, is_full
 
 # A whole URL is redacted by SQLAlchemy's own parser (redact_url). This regex is only for
 # free text that merely contains URLs, such as a driver's error message echoing the URL it
@@ -102,6 +110,48 @@ def uses_heartbeat(cfg: Config) -> bool:
     return storage_spec(cfg).kind == "rdb" and cfg.sweep.heartbeat_s > 0
 
 
+class StorageFull(UserError):
+    """A study's storage could not take a write: its disk, quota or file size limit is full."""
+
+
+def storage_full(label: str, e: BaseException) -> StorageFull:
+    reason = "the disk or a size limit is full"
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror
+            break
+        if "database or disk is full" in str(cause):
+            reason = "database or disk is full"
+            break
+    return StorageFull(f"storage {label} cannot grow ({reason}): the study keeps every finished "
+                       "trial (the one cut off is retried); free space and re-run the same "
+                       "command to continue")
+
+
+def storage_failure(e: BaseException) -> StorageFull | None:
+    """The StorageFull behind `e`, if any. A write that fails inside a trial is followed by
+    Optuna's own failing write of the trial's FAIL state and its "Should not reach" assertion,
+    so the StorageFull is then the context of another error, not the error itself."""
+    return next((c for c in _chain(e) if isinstance(c, StorageFull)), None)
+
+
+def _chain(e: BaseException | None):
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _db_full(e: BaseException) -> bool:
+    """A database error that means "no room": SQLite's SQLITE_FULL, an OSError ENOSPC/EFBIG,
+    PostgreSQL's disk_full (SQLSTATE 53100)."""
+    if is_full(e):
+        return True
+    return any(getattr(c, "pgcode", None) == "53100" or getattr(c, "sqlstate", None) == "53100"
+               for c in _chain(e))
+
+
 def open_for_tune(cfg: Config, spec: StorageSpec,
                   on_stale: Callable[[optuna.Study, FrozenTrial], Any] | None = None
                   ) -> optuna.storages.BaseStorage:
@@ -116,7 +166,7 @@ def open_for_tune(cfg: Config, spec: StorageSpec,
     def connect() -> optuna.storages.BaseStorage:
         if spec.kind == "journal":
             Path(spec.target).parent.mkdir(parents=True, exist_ok=True)
-            return _journal(spec.target)
+            return _journal(spec.target, spec.label)
         sqlite_file = _sqlite_file(spec.target)
         if sqlite_file is not None:
             sqlite_file.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +185,7 @@ def open_for_reading(spec: StorageSpec) -> optuna.storages.BaseStorage:
     if spec.kind == "journal":
         if not Path(spec.target).is_file():
             raise UserError(f"journal file not found: {spec.target}")
-        return _open(spec, lambda: _journal(spec.target))
+        return _open(spec, lambda: _journal(spec.target, spec.label))
     sqlite_file = _sqlite_file(spec.target)
     if sqlite_file is not None and not sqlite_file.is_file():
         raise UserError(f"storage {spec.label}: no such SQLite file {sqlite_file}")
@@ -159,6 +209,8 @@ def _open(spec: StorageSpec, connect: Callable[[], optuna.storages.BaseStorage]
     for attempt in range(5):
         try:
             storage = connect()
+        except StorageFull:
+            raise
         except Exception as e:  # sqlalchemy / driver errors: many types, multi-line messages
             text = str(e)
             if attempt < 4 and ("UNIQUE constraint" in text or "already exists" in text
@@ -171,8 +223,39 @@ def _open(spec: StorageSpec, connect: Callable[[], optuna.storages.BaseStorage]
     raise AssertionError("unreachable")
 
 
-def _journal(path: str) -> optuna.storages.JournalStorage:
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+class _WholeLineJournal(optuna.storages.journal.JournalFileBackend):
+    """Optuna's journal file, appended in whole lines: a failed append (a full disk) is cut
+    back under the lock and raised as StorageFull. Optuna's own append can leave half a line,
+    which the next process's append then glues onto: an entry no reader can parse, in the middle
+    of the file, and the study no longer opens. The format and the lock are Optuna's own (the
+    lock is passed in through the public `lock_obj`, so this class can take it)."""
+
+    def __init__(self, path: str, label: str):
+        self._whole_path, self._label = path, label
+        self._whole_lock = optuna.storages.journal.JournalFileSymlinkLock(path)
+        try:
+            super().__init__(path, lock_obj=self._whole_lock)
+        except OSError as e:
+            if is_full(e):
+                raise storage_full(label, e) from e
+            raise
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+        try:
+            self._whole_lock.acquire()
+            try:
+                append_lines(self._whole_path, text, fsync=True)
+            finally:
+                self._whole_lock.release()
+        except OSError as e:
+            if is_full(e):
+                raise storage_full(self._label, e) from e
+            raise
+
+
+def _journal(path: str, label: str | None = None) -> optuna.storages.JournalStorage:
+    return optuna.storages.JournalStorage(_WholeLineJournal(path, label or f"journal:{path}"))
 
 
 def _rdb(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
@@ -184,11 +267,36 @@ def _rdb(url: str, **heartbeat: Any) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
-                                             **heartbeat)
+        storage = _RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, **heartbeat)
     if url.startswith("sqlite"):
         _serialize_sqlite_transactions(storage.engine)
+    _raise_storage_full(storage.engine, redact_url(url) or "")
     return storage
+
+
+class _RDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose heartbeat skips a beat that finds no room. The beat runs on
+    Optuna's own thread, where an error would print a traceback and end the heartbeat; the
+    trial's next write, on the main thread, fails the same way and says so in one line."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except StorageFull:
+            pass
+
+
+def _raise_storage_full(engine: Any, label: str) -> None:
+    """Make a write that finds no room raise StorageFull (one line naming the storage) instead
+    of Optuna's StorageInternalError, which says "invalid data" and spans a hundred lines of
+    chained tracebacks. SQLAlchemy rolls the transaction back first, so nothing half-written
+    stays."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "handle_error")
+    def _full(context) -> None:
+        if _db_full(context.original_exception):
+            raise storage_full(label, context.original_exception)
 
 
 def _serialize_sqlite_transactions(engine: Any) -> None:

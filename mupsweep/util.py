@@ -1,12 +1,17 @@
-"""Small shared utilities: JSON-safe values, atomic file writes, one-line error text.
+"""Small shared utilities: JSON-safe values, atomic file writes, one-line error text, output
+folders checked before work, appends of whole lines, and telling a full disk.
 
-Imports nothing of the project, so every module may use it.
+Imports nothing of the project, so every module may use it (so it returns problems as text:
+the caller raises them as its UserError).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,3 +57,89 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders and full disks
+# --------------------------------------------------------------------------------------------
+
+# errno values that mean "the file system (or this process's file size limit) is full":
+# ENOSPC no space, EDQUOT over quota, EFBIG past RLIMIT_FSIZE or the file system's largest file.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_full(e: BaseException) -> bool:
+    """Whether `e` (or an error it was raised from) says the disk or a size limit is full:
+    OSError ENOSPC / EDQUOT / EFBIG, or SQLite's "database or disk is full"."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            return True
+        if "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError's reason without its (possibly long) file name: 'No space left on device'."""
+    return e.strerror or first_line(e)
+
+
+def output_dir_problem(path: str | Path | None, what: str) -> str | None:
+    """Why an output folder can never be written, in one line naming `what` (the option or
+    key, e.g. "-o", "coord.out_dir") and the path; None when it can. Checked before any work
+    (`mupsweep.report.check_output_dir` raises it as a UserError).
+
+    Refused: an empty string (usually an unset shell variable, which would write into the
+    current directory), a path that exists and is not a folder, a path under a file, and a
+    folder (or the nearest existing folder above one still to be made) where a file cannot be
+    created. Writability is probed by creating and removing a file, not by reading modes: root
+    ignores modes, but /proc, /sys and read-only mounts refuse it too. Nothing is created, so
+    a refused command leaves no empty folder behind."""
+    if path is None or not str(path).strip():
+        return f"{what} is empty; give an output folder (. for the current one)"
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        return f"{what} {out} is a file, not a folder; give a folder name"
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{what} {out}: {existing} is a file, so the folder cannot be made; give another folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mupsweep-probe-", dir=existing)
+    except OSError as e:
+        where = "" if existing == out else f" (nothing can be created in {existing})"
+        # /proc answers ENOENT to a new file: say what it means
+        reason = "it takes no new files" if e.errno == errno.ENOENT else os_reason(e)
+        return f"{what} {out} is not writable{where}: {reason}; give another folder"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def append_lines(path: str | Path, text: str, fsync: bool = False) -> None:
+    """Append whole lines to `path` (created when missing): on any failure (a full disk, a size
+    limit) the file is cut back to its length before, so a reader never sees a torn last line
+    and a later append does not glue onto half a line. `text` must end with a newline. Raises
+    the OSError. Several processes appending to one file must hold a lock around it."""
+    if not text.endswith("\n"):
+        raise ValueError("append_lines takes whole lines, ending with a newline")
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # a short write (a disk that fills now) is followed by the error
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)

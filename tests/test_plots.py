@@ -101,6 +101,6 @@ def test_coord_check_plot_gives_each_of_16_modules_its_own_look(tmp_path):
 def test_inspect_table_is_not_cut_at_80_columns():
     proc = run_cli("inspect", "model.width=128", env={"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
-    assert "depth lr x" in proc.stderr  # a whole header, not "d…"
-    row = next(line for line in proc.stderr.splitlines() if "blocks.0.attn.qkv.weight" in line)
+    assert "depth lr x" in proc.stdout  # a whole header, not "d…" (the table is the product: stdout)
+    row = next(line for line in proc.stdout.splitlines() if "blocks.0.attn.qkv.weight" in line)
     assert "384x128" in row and "hidden" in row and "0.0005" in row and "0.25" in row

@@ -235,7 +235,7 @@ def test_report_bad_output_and_top(tmp_path, doc):
     existing.write_text("mine\n")
     path = write(tmp_path, doc)
     assert_one_line_error(run_cli("report", path, "-o", str(existing)),
-                          f"-o {existing} is a file; report writes a folder")
+                          f"-o {existing} is a file, not a folder")
     assert existing.read_text() == "mine\n"
     assert_one_line_error(run_cli("report", path, "-o", str(tmp_path / "r"), "--top", "-1"),
                           "--top -1")
@@ -289,7 +289,7 @@ def test_paper_lr_means_the_official_hidden_lr_at_dit_xl():
 def test_inspect_says_the_base_shapes():
     proc = run_cli("inspect", "model=dit-xl-2", "model.depth=1", "model.width=576", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    text = " ".join(proc.stderr.split())
+    text = " ".join(proc.stdout.split())  # the table's title: the table is inspect's product
     assert "base shapes: width 288 (4 heads of 72), delta 360 (5 heads)" in text
 
 
