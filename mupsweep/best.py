@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mupsweep.config import from_dict
 from mupsweep.errors import UserError
 from mupsweep.storage import label_of, open_for_reading, parse_storage, redact_text
 from mupsweep.sweep.retry import is_interrupted, is_surplus
@@ -96,7 +97,10 @@ def write_best_json(doc: dict[str, Any], path: str | Path) -> Path:
 
 
 def check_best_document(doc: Any, source: str) -> dict[str, Any]:
-    """Check the document's shape, so a wrong file fails here with one line, not deep inside."""
+    """The one schema check of a best document, wherever it comes from (a file, stdin, a study's
+    storage, a caller of `transfer`): every field a reader uses has the type it needs, and the
+    base config is one the schema and its architecture accept, so a wrong file fails here with
+    one line naming the field and the source, never deep inside `transfer` or `report`."""
     if not isinstance(doc, dict):
         raise UserError(f"{source}: expected a JSON object (the best document from "
                         f"`mupsweep tune --json`), got {type(doc).__name__}")
@@ -104,39 +108,86 @@ def check_best_document(doc: Any, source: str) -> dict[str, Any]:
     if missing:
         raise UserError(f"{source}: not a best document from `mupsweep tune`; missing "
                         f"key(s) {', '.join(missing)}")
-    if not isinstance(doc["hparams"], dict) or not isinstance(doc["base_config"], dict):
-        raise UserError(f"{source}: 'hparams' and 'base_config' must be JSON objects")
-    if not isinstance(doc["proxy_widths"], list) or not all(
-            isinstance(w, int) for w in doc["proxy_widths"]):
-        raise UserError(f"{source}: 'proxy_widths' must be a list of integers")
-    if not isinstance(doc.get("trials", []), list):
-        raise UserError(f"{source}: 'trials' must be a list")
-    for i, trial in enumerate(doc.get("trials", [])):
-        problem = _trial_problem(trial)
-        if problem:
-            raise UserError(f"{source}: trials[{i}] {problem} (each trial is an object: "
-                            "number, state, value, hparams, losses)")
+    problem = _document_problem(doc)
+    if problem:
+        raise UserError(f"{source}: {problem}")
+    if doc["base_config"]:  # empty: a study without one; transfer says so, report needs none
+        try:
+            from_dict(doc["base_config"])
+        except UserError as e:
+            raise UserError(f"{source}: base_config: {e}") from None
     return doc
 
 
-def _trial_problem(trial: Any) -> str | None:
-    """What is wrong with one entry of 'trials' for the readers (report, transfer), or None."""
-    if not isinstance(trial, dict):
-        return f"is {json.dumps(trial)[:40]}, not an object"
-    for key, types, what in (("hparams", dict, "an object"), ("losses", dict, "an object"),
-                             ("value", int | float, "a number"), ("number", int, "an integer"),
-                             ("state", str, "a string")):
-        value = trial.get(key)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-            return f"has {key} {json.dumps(value)[:40]}, not {what} or null"
+def _show(value: Any) -> str:
+    return json.dumps(value)[:40]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What each field may be: (test, what it must be). None (JSON null) is allowed for every
+# optional field and every trial field; the required ones are REQUIRED_KEYS.
+_OPTIONAL_TOP = {"study": (lambda v: isinstance(v, str), "a string"),
+                 "storage": (lambda v: isinstance(v, str), "a string"),
+                 "value": (_is_number, "a number"),
+                 "trial": (_is_count, "a trial number (an integer >= 0)"),
+                 "cost": (lambda v: isinstance(v, dict), "an object"),
+                 "trials": (lambda v: isinstance(v, list), "a list")}
+_COST = {"flops": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+         "wall_time_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+         **{k: (_is_count, "a count (an integer >= 0)") for k in
+            ("n_complete", "n_pruned", "n_failed", "n_interrupted", "n_surplus")}}
+_TRIAL = {"number": (_is_count, "an integer >= 0"), "state": (lambda v: isinstance(v, str), "a string"),
+          "value": (_is_number, "a number"), "hparams": (lambda v: isinstance(v, dict), "an object"),
+          "losses": (lambda v: isinstance(v, dict), "an object"),
+          "flops": (_is_number, "a number"), "wall_time_s": (_is_number, "a number"),
+          "last_reported": (_is_number, "a number"), "reason": (lambda v: isinstance(v, str), "a string")}
+
+
+def _document_problem(doc: dict[str, Any]) -> str | None:
+    """The first field of `doc` that is not what its readers need, as 'FIELD is X, not Y'."""
+    if doc["parametrization"] not in ("mup", "sp"):
+        return f"parametrization is {_show(doc['parametrization'])}, not \"mup\" or \"sp\""
+    for key in ("hparams", "base_config"):
+        if not isinstance(doc[key], dict):
+            return f"{key} is {_show(doc[key])}, not an object"
+    widths = doc["proxy_widths"]
+    if not isinstance(widths, list) or not widths or not all(
+            _is_count(w) and w >= 1 for w in widths) or len(set(widths)) < len(widths):
+        return (f"proxy_widths is {_show(widths)}, not a list of distinct positive integers "
+                "(the widths the study trained)")
+    for key, (ok, what) in _OPTIONAL_TOP.items():
+        if doc.get(key) is not None and not ok(doc[key]):
+            return f"{key} is {_show(doc[key])}, not {what} or null"
+    for key, (ok, what) in _COST.items():
+        value = (doc.get("cost") or {}).get(key)
+        if value is not None and not ok(value):
+            return f"cost.{key} is {_show(value)}, not {what} or null"
+    for i, trial in enumerate(doc.get("trials") or []):
+        if not isinstance(trial, dict):
+            return f"trials[{i}] is {_show(trial)}, not an object (number, state, value, hparams, losses)"
+        for key, (ok, what) in _TRIAL.items():
+            if trial.get(key) is not None and not ok(trial[key]):
+                return f"trials[{i}].{key} is {_show(trial[key])}, not {what} or null"
+        for width, loss in (trial.get("losses") or {}).items():
+            if not str(width).isdigit() or not (loss is None or _is_number(loss)):
+                return (f"trials[{i}].losses has {_show({width: loss})}: each entry is a proxy "
+                        "width and its loss (a number or null)")
     return None
 
 
 def load_best(path: str | Path) -> dict[str, Any]:
     """Read a best document from a JSON file, or from stdin when `path` is '-'."""
     if str(path) == "-":
-        text, source = sys.stdin.read(), "stdin"
-        if not text.strip():
+        source = "stdin"
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        if not data.strip():
             raise UserError("stdin is empty; pipe `mupsweep tune --json` in, or give best.json")
     else:
         p = Path(path)
@@ -144,7 +195,15 @@ def load_best(path: str | Path) -> dict[str, Any]:
         if not p.is_file():
             raise UserError(f"best document not found: {p} (written by `mupsweep tune` as "
                             "OUT_DIR/best.json)")
-        text = p.read_text()
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read {p}: {e.strerror or first_line(e)}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not UTF-8 text (byte {e.start}); give the best.json that "
+                        "`mupsweep tune` wrote") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:

@@ -115,4 +115,74 @@ def restore(state: RunState, path: Path) -> None:
     if diff:
         raise UserError(f"{path} was written by a run with another config ({'; '.join(diff)}); "
                         "resume it with its own values, or choose another train.run_dir")
-    state.load_state_dict(ckpt)
+    problem = _contents_problem(state, ckpt)
+    if problem is None:
+        try:
+            state.load_state_dict(ckpt)
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+            problem = f"does not load into this run ({first_line(e)})"
+    if problem is not None:
+        raise UserError(f"checkpoint {path} {problem}; delete it (the run then starts over) or "
+                        "choose another train.run_dir")
+
+
+def _contents_problem(state: RunState, ckpt: dict[str, Any]) -> str | None:
+    """What in a checkpoint whose config matches does not fit the run (a file edited, cut, or
+    from another version), as 'has ...'; None when it fits. Checked before anything is loaded:
+    torch accepts a wrong step or a wrong-shaped optimizer moment and fails (or trains wrong)
+    only later."""
+    step = ckpt.get("step")
+    steps = state.cfg.train.steps
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
+        return f"has step {step!r}, not an integer in [0, train.steps={steps}]"
+    for key, kind in (("optimizer", dict), ("scheduler", dict), ("history", list)):
+        if not isinstance(ckpt.get(key), kind):
+            return f"has no {key} state" if key not in ckpt else f"has a {key} that is not a {kind.__name__}"
+    wall = ckpt.get("wall_time_s")
+    if not isinstance(wall, int | float) or isinstance(wall, bool) or not 0 <= wall < float("inf"):
+        return f"has wall_time_s {wall!r}, not a number >= 0"
+    for key in ("gen_index", "gen_noise"):
+        if not isinstance(ckpt.get(key), torch.Tensor) or ckpt[key].dtype != torch.uint8:
+            return f"has no random generator state {key} (a uint8 tensor)"
+    for key, module in (("model", state.model), ("ema", state.ema)):
+        if module is not None and (key == "model" or ckpt.get(key) is not None):
+            problem = _tensors_problem(ckpt.get(key), module.state_dict(), key)
+            if problem:
+                return problem
+    return _optimizer_problem(ckpt["optimizer"], state.optimizer)
+
+
+def _tensors_problem(saved: Any, expected: dict[str, torch.Tensor], what: str) -> str | None:
+    """A saved state dict against the module's own: the same names, each tensor the same shape."""
+    if not isinstance(saved, dict):
+        return f"has no {what} weights"
+    missing, extra = expected.keys() - saved.keys(), saved.keys() - expected.keys()
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        return f"{'lacks' if missing else 'has an unknown'} {what} tensor {name}"
+    for name, tensor in expected.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"has {what} tensor {name} of shape {shape}, this run's is {tuple(tensor.shape)}"
+    return None
+
+
+def _optimizer_problem(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
+    """The optimizer state against the run's parameters: the same groups of the same sizes, and
+    each parameter's moments its shape (torch only finds a wrong shape at the next step)."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(saved.get("state"), dict) or [
+            len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups] != [
+            len(g["params"]) for g in optimizer.param_groups]:
+        return "has an optimizer state for other parameters"
+    params = {i: p for g_saved, g in zip(groups, optimizer.param_groups, strict=True)
+              for i, p in zip(g_saved["params"], g["params"], strict=True)}
+    for i, moments in saved["state"].items():
+        if i not in params or not isinstance(moments, dict):
+            return f"has an optimizer state for an unknown parameter {i!r}"
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[i].shape:
+                return (f"has optimizer {name} of shape {tuple(value.shape)} for a parameter of "
+                        f"shape {tuple(params[i].shape)}")
+    return None

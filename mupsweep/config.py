@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -182,6 +185,9 @@ class Config:
 
 def _to_config(node: Any) -> Config:
     """Merge a DictConfig into the schema (rejects unknown keys) and return a plain dataclass."""
+    _check_booleans(node)
+    if isinstance(node, DictConfig):  # Hydra's node is typed by the loose schema: drop that type
+        node = OmegaConf.create(OmegaConf.to_container(node, resolve=False))
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, node)
@@ -190,6 +196,67 @@ def _to_config(node: Any) -> Config:
         raise UserError(_unknown_key_message(e) or f"config error: {first_line(e)}") from None
     check_config(cfg)
     return cfg
+
+
+# OmegaConf turns anything into a bool field's value: 2 and "yes" become true, 0 and "no" false.
+# A typo'd boolean must not change a run in silence, so the schema Hydra composes into keeps its
+# booleans loose (typed Any, every other field as strict as the schema), and `_check_booleans`
+# reads them as given before the strict schema converts them.
+
+
+@functools.cache
+def _loose(cls: type) -> type:
+    """`cls` (a schema dataclass) with every bool field, nested ones included, typed Any."""
+    fields = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        kind, default = hint, f.default
+        factory = f.default_factory
+        if _is_bool(hint):
+            kind = Any
+        elif dataclasses.is_dataclass(hint):
+            kind = factory = _loose(hint)
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            kind = list[_loose(typing.get_args(hint)[0])]  # type: ignore[misc]
+        spec = (dataclasses.field(default_factory=factory) if factory is not dataclasses.MISSING
+                else dataclasses.field(default=default))
+        fields.append((f.name, kind, spec))
+    return dataclasses.make_dataclass(cls.__name__, fields)  # same name: same error messages
+
+
+def _is_bool(hint: Any) -> bool:
+    return hint is bool or (typing.get_origin(hint) is not None and set(typing.get_args(hint)) == {bool, type(None)})
+
+
+def _check_booleans(node: Any) -> None:
+    """Refuse a bool field given anything but true / false (or null where the field may be null)."""
+    try:
+        raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    except OmegaConfBaseException:
+        return  # a broken interpolation: the schema merge names it
+    problems: list[str] = []
+
+    def walk(value: Any, cls: type, prefix: str) -> None:
+        if not isinstance(value, dict):
+            return  # a section given as a non-mapping: the schema merge names it
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in value:
+                continue
+            hint, v, key = hints[f.name], value[f.name], f"{prefix}{f.name}"
+            if _is_bool(hint) and not isinstance(v, bool) and not (v is None and hint is not bool):
+                problems.append(f"{key}={v!r} must be true or false"
+                                + (" (or null)" if hint is not bool else ""))
+            elif dataclasses.is_dataclass(hint):
+                walk(v, hint, f"{key}.")
+            elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]) \
+                    and isinstance(v, list):
+                for i, item in enumerate(v):
+                    walk(item, typing.get_args(hint)[0], f"{key}[{i}].")
+
+    walk(raw, Config, "")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def config_search_path(config_dir: str | Path | None = None) -> list[Path]:
@@ -266,7 +333,7 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
         try:
             base = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry multi-line messages
-            raise UserError(f"config file {path} is not valid YAML: {first_line(e)}") from None
+            raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         _check_resolved(base, path)
         for item in overrides:
             if "=" not in item:
@@ -277,10 +344,12 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
                     f"override {item!r}: config groups cannot be switched with --config; "
                     "give a field such as model.width=256"
                 )
-        try:
-            dot = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
-        except OmegaConfBaseException as e:
-            raise UserError(f"bad override: {first_line(e)}") from None
+        for item in overrides:  # one at a time, so the message names the bad one
+            try:
+                OmegaConf.from_dotlist([item.lstrip("+")])
+            except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value is parsed as YAML
+                raise UserError(f"bad override {item!r}: {_yaml_problem(e)}") from None
+        dot = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
         return _to_config(OmegaConf.merge(base, dot))
 
     from hydra import compose as hydra_compose
@@ -299,13 +368,17 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     root = next((d for d in user_dirs if (d / "config.yaml").is_file()), ROOT_CONFIG_DIR)
     search = ",".join(f"file://{p}" for p in [*user_dirs, CONFIG_DIR] if p != root)
     hydra_overrides = [*overrides, f"hydra.searchpath=[{search}]"]
-    ConfigStore.instance().store(name="schema", node=Config)
+    # The schema with its booleans loose (`_loose`): 2 or "yes" reach `_check_booleans` as
+    # given, instead of becoming true inside Hydra.
+    ConfigStore.instance().store(name="schema", node=_loose(Config))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             node = hydra_compose(config_name="config", overrides=hydra_overrides)
     except MissingConfigException as e:
         raise UserError(_missing_option_message(e, config_dir)) from None
+    except yaml.YAMLError as e:  # a preset or experiment file that is not YAML (Hydra lets it out)
+        raise UserError(f"not valid YAML: {_yaml_problem(e)}") from None
     except (HydraException, OmegaConfBaseException) as e:
         known = _unknown_key_message(e.__cause__) or _unknown_key_message(e)
         if known:
@@ -316,6 +389,16 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     finally:
         GlobalHydra.instance().clear()
     return _to_config(node)
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """A YAML error in one line: what is wrong and where ('expected ... in FILE, line 2,
+    column 8'); other errors' first line."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not isinstance(e, yaml.YAMLError) or problem is None or mark is None:
+        return first_line(e)
+    where = f"{mark.name}, " if mark.name and not mark.name.startswith("<") else ""
+    return f"{problem} ({where}line {mark.line + 1}, column {mark.column + 1})"
 
 
 def _check_group_names(overrides: list[str], config_dir: str | Path | None) -> None:
@@ -467,6 +550,7 @@ AT_LEAST_1 = Range(1)
 UNIT = Range(0, 1)  # [0, 1]
 SEED = Range(0, 2**31 - 1)  # numpy and Optuna samplers take seeds below 2**32; workers add k
 
+
 # Every number in the schema and its valid values (None: the field may also be null).
 # Relations between fields are checked in `check_config` below.
 RANGES: dict[str, Range] = {
@@ -495,6 +579,34 @@ RANGES: dict[str, Range] = {
     "sweep.grace_s": AT_LEAST_1, "sweep.max_retry": NON_NEGATIVE, "sweep.pack": AT_LEAST_1,
 }
 
+# Upper bounds on sizes, so that an absurd value is one line here, not the allocator's traceback
+# later (or an hour of swapping). Each is far beyond any real use, so nothing that could run is
+# refused. They are machine-independent on purpose: a config composed here (transfer, --cfg)
+# may be meant for a bigger machine, so this machine's memory is no limit on it. Checked once a
+# value is in its RANGES.
+MAX_WIDTH = 2**16
+WIDTH_WHY = "3.5x the widest published transformer, PaLM's 18432"
+MAX_DEPTH = 1024
+MAX_IMAGE = 2**14
+MAX_IMAGES = 2**20
+IMAGES_WHY = "every rank draws the whole global batch; published diffusion training uses a few thousand"
+MAX_TIMESTEPS = 100_000
+TIMESTEPS_WHY = "DDPM and DiT use 1000; the schedule keeps tables of this length"
+MAX_TOKENS = 2**14  # caption tokens (PixArt-alpha: 120, SD3: 154; T5's context is 512)
+CAPS: dict[str, tuple[int, str]] = {
+    "model.width": (MAX_WIDTH, WIDTH_WHY), "model.base_width": (MAX_WIDTH, WIDTH_WHY),
+    "model.delta_width": (MAX_WIDTH, WIDTH_WHY), "model.head_dim": (MAX_WIDTH, WIDTH_WHY),
+    "model.depth": (MAX_DEPTH, "the deepest trained transformers have 1000 layers (DeepNet)"),
+    "model.base_depth": (MAX_DEPTH, "the deepest trained transformers have 1000 layers (DeepNet)"),
+    "model.mlp_ratio": (64, "transformer MLPs are 4x the width"),
+    "model.patch_size": (MAX_IMAGE, "no image is wider"),
+    "data.image_size": (MAX_IMAGE, "one 16384^2 RGB image is 3 GiB of float32"),
+    "diffusion.num_timesteps": (MAX_TIMESTEPS, TIMESTEPS_WHY),
+    "diffusion.sample_steps": (MAX_TIMESTEPS, TIMESTEPS_WHY),
+    "train.batch_size": (MAX_IMAGES, IMAGES_WHY), "train.val_size": (MAX_IMAGES, IMAGES_WHY),
+    "train.samples": (MAX_IMAGES, IMAGES_WHY), "coord.batch_size": (MAX_IMAGES, IMAGES_WHY),
+}
+
 # Every name-valued field whose names are known here (model.arch, data.name, sweep.sampler and
 # sweep.pruner are checked where the names are looked up: registry, data loaders, study).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -511,6 +623,50 @@ NON_EMPTY = ("model.arch", "data.name", "data.root", "train.device", "train.run_
 
 # Each list of widths: non-empty (coord-check fits a slope, so two or more), positive, distinct.
 WIDTH_LISTS = {"coord.widths": 2, "sweep.proxy_widths": 1}
+
+
+@dataclass(frozen=True)
+class ExtraKey:
+    """One key of `model.extra` that an architecture reads: its type, default and valid values."""
+
+    kind: type  # bool | int | str
+    default: Any
+    valid: Range | tuple[str, ...] | None = None  # int: a Range; str: the names; None: any
+    nullable: bool = False  # null is a value (it means the default described in `why`)
+    why: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """What `value` must be, when it is not valid; None when it is."""
+        if value is None and self.nullable:
+            return None
+        null = f" or null ({self.why})" if self.nullable else ""
+        if self.kind is bool:  # 2 or "yes" would be truthy: refused, never coerced
+            return None if isinstance(value, bool) else f"true or false{null}"
+        if self.kind is int:  # 1.7 or "64" would be cut or parsed: refused
+            ok = isinstance(value, int) and not isinstance(value, bool) and value in self.valid
+            return None if ok else self.valid.describe(integer=True) + null
+        if isinstance(self.valid, tuple):
+            return None if value in self.valid else "one of " + ", ".join(self.valid) + null
+        return None if isinstance(value, str) and value.strip() else f"a non-empty path{null}"
+
+
+# What each architecture reads from `model.extra` (the model files and the text conditioner read
+# these through `model_extra`, so a value they use is one that was checked). A key its
+# architecture does not read is refused: it would change nothing, in silence.
+_TEXT_KEYS = {
+    "text_encoder": ExtraKey(str, "hash", ("hash", "minilm", "file")),
+    "text_file": ExtraKey(str, None, nullable=True, why="needed by text_encoder=file"),
+    "text_dim": ExtraKey(int, 64, Range(1, MAX_WIDTH)),  # caption token size (T5-XXL: 4096)
+    "text_len": ExtraKey(int, 16, Range(1, MAX_TOKENS)),  # caption tokens (PixArt-alpha: 120)
+    # the pooled caption vector (MMDiT's input; the conditioner checks it for every text model)
+    "pooled_dim": ExtraKey(int, None, Range(1, MAX_WIDTH), nullable=True, why="the text_dim"),
+}
+EXTRA_KEYS: dict[str, dict[str, ExtraKey]] = {
+    "dit": {},
+    "uvit": {"conv": ExtraKey(bool, False)},  # the optional 3x3 C->C output conv
+    "pixart": _TEXT_KEYS,
+    "mmdit": _TEXT_KEYS,
+}
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -529,6 +685,8 @@ def _problems(cfg: Config) -> list[str]:
         value = get_by_path(cfg, key)
         if value is not None and value not in valid:
             out.append(f"{key}={value} must be {valid.describe(isinstance(value, int))}")
+        elif key in CAPS and value is not None and value > CAPS[key][0]:
+            out.append(f"{key}={value} is over the limit of {CAPS[key][0]} ({CAPS[key][1]})")
     for key, names in CHOICES.items():
         value = get_by_path(cfg, key)
         if value not in names:
@@ -543,9 +701,44 @@ def _problems(cfg: Config) -> list[str]:
         if len(widths) < least or any(w <= 0 for w in widths) or len(set(widths)) < len(widths):
             out.append(f"{key}={list(widths)} must list {'two or more' if least > 1 else 'one or more'} "
                        "distinct positive widths")
+        elif max(widths) > MAX_WIDTH:
+            out.append(f"{key}={list(widths)}: {max(widths)} is over the limit of {MAX_WIDTH} ({WIDTH_WHY})")
     if not DEVICE.fullmatch(cfg.train.device):
         out.append(f"train.device={cfg.train.device!r}: use auto, cpu, cuda or cuda:N")
-    return out + _relations(cfg)
+    return out + _arch_problems(cfg.model) + _relations(cfg)
+
+
+def _arch_problems(m: ModelConfig) -> list[str]:
+    """`model.extra` against what m.arch reads (`EXTRA_KEYS`), and each architecture's own rules.
+    An architecture registered elsewhere (not in EXTRA_KEYS) checks its own keys."""
+    keys = EXTRA_KEYS.get(m.arch)
+    if keys is None:
+        return []
+    out: list[str] = []
+    for name, value in m.extra.items():
+        spec = keys.get(name)
+        if spec is None:
+            hint = _did_you_mean(str(name), list(keys), "model.extra.")
+            reads = f"it reads {', '.join(keys)}" if keys else "it reads no model.extra keys"
+            out.append(f"unknown key model.extra.{name} for model.arch={m.arch}"
+                       f"{'; ' + hint if hint else ' '}({reads})")
+        elif (problem := spec.problem(value)) is not None:
+            out.append(f"model.extra.{name}={value!r} must be {problem}")
+    if m.arch == "uvit" and m.depth >= 1 and m.depth % 2 == 0:
+        out.append(f"model.depth={m.depth}: U-ViT needs an odd depth (depth//2 in-blocks, 1 "
+                   f"mid-block, depth//2 out-blocks); try {m.depth + 1}")
+    return out
+
+
+def model_extra(cfg: ModelConfig) -> dict[str, Any]:
+    """`cfg.extra` with its architecture's defaults filled in, checked as check_config checks it
+    (a UserError naming the key otherwise): what the model files and the text conditioner read,
+    also when they are given a ModelConfig that was never composed."""
+    problems = _arch_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    defaults = {name: spec.default for name, spec in EXTRA_KEYS.get(cfg.arch, {}).items()}
+    return {**defaults, **cfg.extra}
 
 
 def _relations(cfg: Config) -> list[str]:

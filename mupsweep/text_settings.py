@@ -8,36 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mupsweep.config import ModelConfig
+from mupsweep.config import ModelConfig, model_extra
 from mupsweep.errors import UserError
-
-ENCODERS = ("hash", "minilm", "file")
 
 
 @dataclass(frozen=True)
 class TextSettings:
-    """A text model's conditioning settings, read from `model.extra` with their defaults."""
+    """A text model's conditioning settings, read from `model.extra` (whose keys, defaults and
+    valid values are `mupsweep.config.EXTRA_KEYS`)."""
 
-    encoder: str = "hash"
-    file: str | None = None
-    dim: int = 64  # caption token embedding size (T5-XXL: 4096, MiniLM: 384)
-    length: int = 16  # caption tokens (PixArt-alpha: 120)
-    pooled_dim: int = 64  # pooled caption vector (MMDiT; default = dim)
+    encoder: str  # hash | minilm | file
+    file: str | None  # text_encoder=file: the embeddings
+    dim: int  # caption token embedding size (T5-XXL: 4096, MiniLM: 384)
+    length: int  # caption tokens (PixArt-alpha: 120)
+    pooled_dim: int  # pooled caption vector (MMDiT; default = dim)
 
 
 def text_settings(cfg: ModelConfig) -> TextSettings:
-    """`cfg.extra`'s text keys, checked: a bad value is a one-line UserError naming its key."""
-    x = cfg.extra
-    dim = int(x.get("text_dim") or TextSettings.dim)
-    s = TextSettings(encoder=str(x.get("text_encoder") or "hash"), file=x.get("text_file"),
-                     dim=dim, length=int(x.get("text_len") or TextSettings.length),
-                     pooled_dim=int(x.get("pooled_dim") or dim))
-    if s.encoder not in ENCODERS:
-        raise UserError(f"model.extra.text_encoder={s.encoder!r}: use one of {', '.join(ENCODERS)}")
-    for key, value in (("text_dim", s.dim), ("text_len", s.length), ("pooled_dim", s.pooled_dim)):
-        if value <= 0:
-            raise UserError(f"model.extra.{key}={value} must be a positive integer")
-    return s
+    """`cfg.extra`'s text keys, checked by `model_extra` as check_config checks them: a bad value
+    is a one-line UserError naming its key, never a default put in its place."""
+    x = model_extra(cfg)
+    if "text_dim" not in x:  # an architecture that reads no captions
+        raise UserError(f"model.arch={cfg.arch} takes no text settings")
+    pooled = x["pooled_dim"] if x["pooled_dim"] is not None else x["text_dim"]
+    return TextSettings(encoder=x["text_encoder"], file=x["text_file"], dim=x["text_dim"],
+                        length=x["text_len"], pooled_dim=pooled)
 
 
 def text_dims(cfg: ModelConfig, data) -> tuple[int, int]:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mupsweep.completep import depth_scale
-from mupsweep.config import ModelConfig
+from mupsweep.config import ModelConfig, model_extra
 from mupsweep.models.layers import (
     Attention,
     LabelEmbedder,
@@ -87,10 +87,7 @@ class UViT(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataSpec):
         super().__init__()
         self.cfg = cfg
-        if cfg.depth % 2 == 0:
-            raise ValueError(f"model.depth={cfg.depth}: U-ViT needs an odd depth "
-                             f"(depth//2 in-blocks, 1 mid-block, depth//2 out-blocks); "
-                             f"try {cfg.depth + 1}")
+        extra = model_extra(cfg)  # checked (conv a bool, the depth odd: config._arch_problems)
         D, p = cfg.width, cfg.patch_size
         self.in_channels = data.channels
         self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
@@ -112,7 +109,7 @@ class UViT(nn.Module):
         self.norm = layer_norm(D)
         self.decoder_pred = readout(D, p * p * self.out_channels)
         self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) \
-            if cfg.extra.get("conv", False) else None
+            if extra["conv"] else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:
