@@ -27,7 +27,6 @@ import dataclasses
 import math
 
 import torch
-from mup import MuAdamW, MuReadout, set_base_shapes
 from torch import nn
 
 from mupsweep.completep import depth_scale
@@ -38,6 +37,7 @@ from mupsweep.models import DataSpec, get_model_class
 from mupsweep.models.layers import Readout
 from mupsweep.roles import ParamSpec, Role, get_spec
 from mupsweep.text import LabelConditioner, TextConditioner, text_conditioner
+from mupsweep.vendor.mup import MuAdamW, MuReadout, set_base_shapes
 
 # --------------------------------------------------------------------------------------------
 # What a model is built for: its data's shapes and its conditioning

@@ -13,7 +13,7 @@ from enum import Enum
 from torch import nn
 
 
-class Role(str, Enum):
+class Role(str, Enum):  # noqa: UP042 (StrEnum would change str(role) from "Role.INPUT")
     INPUT = "input"  # one infinite dim (fan-out), finite fan-in: patch embed, label table
     HIDDEN = "hidden"  # both dims infinite: qkv, proj, MLP, adaLN modulation
     OUTPUT = "output"  # infinite fan-in, finite fan-out: the readout (a MuReadout)

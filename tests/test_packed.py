@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mup import MuReadout
 
 from mupsweep.config import Config, compose
 from mupsweep.data import load_dataset
@@ -26,6 +25,7 @@ from mupsweep.packed import (
 )
 from mupsweep.parametrize import build_model, check_roles, describe_parameters, make_optimizer
 from mupsweep.train import lr_lambda, train
+from mupsweep.vendor.mup import MuReadout
 
 SMALL = ["model.width=32", "model.depth=2", "train.progress=false", "train.samples=0",
          "train.steps=12", "train.eval_every=4", "train.log_every=4", "train.val_size=32",

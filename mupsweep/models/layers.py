@@ -10,10 +10,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mup import MuReadout
 from torch import nn
 
 from mupsweep.roles import ParamSpec, Role, set_spec
+from mupsweep.vendor.mup import MuReadout
 
 VECTOR_BIAS = ParamSpec(Role.VECTOR, mup_init="zero", sp_init="zero")
 VECTOR_GAIN = ParamSpec(Role.VECTOR, mup_init="one", sp_init="one")
