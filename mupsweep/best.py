@@ -32,6 +32,9 @@ from mupsweep.util import atomic_write_text, first_line, json_safe
 REQUIRED_KEYS = ("parametrization", "hparams", "base_config", "proxy_widths")
 
 DRIFT_TOLERANCE_OCTAVES = 1.0  # max spread of per-width best log2 lr before transfer warns
+# An optimum is placed at a width only when the lrs tried there bracket it: at least this many
+# distinct lrs, the best not the smallest or largest of them (else it may lie beyond the range).
+MIN_LRS_TO_PLACE = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,19 +264,39 @@ def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for w in widths:
         best: tuple[float, float] | None = None  # (loss, lr)
-        n = 0
+        n, lrs = 0, set()
         for t in complete_trials(doc):
             lr = (t.get("hparams") or {}).get("optim.lr")
             loss = width_losses(t, widths).get(w)
             if not isinstance(lr, int | float) or lr <= 0 or loss is None:
                 continue
             n += 1
+            lrs.add(float(lr))
             if best is None or loss < best[0]:
                 best = (loss, float(lr))
         if best is not None:
             rows.append({"width": w, "lr": best[1], "log2_lr": math.log2(best[1]),
-                         "loss": best[0], "trials": n})
+                         "loss": best[0], "trials": n, "distinct_lrs": len(lrs),
+                         "placed": len(lrs) >= MIN_LRS_TO_PLACE and min(lrs) < best[1] < max(lrs)})
     return rows
+
+
+def why_not_placed(rows: list[dict[str, Any]]) -> str | None:
+    """Why the per-width optima cannot be compared (too few lrs at a width, or the best at the
+    edge of the lrs tried there), or None when every width's optimum is placed. A spread
+    measured between optima that are not placed says nothing about transfer."""
+    reasons = []
+    for r in rows:
+        if r.get("placed", True):
+            continue
+        if r["distinct_lrs"] < MIN_LRS_TO_PLACE:
+            reasons.append(f"width {r['width']} has {r['distinct_lrs']} distinct lr"
+                           f"{'' if r['distinct_lrs'] == 1 else 's'} among its complete trials "
+                           f"(at least {MIN_LRS_TO_PLACE} place an optimum)")
+        else:
+            reasons.append(f"at width {r['width']} the best lr {r['lr']:.3g} is the edge of the "
+                           "lrs tried there (the optimum may lie beyond)")
+    return "; ".join(reasons) or None
 
 
 def drift_octaves(rows: list[dict[str, Any]]) -> float | None:

@@ -116,15 +116,22 @@ def _readable_config(config: Path | None) -> str | None:
 
 
 def _print_cfg(cfg) -> None:
-    """--cfg: the resolved config as YAML on stdout (storage password hidden), then exit 0."""
-    import copy
-
+    """--cfg: the resolved config as YAML on stdout (every password hidden), then exit 0.
+    The names a run looks up (the model registry, the datasets, the sweep's sampler and
+    pruner) are checked first, so --cfg refuses what the run would."""
     from mupsweep.config import to_yaml
-    from mupsweep.storage import redact_url
+    from mupsweep.data import DATASETS
+    from mupsweep.models import get_model_class
+    from mupsweep.rundir import without_passwords
+    from mupsweep.sweep.space import search_space
+    from mupsweep.sweep.study import make_pruner, make_sampler
 
-    shown = copy.deepcopy(cfg)
-    shown.sweep.storage = redact_url(shown.sweep.storage)
-    sys.stdout.write(to_yaml(shown))
+    get_model_class(cfg.model.arch)
+    if cfg.data.name not in DATASETS:
+        raise UserError(f"data.name={cfg.data.name!r}: unknown dataset; use one of {', '.join(DATASETS)}")
+    make_sampler(cfg, search_space(cfg))
+    make_pruner(cfg)
+    sys.stdout.write(to_yaml(without_passwords(cfg)))
     sys.stdout.flush()
     raise typer.Exit(0)
 

@@ -326,6 +326,7 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     base instead of the packaged defaults, and overrides apply on top of it.
     """
     overrides = list(overrides or [])
+    _check_override_keys(overrides)
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -356,11 +357,14 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, MissingConfigException
 
-    if any(o.split("=", 1)[0] == "hydra.searchpath" for o in overrides):
-        raise UserError("hydra.searchpath is set by mupsweep: put your configs in ./configs "
-                        "or give --config-dir DIR")
+    for item in overrides:  # one at a time, so the message names the bad one
+        try:
+            OverridesParser.create().parse_overrides([item])
+        except HydraException as e:
+            raise UserError(f"bad override {item!r}: {first_line(e)}") from None
     _check_group_names(overrides, config_dir)
     # Looked up in this order: the root config (the user's configs/config.yaml if there is
     # one, else the packaged one), the user's groups, the packaged groups.
@@ -389,6 +393,29 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     finally:
         GlobalHydra.instance().clear()
     return _to_config(node)
+
+
+# Hydra's own keys a user may type: mupsweep runs no Hydra job (it composes with Hydra's
+# compose API), so each would do nothing; the ones with an equivalent name it.
+HYDRA_KEYS = {
+    "hydra.run.dir": "train.run_dir (a run's directory) or sweep.out_dir (a sweep's)",
+    "hydra.sweep.dir": "sweep.out_dir",
+    "hydra.searchpath": "./configs or --config-dir DIR for your own configs",
+    "hydra.job.chdir": "nothing: mupsweep never changes directory; paths are relative to here",
+}
+
+
+def _check_override_keys(overrides: list[str]) -> None:
+    """Refuse an override with no key, and Hydra's runtime keys (which would be ignored in
+    silence), naming mupsweep's equivalent."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "=" in item and not key:
+            raise UserError(f"override {item!r} has no key: write KEY=VALUE, e.g. model.width=128")
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            instead = next((v for k, v in HYDRA_KEYS.items() if key.startswith(k)), None)
+            raise UserError(f"{item}: mupsweep runs no Hydra job, so Hydra's {key} would do "
+                            "nothing" + (f"; use {instead}" if instead else ""))
 
 
 def _yaml_problem(e: BaseException) -> str:
@@ -745,6 +772,9 @@ def _relations(cfg: Config) -> list[str]:
     """Checks across fields (only where each field is valid on its own)."""
     m, d, o, t, s = cfg.model, cfg.diffusion, cfg.optim, cfg.train, cfg.sweep
     out: list[str] = []
+    if t.resume and t.run_dir is None:  # it would start a new run in silence
+        out.append("train.resume=true needs train.run_dir, the run to continue (or use "
+                   "`mupsweep train --resume RUN_DIR`)")
     if m.width >= 1 and m.head_dim >= 1 and m.width % m.head_dim:
         out.append(f"model.width={m.width} is not divisible by model.head_dim={m.head_dim}; "
                    f"width = heads x head_dim, try {max(1, m.width // m.head_dim) * m.head_dim}")

@@ -16,6 +16,7 @@ from mupsweep.best import (
     complete_trials,
     drift_octaves,
     lr_by_width,
+    why_not_placed,
     width_losses,
 )
 from mupsweep.errors import UserError
@@ -287,8 +288,11 @@ def _report_markdown(best_doc: dict, lr_png: Path, hist_png: Path, top: int) -> 
     lines += ["", "## Best learning rate per proxy width", ""]
     lines += _md_table(["width", "best lr", "log2 lr", "loss", "trials"],
                        [[r["width"], r["lr"], r["log2_lr"], r["loss"], r["trials"]] for r in rows])
-    spread = drift_octaves(rows)
-    if spread is not None:
+    spread, unplaced = drift_octaves(rows), why_not_placed(rows)
+    if spread is not None and unplaced:
+        lines += ["", f"No verdict on transfer: {unplaced}. Run more trials (or a wider lr "
+                  "range) before reading the spread between widths."]
+    elif spread is not None:
         verdict = "agree (transfer looks reliable)" if spread <= DRIFT_TOLERANCE_OCTAVES else "**disagree: transfer looks unreliable**"
         lines += ["", f"Spread {spread:.2f} octaves: the widths {verdict}."]
 

@@ -51,3 +51,30 @@ def test_hydra_cfg_job_is_cfg(cli):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("model:\n")
     assert_one_line_error(cli("train", *TINY, "--cfg", "hydra"), "--cfg hydra")
+
+
+def test_report_gives_no_verdict_before_an_optimum_is_placed(tmp_path):
+    """3 trials over 2 widths cannot place an optimum per width: the report says so, not
+    'Spread 0.00 octaves ... transfer looks reliable'. With the lrs bracketing each width's
+    best, the verdict is given."""
+    import copy
+    import json
+
+    from test_tune import FAST
+
+    proc = run_cli("tune", *FAST, "sweep.proxy_widths=[32,64]", "sweep.n_trials=3",
+                   "sweep.pruner=none", f"sweep.out_dir={tmp_path}/sweep", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    report = run_cli("report", f"{tmp_path}/sweep/best.json", "-o", str(tmp_path / "r"))
+    assert report.returncode == 0, report.stderr
+    assert "No verdict on transfer" in report.stdout and "looks reliable" not in report.stdout
+
+    placed = copy.deepcopy(doc)  # the same trials at lrs 2^-9, 2^-8, 2^-7, the middle best
+    for t, log2_lr, loss in zip(placed["trials"], (-9, -8, -7), (0.5, 0.4, 0.6), strict=True):
+        t["hparams"]["optim.lr"] = 2.0**log2_lr
+        t["value"], t["losses"] = loss, {"32": loss, "64": loss}
+    (tmp_path / "placed.json").write_text(json.dumps(placed))
+    report = run_cli("report", str(tmp_path / "placed.json"), "-o", str(tmp_path / "r2"))
+    assert report.returncode == 0, report.stderr
+    assert "Spread 0.00 octaves: the widths agree" in report.stdout
