@@ -29,7 +29,7 @@ from mupsweep.config import Config, SweepParam
 from mupsweep.errors import UserError
 from mupsweep.storage import storage_spec
 from mupsweep.sweep.packing import packs_by_default
-from mupsweep.sweep.space import LOG2_SUFFIX, grid_points, point_key, search_space
+from mupsweep.sweep.space import LOG2_SUFFIX, MAX_TRAINABLE_LR, grid_points, point_key, search_space
 from mupsweep.sweep.study import duplicate_grid_trials, missing_grid_points, open_study, trial_point
 from mupsweep.tune import tune
 from mupsweep.util import atomic_write, atomic_write_text
@@ -54,6 +54,11 @@ def parse_log2_grid(text: str) -> tuple[list[float], str | None]:
     if n > MAX_GRID_POINTS:
         raise UserError(f"--log2-lr={text!r} makes {n} learning rates; at most {MAX_GRID_POINTS}")
     grid = [round(lo + k * step, 9) for k in range(n)]
+    if 2.0**grid[0] > MAX_TRAINABLE_LR:
+        raise UserError(f"--log2-lr={text!r}: every lr of the grid is above {MAX_TRAINABLE_LR:g} "
+                        f"(2^{grid[0]:g} .. 2^{grid[-1]:g}): Adam there moves every weight by more "
+                        "than its own scale each step, so no run would train; give a grid "
+                        "below 0, e.g. -12:-5")
     note = None
     if not math.isclose(grid[-1], hi, abs_tol=1e-9):
         note = (f"--log2-lr {text}: the grid is {', '.join(f'{x:g}' for x in grid)} "

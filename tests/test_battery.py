@@ -126,6 +126,15 @@ HAND = [
     (["train", "--resume", "missing"], 2, "missing"),
     (["train", "--resume", "a_dir", "--config", "bad.yaml"], 2, "--config"),
     (["train", *QUICK, "--config-dir", "missing"], 2, "missing"),
+    # Hydra's habits: honoured or refused by name, never ignored
+    (["train", *QUICK, "hydra.run.dir=out/x"], 2, "train.run_dir"),
+    (["train", *QUICK, "hydra.job.chdir=true"], 2, "hydra.job.chdir"),
+    (["tune", *QUICK, "hydra.sweep.dir=out/x"], 2, "sweep.out_dir"),
+    (["train", "--cfg", "hydra"], 2, "--cfg hydra"),
+    (["train", *QUICK, "model.arch=foo", "--cfg"], 2, "model.arch='foo'"),
+    (["tune", *QUICK, "sweep.sampler=tpe2", "--cfg"], 2, "sweep.sampler='tpe2'"),
+    (["train", *QUICK, "data.name=cifar", "--cfg"], 2, "data.name='cifar'"),
+    (["train", *QUICK, "train.resume=true", "--cfg"], 2, "train.resume"),
     # sizes that cannot fit
     (["train", *QUICK, "train.batch_size=2000000000"], 2, "train.batch_size"),
     (["train", *QUICK, "diffusion.num_timesteps=100000000000"], 2, "diffusion.num_timesteps"),
@@ -210,18 +219,23 @@ HAND = [
 def test_a_bad_input_ends_as_expected(cli, tmp_path, args, code, needle):
     _files(tmp_path)
     proc = cli(*args)
-    _assert_refused(proc, code, needle)
+    _assert_refused(proc, code, needle, json_out="--json" in args)
 
 
-def _assert_refused(proc, code: int, needle: str) -> None:
-    """The expected exit code; no traceback; for bad input (2) one line naming it."""
+def _assert_refused(proc, code: int, needle: str, json_out: bool = False) -> None:
+    """The expected exit code; no traceback; for bad input (2) one line naming it, and on
+    stdout nothing (with --json: the error object, for a pipe's next command)."""
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
     if code == 2:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, proc.stderr[-3000:]
         assert needle in lines[0], (needle, lines[0])
-        assert proc.stdout == ""
+        if json_out:
+            assert json.loads(proc.stdout) == {"error": lines[0].removeprefix("error: "),
+                                               "exit_code": 2}
+        else:
+            assert proc.stdout == ""
 
 
 def test_the_battery_is_large(capsys):
