@@ -181,9 +181,20 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
         launch(args, nproc_per_node, nnodes, rdzv_endpoint, node_rank)
         return
 
+    from mupsweep.stopping import Interrupted, stop_signals
     from mupsweep.train import train as run_train
 
-    result = run_train(cfg)
+    try:
+        with stop_signals():  # SIGTERM too: the last checkpoint stays, resume is exact
+            result = run_train(cfg)
+    except KeyboardInterrupt as e:
+        by = Interrupted.of(e, "").by
+        kept = ("the run directory keeps its last checkpoint (every train.ckpt_every="
+                f"{cfg.train.ckpt_every} steps); continue with the `mupsweep train --resume` line "
+                "printed at its start" if cfg.train.ckpt_every else
+                "nothing was checkpointed (train.ckpt_every=0 saves only at the end): re-run to "
+                "start again, with train.ckpt_every=N to keep progress")
+        _say_interrupted(Interrupted.of(e, f"interrupted{by}: {kept}"), "")
     if int(os.environ.get("RANK", "0")) != 0:
         return
     status = "[red]diverged:[/] " + escape(result.reason) if result.diverged else "[bold]done[/]"
@@ -403,7 +414,10 @@ def demo(out_dir: str = typer.Option(None, "--out", help="where everything goes 
         settings["n_trials"] = n_trials
     if out_dir is None:  # (a str, not a Path: Typer makes Path("") the current directory)
         out_dir = "runs/demo-quick" if quick else "runs/demo"
-    summary = run_demo(check_output_dir(out_dir, "--out"), console=err, **settings)
+    try:
+        summary = run_demo(check_output_dir(out_dir, "--out"), console=err, **settings)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the line says the stage and what out_dir keeps
+        _say_interrupted(e, "interrupted")
     if json_out:
         _print_json(summary)
     raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
@@ -461,6 +475,8 @@ def _say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
     the table and figure, or why a grid was not judged (exit 1)."""
     try:
         result = run_grids()
+    except KeyboardInterrupt as e:  # tune re-queued the running grid points
+        _say_interrupted(e, "interrupted; re-run the same command to continue")
     except RuntimeError as e:  # a worker process died: the studies are intact
         _refuse(f"{e}; re-run the same command to continue", json_out, 1)
     if json_out:
@@ -544,9 +560,8 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         if json_out:  # the document exists (value null): the pipe's next command says why
             _print_json(doc)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:  # the running trials are failed and re-queued
-        err.print("interrupted; re-run the same command to continue", highlight=False)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: workers stopped, trials re-queued, outputs written
+        _say_interrupted(e, "interrupted; re-run the same command to continue")
     doc = best_document(result)
     _print_best_trials(doc)
     if json_out:
@@ -615,7 +630,7 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  out: str = typer.Option(None, "-o", "--out", help="target YAML to write; '-' for stdout"),
                  force: bool = typer.Option(False, "--force", help="write it even for an SP study"),
                  storage: str = STORAGE, study: str = STUDY, json_out: bool = JSON,
-                 print_cfg: bool = typer.Option(False, "--cfg", help="print the target config "
+                 config_dir: Path = CONFIG_DIR, print_cfg: bool = typer.Option(False, "--cfg", help="print the target config "
                                                 "(YAML) on stdout instead of writing it (= -o -)")) -> None:
     """Best proxy HPs -> a resolved config for the wide model, with provenance and checks.
 
@@ -634,7 +649,7 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     check_output(out)
     doc, overrides = _best_doc(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
-                          force=force, depth=depth)
+                          force=force, depth=depth, config_dir=config_dir)
     if result.unreliable:
         _print_lr_by_width(result.drift)
     for w in result.warnings:
@@ -705,9 +720,8 @@ def main(argv: list[str] | None = None) -> None:
         _refuse(_usage_line(e), "--json" in args, 2)
     except UserError as e:
         _refuse(str(e), "--json" in args, 2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (stopping.Interrupted says what to do)
+        _say_interrupted(e, "interrupted")
     except Exception as e:
         from mupsweep.launch import RanksFailed
         from mupsweep.storage import storage_failure
@@ -723,6 +737,14 @@ def main(argv: list[str] | None = None) -> None:
         # A command built on tune (demo, validate) whose sweep has nothing to use: exit 1.
         _refuse(str(e), False, 1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _say_interrupted(e: KeyboardInterrupt, fallback: str) -> None:
+    """An interrupted command's one line (what was kept, how to go on: `stopping.Interrupted`
+    carries it) and its exit code, 130 for Ctrl-C, 143 for SIGTERM. Typer turns a
+    KeyboardInterrupt that leaves a command into a silent exit 130: commands call this."""
+    err.print(str(e) or fallback, highlight=False, markup=False, soft_wrap=True)
+    sys.exit(getattr(e, "exit_code", 130))
 
 
 def _hydra_cfg_spelling(args: list[str]) -> list[str]:

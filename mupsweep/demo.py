@@ -4,7 +4,9 @@
     coord-check (muP passes, SP fails) -> tune on two narrow proxies -> transfer to a 4-8x wider
     model -> train it -> report (lr-vs-loss per width, optimization history, samples, cost)
 
-Everything lands in one directory; re-running resumes the study and the training run.
+Everything lands in one directory; re-running resumes the study and the training run (the
+target run checkpoints six times). Ctrl-C or SIGTERM stops it as `tune` stops (running trials
+re-queued) and raises `Interrupted`, whose str() says the stage, what was kept and how to go on.
 `QUICK` is the same job shrunk for a first look in about a minute (`mupsweep demo --quick`).
 """
 
@@ -19,10 +21,11 @@ from mupsweep.config import Config, SweepParam, compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.errors import UserError
 from mupsweep.report import write_report
+from mupsweep.stopping import Interrupted, stop_signals
 from mupsweep.sweep.packing import packs_by_default
 from mupsweep.train import train
 from mupsweep.transfer import transfer, write_config
-from mupsweep.tune import tune
+from mupsweep.tune import RESUME, tune
 
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256
@@ -52,15 +55,48 @@ def demo_sweep_config(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300,
 
 def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_steps: int = 1200,
              console: Console | None = None, target_width: int = TARGET_WIDTH) -> dict:
-    """Run every stage; return a summary (each stage's key numbers and file paths)."""
+    """Run every stage; return a summary (each stage's key numbers and file paths).
+
+    Ctrl-C or SIGTERM: raises Interrupted (a KeyboardInterrupt) whose str() is one line
+    naming the stage, what out_dir keeps and how to go on."""
     for name, value in (("--trials", n_trials), ("proxy_steps", proxy_steps),
                         ("target_steps", target_steps)):
         if value < 1:  # refused now, not after the coordinate check has run
             raise UserError(f"{name}={value}: give at least 1")
     console = console or Console(stderr=True)
+    stage: list[int] = [0]  # the stage running now, for the line an interrupt prints
+    with stop_signals():
+        try:
+            return _run_stages(out_dir, n_trials, proxy_steps, target_steps, console, target_width,
+                               stage)
+        except KeyboardInterrupt as e:
+            raise Interrupted.of(e, interrupted_line(e, stage[0], out_dir)) from None
+
+
+def interrupted_line(e: BaseException, stage: int, out_dir: Path) -> str:
+    """What the demo keeps when interrupted in `stage` (1-4; 0 before the first), in one line."""
+    kept = {
+        0: "nothing ran yet",
+        1: "the coordinate check runs again (it is short)",
+        2: f"the study in {out_dir / 'sweep'} keeps its finished trials (best.json, trials.csv); "
+           "the running ones are queued again",
+        3: f"the sweep is done; the target run in {out_dir / 'target'} continues from its last "
+           "checkpoint",
+        4: "every stage but the report is done",
+    }[stage]
+    where = f" in stage {stage}/4 ({STAGES[stage - 1]})" if stage else ""
+    return f"interrupted{Interrupted.of(e, '').by}{where}: {kept}; {RESUME}"
+
+
+STAGES = ("coordinate check", "tune", "transfer and train", "report")
+
+
+def _run_stages(out_dir: Path, n_trials: int, proxy_steps: int, target_steps: int,
+                console: Console, target_width: int, stage: list[int]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"out_dir": str(out_dir)}
 
+    stage[0] = 1
     console.rule("1/4 coordinate check")
     for par in ("mup", "sp"):
         cfg = compose([f"model.parametrization={par}", f"coord.out_dir={out_dir}/coord_check"])
@@ -71,15 +107,18 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
         summary[f"coord_check_{par}"] = {"passed": r.passed, "max_abs_slope": r.max_abs_slope,
                                          "plot": r.plot_path}
 
+    stage[0] = 2
     console.rule(f"2/4 tune: {n_trials} trials at proxy widths {PROXY_WIDTHS}")
     sweep_cfg = demo_sweep_config(out_dir / "sweep", n_trials, proxy_steps)
     best = best_document(tune(sweep_cfg))
     summary["tune"] = {k: best[k] for k in ("value", "trial", "hparams", "cost")}
 
+    stage[0] = 3
     console.rule(f"3/4 transfer to width {target_width} and train")
     result = transfer(best, width=target_width, steps=target_steps, overrides=[
         # resume: re-running the demo continues (or just reports) its target run
         f"train.run_dir={out_dir}/target", "train.resume=true", f"train.eval_every={max(1, target_steps // 6)}",
+        f"train.ckpt_every={max(1, target_steps // 6)}",  # an interrupted demo continues from there
         "train.ema_decay=0.99", "train.samples=30", "train.progress=true"])
     for w in result.warnings:
         console.print(f"warning: {w}", highlight=False, soft_wrap=True)
@@ -95,6 +134,7 @@ def run_demo(out_dir: Path, n_trials: int = 12, proxy_steps: int = 300, target_s
                          "samples": run.samples_path}
     summary["tuning_cost_pct_of_target_flops"] = 100 * best["cost"]["flops"] / max(run.flops, 1.0)
 
+    stage[0] = 4
     console.rule("4/4 report")
     report = write_report(best, out_dir / "report")
     summary["report"] = str(report)

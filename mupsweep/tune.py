@@ -8,7 +8,10 @@ the proxy widths.
 `tune(cfg, workers)` runs the study to its global budget, `sweep.n_trials` COMPLETE + PRUNED
 trials over every worker and machine sharing the storage, shows progress on stderr and writes
 trials.csv and best.json. A sweep that ran but has nothing to transfer (budget not met, or no
-trial completed) raises `SweepFailed` after writing them. The parts, in `mupsweep.sweep`:
+trial completed) raises `SweepFailed` after writing them. Ctrl-C or SIGTERM (to this process
+alone or to its whole group) stops every worker, fails and re-queues the running trials, writes
+them too and raises `Interrupted`, whose str() is the line to print. The parts, in
+`mupsweep.sweep`:
 
     space.py      the search space: default axes, checks of sweep.params, suggest, grid
     objective.py  one trial: its config per width, training, pruning, cost (the step axis)
@@ -19,6 +22,7 @@ trial completed) raises `SweepFailed` after writing them. The parts, in `mupswee
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from mupsweep.best import best_document, write_best_json
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
+from mupsweep.stopping import Interrupted, stop_signals
 from mupsweep.sweep.objective import check_trial_setup
 from mupsweep.sweep.packing import check_pack_settings, pruning_note
 from mupsweep.sweep.retry import INTERRUPTED
@@ -39,12 +44,13 @@ from mupsweep.sweep.study import enqueue_grid, open_study
 from mupsweep.sweep.workers import (
     FINISHED,
     WorkerExit,
-    interrupt_once,
     run_worker,
     run_worker_processes,
     trial_budget,
 )
 from mupsweep.util import atomic_write
+
+RESUME = "re-run the same command to continue"  # how to go on after an interrupt or a shortfall
 
 
 class SweepFailed(Exception):
@@ -63,15 +69,32 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     process only watches); the same call on another machine with the same storage adds more.
     Everything a trial needs (data, model at every proxy width, device) is checked here first:
     bad input is one UserError before any worker starts. Raises SweepFailed (after writing the
-    outputs) when the budget was not met or no trial completed; KeyboardInterrupt after the
-    running trials are failed and re-queued."""
+    outputs) when the budget was not met or no trial completed. Ctrl-C or SIGTERM: raises
+    Interrupted (a KeyboardInterrupt; str() says what to do, exit_code is 130 or 143) once
+    every worker has stopped, the running trials are failed and re-queued, and the outputs
+    are written with the trials there are."""
     if workers < 1:
         raise UserError(f"--workers={workers} must be >= 1")
+    opened: list[optuna.Study] = []  # the study, once open: written on an interrupt too
+    with stop_signals():  # Ctrl-C and SIGTERM raise Interrupted; later ones wait for the below
+        try:
+            return _run(cfg, workers, opened)
+        except KeyboardInterrupt as e:
+            if opened:  # every worker has stopped and re-queued its trial by now
+                with contextlib.suppress(Exception):  # the storage may be what is gone
+                    write_outputs(opened[0], Path(cfg.sweep.out_dir))
+            by = Interrupted.of(e, "").by  # "" for Ctrl-C, " by SIGTERM"
+            raise Interrupted.of(e, f"interrupted{by}; {RESUME}") from None
+
+
+def _run(cfg: Config, workers: int, opened: list[optuna.Study]) -> optuna.Study:
+    """`tune` inside its signal handling; the study goes into `opened` once it exists."""
     params = search_space(cfg)  # validate everything before any process starts
     check_pack_settings(cfg, params)
     dataset = load_dataset(cfg.data)
     check_trial_setup(cfg, params, dataset)
     study = open_study(cfg, params)  # creates the study once, before workers race for it
+    opened.append(study)
     if cfg.sweep.sampler == "grid":
         enqueue_grid(study, params)  # here, once, so that workers starting together find it
     budget = trial_budget(cfg, params)
@@ -87,8 +110,7 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     with progress:
         progress.start(study)
         if workers == 1:
-            with interrupt_once():
-                study = run_worker(cfg, on_trial=progress.update, dataset=dataset)
+            study = run_worker(cfg, on_trial=progress.update, dataset=dataset)
         else:
             del dataset  # each worker loads its own
             exits = run_worker_processes(cfg, workers, on_poll=lambda: progress.update(study))
@@ -116,7 +138,7 @@ def shortfall(doc: dict[str, Any], budget: int, exits: list[WorkerExit] | None =
     if done < budget:
         head = f"sweep incomplete: {done}/{budget} trials finished"
         if exits:
-            return f"{head} ({'; '.join(e.describe() for e in exits)}); re-run the same command to continue"
+            return f"{head} ({'; '.join(e.describe() for e in exits)}); {RESUME}"
         failed = [t for t in trials if t["state"] == "FAIL" and t["reason"]
                   and t["reason"] != INTERRUPTED and not t["reason"].startswith("surplus")]
         if failed:

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-INTERRUPTED = "interrupted"  # the reason of a trial stopped by Ctrl-C (SIGINT); always retried
+INTERRUPTED = "interrupted"  # the reason of a trial stopped by Ctrl-C or SIGTERM; always retried
 SURPLUS = "surplus: the budget was reached by other workers"  # started after the budget was met
 # A grid trial that yields its point (another trial holds it) says "surplus: <why>" too.
 

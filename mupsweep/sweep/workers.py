@@ -16,9 +16,16 @@ worker stopped beating for `sweep.grace_s` is set FAIL and re-queued with the sa
 heartbeat, so every worker also fails RUNNING trials whose recorded worker process (same host)
 no longer exists. The parent of `--workers` keeps the other workers going when one dies.
 
-Ctrl-C (SIGINT, which a terminal sends to every process of the command): each worker fails
-its running trial with reason "interrupted", re-queues it with the same parameters and exits
-quietly; later SIGINTs are ignored meanwhile, so that bookkeeping is not cut short.
+Ctrl-C and SIGTERM (`stop_signals`): a terminal's Ctrl-C sends SIGINT to every process of the
+command; a scheduler (Slurm, Kubernetes, `timeout`) sends SIGTERM, to the whole process group
+or to the parent only. Either raises `Interrupted` (a KeyboardInterrupt) in the main thread of
+the process that gets it; later SIGINTs and SIGTERMs are ignored meanwhile, so that the
+bookkeeping is not cut short. Each worker fails its running trial with reason "interrupted",
+re-queues it with the same parameters and exits quietly; the parent of `--workers` passes the
+signal on to every worker (one that only it got), waits for them and then propagates it, so
+no worker outlives it (nor its being killed: on Linux a worker gets SIGTERM when its parent
+dies). A signal that comes while a worker fails and re-queues a dead worker's trial waits
+until both are written (`deferred_stop`).
 
 Packs (sweep.pack = K > 1): a worker asks for up to K trials at once (never more than the
 budget leaves free), runs Optuna's heartbeat for each and trains them as one packed model
@@ -48,6 +55,7 @@ from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.errors import UserError
 from mupsweep.optuna_adapter import fail_trial, heartbeat
+from mupsweep.stopping import STOP_SIGNALS, deferred_stop, stop_once, stop_signals
 from mupsweep.storage import redact_text, uses_heartbeat
 from mupsweep.sweep.objective import TrialProgress, objective
 from mupsweep.sweep.packing import check_pack_settings, train_trials_packed
@@ -59,7 +67,7 @@ from mupsweep.util import first_line
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the states the budget counts
 POLL_S = 1.0  # how often a waiting worker / the parent of --workers looks at the storage
 MAX_CONSECUTIVE_FAILURES = 3  # a worker whose trials keep failing stops (the config is broken)
-STOP_WAIT_S = 30.0  # after Ctrl-C, how long the parent waits for workers to re-queue their trials
+STOP_WAIT_S = 30.0  # after Ctrl-C / SIGTERM, how long the parent waits for workers to re-queue
 EXIT_INTERRUPTED = 130  # a worker's exit code after Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_BAD_INPUT = 2  # a worker's exit code after a UserError (its line goes to the parent)
 
@@ -92,9 +100,10 @@ def fail_dead_trials(study: optuna.Study, cfg: Config) -> None:
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") != host or _alive(int(worker.get("pid", 0))):
             continue
-        failed = fail_trial(study, t, f"worker process {worker['pid']} died")
-        if failed is not None:  # None: another worker got there first
-            retry_trial(study, failed, cfg.sweep.max_retry)
+        with deferred_stop():  # a failed trial is re-queued, even when SIGTERM comes between
+            failed = fail_trial(study, t, f"worker process {worker['pid']} died")
+            if failed is not None:  # None: another worker got there first
+                retry_trial(study, failed, cfg.sweep.max_retry)
 
 
 def _alive(pid: int) -> bool:
@@ -273,28 +282,6 @@ class _Surplus(Exception):
     """This trial started after the budget was filled by other workers."""
 
 
-def _interrupt_once(signum: int, frame: object) -> None:
-    """SIGINT handler: raise KeyboardInterrupt once; ignore later SIGINTs (a second Ctrl-C, or
-    the parent forwarding the first) so the interrupted trial is failed and re-queued."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupt_once() -> Iterator[None]:
-    """Handle SIGINT with `_interrupt_once` in this block (main thread only; a process that
-    ignores SIGINT keeps ignoring it), then restore the previous handler."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, _interrupt_once)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 # --------------------------------------------------------------------------------------------
 # Worker processes (--workers N)
 # --------------------------------------------------------------------------------------------
@@ -317,24 +304,47 @@ class WorkerExit:
             return f"{who} was killed by {signal.Signals(-self.exitcode).name}"
         if self.exitcode == EXIT_INTERRUPTED:
             return f"{who} was interrupted"
+        if self.exitcode == 128 + signal.SIGTERM:
+            return f"{who} was stopped by SIGTERM"
         return f"{who} exited with code {self.exitcode} (see its error above)"
 
 
-def _worker_main(cfg_dict: dict, worker: int, verbosity: int, interruptible: bool,
-                 errors: multiprocessing.SimpleQueue) -> None:
-    """Entry point of a `--workers` process (multiprocessing spawn). It starts with SIGINT
-    ignored (inherited from the parent), so a Ctrl-C while it imports leaves no traceback;
-    from here on SIGINT stops it the way `_interrupt_once` says."""
-    if interruptible:
-        signal.signal(signal.SIGINT, _interrupt_once)
+def _worker_main(cfg_dict: dict, worker: int, verbosity: int, handled: tuple[int, ...],
+                 errors: multiprocessing.SimpleQueue, parent: int) -> None:
+    """Entry point of a `--workers` process (multiprocessing spawn). It starts with SIGINT and
+    SIGTERM blocked (the parent's signal mask while it started us), so one that comes while it
+    imports waits, and leaves no traceback; from here on the signals in `handled` (those the
+    parent handles) stop it the way `stop_once` says. On Linux a worker also gets SIGTERM
+    when its parent dies (killed, so that it could not stop its workers): it stops like this
+    rather than train on alone."""
+    for s in handled:
+        signal.signal(s, stop_once)
     optuna.logging.set_verbosity(verbosity)
     try:
+        if signal.SIGTERM in handled:
+            _sigterm_when_parent_dies(parent)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one is raised here
         run_worker(from_dict(cfg_dict))
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except UserError as e:
         errors.put((worker, str(e)))
         sys.exit(EXIT_BAD_INPUT)
+
+
+def _sigterm_when_parent_dies(parent: int) -> None:
+    """Linux: ask the kernel for SIGTERM when the parent process (pid `parent`) dies
+    (prctl PR_SET_PDEATHSIG); if it is gone already, send it now. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None]) -> list[WorkerExit]:
@@ -342,27 +352,37 @@ def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None])
     calling on_poll() every POLL_S meanwhile. A worker that dies does not stop the others
     (its trial is failed and retried by them). Returns the workers that did not end normally.
 
-    On KeyboardInterrupt: every worker gets SIGINT (also when only this process got it), has
-    STOP_WAIT_S to re-queue its trial, is killed after that; then the interrupt propagates."""
+    On Ctrl-C or SIGTERM (KeyboardInterrupt; `stop_signals` is on here): every worker gets the
+    same signal (also when only this process got it), has STOP_WAIT_S to re-queue its trial,
+    is killed after that; then the interrupt propagates, and no worker is left running.
+    Should this process be killed (SIGKILL), its workers get SIGTERM (Linux) and stop alike."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DB handles
     errors = ctx.SimpleQueue()
     main = threading.current_thread() is threading.main_thread()
-    interruptible = main and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
-    procs = [ctx.Process(target=_worker_main, name=f"mupsweep-tune-{k}",
-                         args=(to_dict(cfg), k, optuna.logging.get_verbosity(), interruptible, errors))
-             for k in range(workers)]
-    with _sigint_ignored(main):  # inherited by the workers until _worker_main runs
-        for p in procs:
-            p.start()
-    try:
-        # is_alive() reaps a dead worker: every one is asked (no short-circuit), so none stays
-        # a zombie that the dead-worker check would take for alive.
-        while any([p.is_alive() for p in procs]):
-            time.sleep(POLL_S)
-            on_poll()
-    except KeyboardInterrupt:
-        _stop(procs, main)
-        raise
+    with stop_signals():
+        handled = tuple(s for s in STOP_SIGNALS if main and signal.getsignal(s) is stop_once)
+        procs = [ctx.Process(target=_worker_main, name=f"mupsweep-tune-{k}",
+                             args=(to_dict(cfg), k, optuna.logging.get_verbosity(), handled, errors,
+                                   os.getpid()))
+                 for k in range(workers)]
+        try:
+            for p in procs:
+                # The worker inherits the blocked mask (see _worker_main); a signal this
+                # process gets meanwhile is raised once the worker is known, then stops it.
+                with deferred_stop():  # not between its fork and its Process knowing its pid
+                    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                    try:
+                        p.start()
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            # is_alive() reaps a dead worker: every one is asked (no short-circuit), so none
+            # stays a zombie that the dead-worker check would take for alive.
+            while any([p.is_alive() for p in procs]):
+                time.sleep(POLL_S)
+                on_poll()
+        except KeyboardInterrupt as e:
+            _stop(procs, main, getattr(e, "signum", signal.SIGINT))
+            raise
     for p in procs:
         p.join()
     messages = {}
@@ -374,32 +394,35 @@ def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None])
 
 
 @contextlib.contextmanager
-def _sigint_ignored(main: bool) -> Iterator[None]:
+def _stop_signals_ignored(main: bool) -> Iterator[None]:
     if not main:
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _stop(procs: list[multiprocessing.process.BaseProcess], main: bool) -> None:
-    """After Ctrl-C: SIGINT every worker until it exits (one still starting up ignores it
-    until it can handle it), for at most STOP_WAIT_S; then kill what is left (its trial stays
-    RUNNING until the next run's dead-worker check fails and re-queues it)."""
-    with _sigint_ignored(main):
+def _stop(procs: list[multiprocessing.process.BaseProcess], main: bool, signum: int) -> None:
+    """After Ctrl-C or SIGTERM: send `signum` to every worker until it exits (one still
+    starting up holds it until it can handle it), for at most STOP_WAIT_S; then kill what is
+    left (its trial stays RUNNING until the next run's dead-worker check fails and re-queues
+    it). Workers never started are skipped."""
+    started = [p for p in procs if p.pid is not None]
+    with _stop_signals_ignored(main):
         deadline = time.monotonic() + STOP_WAIT_S
         while time.monotonic() < deadline:
-            alive = [p for p in procs if p.is_alive()]
+            alive = [p for p in started if p.is_alive()]
             if not alive:
                 break
             for p in alive:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGINT)
+                    os.kill(p.pid, signum)
             alive[0].join(0.5)
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 p.kill()
             p.join()
