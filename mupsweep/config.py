@@ -163,7 +163,7 @@ class SweepConfig:
     grace_s: int | None = None  # heartbeat grace period; None: 2 x heartbeat_s (Optuna's default)
     max_retry: int = 2  # a trial failed by a dead worker is re-queued at most this many times
     pack: int = 1  # trials a worker trains at once as one packed model (mupsweep/packed.py)
-    params: list[SweepParam] = field(default_factory=list)  # empty: log2 lr / init / output mult
+    params: list[SweepParam] | None = None  # None: the default space (log2 lr / init / output mult); [] is refused
 
 
 @dataclass

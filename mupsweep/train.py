@@ -225,6 +225,11 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
     if tc.batch_size % world:
         raise UserError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
     run_dir, lock = _open_run_dir(cfg, rank, world)
+    if rank == 0 and world > 1:
+        # train.batch_size is the global batch, whatever the number of processes: each rank
+        # trains on its slice (`Run.local`), so the results match one process's run.
+        sys.stderr.write(world_size_line(world, tc.batch_size) + "\n")
+        sys.stderr.flush()
     try:
         return _build(dataclasses.replace(cfg, train=dataclasses.replace(tc, run_dir=str(run_dir))),
                       device, rank, world, run_dir, lock, dataset, on_model)
@@ -232,6 +237,13 @@ def setup(cfg: Config, dataset: ImageDataset | None = None,
         if lock is not None:
             lock.release()
         raise
+
+
+def world_size_line(world: int, batch_size: int) -> str:
+    """What a distributed run says at start (rank 0): the world size, and that
+    train.batch_size is the global batch split across the ranks."""
+    return (f"world size {world}: train.batch_size={batch_size} is the global batch, "
+            f"{batch_size // world} per rank")
 
 
 def _open_run_dir(cfg: Config, rank: int, world: int) -> tuple[Path, RunDirLock | None]:

@@ -39,6 +39,7 @@ The document's shape is fixed by `mupsweep.best`; this module only reads it.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,6 @@ PROXY_SHAPE_FIELDS = ("base_width", "delta_width", "head_dim")
 # warning above are about. The study's parametrization always wins over the preset's.
 PRESET_SIZE_FIELDS = ("model.width", "model.depth")
 
-DEFAULT_TARGET_RUN_DIR = "runs/target"
 
 
 @dataclass
@@ -146,22 +146,26 @@ def _fmt_flops(x: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def list_presets() -> list[str]:
-    """The model presets on the config search path: the packaged ones and the user's."""
-    return config_groups().get("model", [])
+def list_presets(config_dir: str | Path | None = None) -> list[str]:
+    """The model presets on the config search path: the packaged ones and the user's
+    (`config_dir`, else ./configs)."""
+    return config_groups(config_dir).get("model", [])
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """A model preset (`model=NAME`: ./configs/model/NAME.yaml, else the packaged one, the
-    order `compose` uses) as {config key: value}, flattened: {"model.arch": "dit",
-    "model.extra.text_dim": 4096, "diffusion.kind": ...}. A preset in Hydra's `_global_`
-    package (mmdit*) sets whole sections; the others set model fields."""
+def load_preset(name: str, config_dir: str | Path | None = None) -> dict[str, Any]:
+    """A model preset (`model=NAME`: CONFIG_DIR/model/NAME.yaml or ./configs/model/NAME.yaml,
+    else the packaged one, the order `compose` uses) as {config key: value}, flattened:
+    {"model.arch": "dit", "model.extra.text_dim": 4096, "diffusion.kind": ...}. A preset in
+    Hydra's `_global_` package (mmdit*) sets whole sections; the others set model fields."""
     from omegaconf import OmegaConf
 
-    found = [root / "model" / f"{name}.yaml" for root in reversed(config_search_path())]
+    found = [root / "model" / f"{name}.yaml" for root in reversed(config_search_path(config_dir))]
     path = next((p for p in found if p.is_file()), None)
     if path is None:
-        raise UserError(f"--preset {name!r} is unknown; use one of {', '.join(list_presets())}")
+        presets = list_presets(config_dir)
+        close = difflib.get_close_matches(name, presets, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"--preset {name!r} is unknown; {hint}presets: {', '.join(presets)}")
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     is_global = "@package _global_" in path.read_text().split("\n", 1)[0]
     return _flatten(node if is_global else {"model": node})
@@ -207,13 +211,14 @@ def _override_keys(overrides: list[str]) -> set[str]:
 
 
 def apply_preset(cfg: Config, proxy: Config, preset: str, overrides: list[str],
-                 tuned: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+                 tuned: dict[str, Any], config_dir: str | Path | None = None
+                 ) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Set the preset's width and depth on `cfg`; refuse any other difference between the
     preset and the proxy that the user did not accept by overriding that key.
 
     Returns (warnings, overridden): each differing key the user overrides, with its proxy and
     preset values (the override sets the target's value later; see `_accepted`)."""
-    settings = load_preset(preset)
+    settings = load_preset(preset, config_dir)
     arch = settings.get("model.arch", proxy.model.arch)
     if arch != proxy.model.arch:
         raise UserError(f"--preset {preset} is a {arch} model but the proxy is a "
@@ -255,7 +260,8 @@ def apply_preset(cfg: Config, proxy: Config, preset: str, overrides: list[str],
     return warnings, accepted
 
 
-def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+def _apply_overrides(cfg: Config, overrides: list[str],
+                     config_dir: str | Path | None = None) -> Config:
     """`key=value` overrides on top of a Config, parsed and validated the way `--config` is."""
     import tempfile
 
@@ -268,7 +274,7 @@ def _apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(to_yaml(cfg))
     try:
-        return compose(overrides, config_file=f.name)
+        return compose(overrides, config_file=f.name, config_dir=config_dir)
     finally:
         Path(f.name).unlink(missing_ok=True)
 
@@ -282,8 +288,12 @@ def _base_config(best: dict[str, Any]) -> Config:
 
 def transfer(best: dict[str, Any], width: int | None = None, preset: str | None = None,
              overrides: list[str] | tuple[str, ...] = (), steps: int | None = None,
-             force: bool = False, depth: int | None = None) -> TransferResult:
+             force: bool = False, depth: int | None = None,
+             config_dir: str | Path | None = None) -> TransferResult:
     """Build the target config from a best document (see the module docstring for the order).
+
+    config_dir: the user's config groups (`--config-dir`; else ./configs), where --preset and
+    group overrides (model=NAME, +experiment=NAME) are looked up, as `compose` does.
 
     Raises UserError for an SP study (unless `force`), for a missing target (no width, preset
     or model.width override) and for any invalid resulting config."""
@@ -301,7 +311,7 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     if width is None and preset is None and depth is None and not any(
             o.startswith(("model.width=", "model.depth=")) for o in overrides):
         raise UserError("no target given: pass --width N, --depth N and/or --preset NAME "
-                        f"(presets: {', '.join(list_presets())})")
+                        f"(presets: {', '.join(list_presets(config_dir))})")
 
     if best.get("trial") is None and not best["hparams"]:
         raise UserError("the study has no complete trial yet: nothing to transfer")
@@ -321,9 +331,10 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     accepted: dict[str, dict[str, Any]] = {}
     preset_settings: dict[str, Any] = {}
     if preset is not None:
-        preset_warnings, accepted = apply_preset(cfg, proxy, preset, overrides, best["hparams"])
+        preset_warnings, accepted = apply_preset(cfg, proxy, preset, overrides, best["hparams"],
+                                                 config_dir)
         warnings += preset_warnings
-        preset_settings = load_preset(preset)
+        preset_settings = load_preset(preset, config_dir)
     check_tuned_against_command_line(
         best["hparams"], command_line_choices(preset, preset_settings, width, depth, steps),
         overrides)
@@ -339,8 +350,10 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     for key, value in best["hparams"].items():
         set_by_path(cfg, key, value)
 
-    # 3. Target-run defaults: its own run directory, and it saves (sweep trials may not).
-    cfg.train.run_dir = DEFAULT_TARGET_RUN_DIR
+    # 3. Target-run defaults: a new run directory for every `train --config` of it, as for any
+    # other run (a fixed one would refuse the second target trained from the same folder);
+    # a train.run_dir=DIR override names one. It saves (sweep trials may not).
+    cfg.train.run_dir = None
     cfg.train.save = True
     if steps is not None:
         cfg.train.steps = steps
@@ -351,7 +364,7 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
         if key in best["hparams"]:
             warnings.append(f"override {redact_text(item)} replaces the tuned "
                             f"{key}={best['hparams'][key]}")
-    cfg = _apply_overrides(cfg, overrides)
+    cfg = _apply_overrides(cfg, overrides, config_dir)
     if steps is not None:  # --steps wins over a train.steps override given alongside it
         cfg.train.steps = steps
     accepted = _accepted(accepted, cfg)

@@ -177,7 +177,7 @@ def test_a_sqlite_file_in_a_new_folder_is_created_there(tmp_path):
 def test_every_trial_diverged_exits_1_saying_why(tmp_path):
     out = tmp_path / "sweep"
     proc = run_cli("tune", *FAST, f"sweep.out_dir={out}", "sweep.n_trials=2", "sweep.sampler=grid",
-                   "sweep.pruner=none", "sweep.params=[{name:optim.lr,type:categorical,choices:[4.0,8.0]}]",
+                   "sweep.pruner=none", "sweep.params=[{name:optim.lr,type:categorical,choices:[1.0,4.0]}]",
                    "--json")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "all 2 trials were pruned or diverged (2 diverged" in proc.stderr

@@ -10,8 +10,23 @@ from typing import Any
 
 from optuna.trial import Trial
 
-from mupsweep.config import RESULT_NEUTRAL, Config, SweepParam, check_config, set_by_path
+from mupsweep.config import (
+    RESULT_NEUTRAL,
+    Config,
+    SweepParam,
+    check_config,
+    set_by_path,
+)
 from mupsweep.errors import UserError
+
+# The largest learning rate a trial can train at. Adam's update of each weight is about lr in
+# size whatever the gradient's scale, while a weight's own scale is ~1 or less (init std
+# init_mult / sqrt(fan_in), norm gains 1): at lr > 1 every step moves every weight by more than
+# its own scale, so the loss diverges within a few steps and the trial is pruned or fails. A
+# search axis of optim.lr whose every value is above it is refused before any trial runs
+# (`check_trainable_lr`); one that merely reaches above it is left to the pruner. validate's
+# --log2-lr grid may use the same bound.
+MAX_TRAINABLE_LR = 1.0
 
 # Appended to the Optuna name of a log2 axis: the trial records the exponent, the config the
 # value 2**exponent.
@@ -77,9 +92,28 @@ def default_params() -> list[SweepParam]:
     ]
 
 
+def given_params(cfg: Config) -> list[SweepParam] | None:
+    """`sweep.params` as SweepParams, or None when it is not given (the default space)."""
+    if cfg.sweep.params is None:
+        return None
+    return [p if isinstance(p, SweepParam) else SweepParam(**p) for p in cfg.sweep.params]
+
+
+def resolved_params(cfg: Config) -> list[SweepParam]:
+    """The axes a study sweeps, unchecked: `sweep.params`, or the default space when it is not
+    given (None) or empty (a base config recorded before None meant "not given" says []).
+    `study.signature` reads a recorded config through this; `search_space` checks a new one."""
+    return given_params(cfg) or default_params()
+
+
 def search_space(cfg: Config) -> list[SweepParam]:
-    """`sweep.params`, or the default space when it is empty; each entry checked."""
-    params = [p if isinstance(p, SweepParam) else SweepParam(**p) for p in cfg.sweep.params]
+    """`sweep.params`, or the default space when it is not given; each entry checked. An empty
+    list given explicitly sweeps nothing: it is refused."""
+    params = given_params(cfg)
+    if params == []:
+        raise UserError("sweep.params=[] sweeps nothing: every trial would train the same "
+                        "config; drop sweep.params to sweep the default space (log2 optim.lr, "
+                        "model.init_mult, model.output_mult), or list the axes to sweep")
     params = params or default_params()
     seen: set[str] = set()
     for i, p in enumerate(params):
@@ -111,6 +145,8 @@ def search_space(cfg: Config) -> list[SweepParam]:
                 raise UserError(f"{where}: log2 applies to type float only")
         else:
             raise UserError(f"{where}: type={p.type!r}: use float, int or categorical")
+        if p.name == "optim.lr":
+            check_trainable_lr(p, where)
     # Every corner of the space must give a valid config at every proxy width, so a typo
     # (optim.lr low=-1e9 on a linear scale, a width not divisible by head_dim) fails now.
     for p in params:
@@ -124,6 +160,26 @@ def search_space(cfg: Config) -> list[SweepParam]:
                 except UserError as e:
                     raise UserError(f"sweep.params {p.name}={value} at proxy width {width}: {e}") from None
     return params
+
+
+def check_trainable_lr(p: SweepParam, where: str) -> None:
+    """Refuse an optim.lr axis whose every value is above MAX_TRAINABLE_LR: no trial would
+    train, and the sweep would only find that out by failing each one."""
+    if p.type == "categorical":
+        values = list(p.choices or [])
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return  # a non-number: the corner check names it
+        lowest = min(values)
+        shown = f"choices {', '.join(f'{v:g}' for v in values)}"
+    else:
+        lowest = 2.0**p.low if p.log2 else p.low
+        shown = (f"log2 exponents {p.low:g}..{p.high:g}, lr {2.0**p.low:g}..{2.0**p.high:g}"
+                 if p.log2 else f"{p.low:g}..{p.high:g}")
+    if lowest > MAX_TRAINABLE_LR:
+        raise UserError(f"{where}: every value is above lr = {MAX_TRAINABLE_LR:g} ({shown}): Adam "
+                        "at lr > 1 moves every weight by more than its own scale each step, so "
+                        "no trial would train; lower the range below 1 (the default space is "
+                        "log2: true, low: -14, high: -6, lr 6.1e-05..0.0156)")
 
 
 def _check_key(cfg: Config, key: str, where: str) -> None:

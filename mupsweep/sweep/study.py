@@ -26,7 +26,7 @@ from mupsweep.errors import UserError
 from mupsweep.optuna_adapter import set_study_system_attr, study_system_attrs
 from mupsweep.storage import open_for_tune, redact_text, storage_spec
 from mupsweep.sweep.retry import retry_trial
-from mupsweep.sweep.space import default_params, grid, grid_points, point_key, search_space
+from mupsweep.sweep.space import grid, grid_points, point_key, resolved_params, search_space
 from mupsweep.util import first_line
 
 METRIC_NAME = "validation_loss"  # the objective: mean final validation loss over proxy widths
@@ -162,8 +162,7 @@ NOT_IN_SIGNATURE = (
 def signature(cfg: Config) -> dict[str, Any]:
     """{dotted config key: value} for every key that can change a trial's loss, with
     "sweep.params" as the resolved search space (its swept keys left out)."""
-    params = [p if isinstance(p, SweepParam) else SweepParam(**p) for p in cfg.sweep.params]
-    params = params or default_params()
+    params = resolved_params(cfg)  # not given (None) or a recorded [] alike: the default space
     swept = {p.name for p in params}
     flat: dict[str, Any] = {}
 
