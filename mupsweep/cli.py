@@ -153,7 +153,7 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
           node_rank: int = typer.Option(None, "--node-rank", help="torchrun --node-rank")) -> None:
     """Train a model (a full run, or any config): checkpoints, metrics, samples, summary.
 
-    Each run gets a new directory (runs/train/<date>_<time>) unless train.run_dir is given;
+    Each run gets a new directory (`runs/train/DATE_TIME`) unless train.run_dir is given;
     exit 1 when the run diverged."""
     from mupsweep.launch import check_launch, launch
 
@@ -225,6 +225,22 @@ def _train_config(overrides: list[str] | None, config: Path | None, resume: Path
     cfg = _compose(overrides, resume / "config.yaml")
     cfg.train.run_dir, cfg.train.resume = str(resume), True
     return cfg
+
+
+@app.command()
+def preset(name: str = typer.Argument(..., help="your preset's name (GROUP=NAME selects it)"),
+           source: str = typer.Option(..., "--from", help="the packaged preset to start from, "
+                                      "e.g. dit-s-2"),
+           group: str = typer.Option("model", "--group", help="its config group"),
+           config_dir: Path = typer.Option(None, "--config-dir", help="where your configs live "
+                                           "[default: ./configs]")) -> None:
+    """Start a preset of your own from a packaged one, from any directory: writes
+    ./configs/GROUP/NAME.yaml (edit it; `model=NAME` then selects it)."""
+    from mupsweep.config import copy_preset
+
+    path, selector = copy_preset(group, source, name, config_dir)
+    err.print(f"wrote {path}; edit it, then use {selector} (check what it composes: "
+              f"mupsweep train {selector} --cfg)", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,7 +636,7 @@ def _best_doc(best: str | None, storage: str | None, study: str | None,
     return load_best(best), overrides
 
 
-@app.command("transfer")
+@app.command("transfer", epilog=EPILOG)
 def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
                  width: int = typer.Option(None, "--width", help="target model.width"),
                  preset: str = typer.Option(None, "--preset", help="target model preset, e.g. dit-xl-2"),

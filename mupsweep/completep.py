@@ -72,3 +72,22 @@ def depth_scale(cfg: ModelConfig) -> DepthScale:
     """The depth factors for `cfg`: Table 1's alpha column under completep, 1.0 otherwise."""
     return DepthScale(enabled=cfg.depth_parametrization == "completep", depth=cfg.depth,
                       base_depth=base_depth_of(cfg), alpha=cfg.depth_alpha)
+
+
+# Architectures whose depth coordinate check fails under CompleteP, measured with the command
+# in each entry: their tuned HPs do not carry across depth, so `tune` and `transfer --depth`
+# refuse them before compute is spent (coord-check and validate --depths still run, to show it).
+DEPTH_CHECK_FAILS = {
+    "uvit": "U-ViT's long skips (skip_linear joins an input-side block's output into the output "
+            "side, outside CompleteP's residual branches) fail the depth coordinate check: "
+            "`mupsweep coord-check model=uvit-tiny model.depth_parametrization=completep "
+            "--depths 3,5,9,17` gives max |slope| 0.48 at out_blocks.0.skip_linear (tolerance 0.3)",
+}
+
+
+def why_depth_transfer_fails(cfg: ModelConfig) -> str | None:
+    """Why HPs of `cfg` would not carry across depth (a measured failure of its architecture
+    under completep), or None."""
+    if cfg.depth_parametrization != "completep":
+        return None
+    return DEPTH_CHECK_FAILS.get(cfg.arch)

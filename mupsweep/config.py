@@ -282,6 +282,39 @@ def config_groups(config_dir: str | Path | None = None) -> dict[str, list[str]]:
     return {g: sorted(v) for g, v in sorted(groups.items())}
 
 
+def copy_preset(group: str, source: str, name: str,
+                config_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Start a preset of your own from a packaged one: copy CONFIG_DIR/GROUP/SOURCE.yaml to
+    config_dir (default ./configs)/GROUP/NAME.yaml. Returns the file and the override that
+    selects it (`model=NAME`; `+experiment=NAME`). Refuses an existing file (yours to edit) and
+    an unknown group or source, naming the options."""
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+    if group not in groups:
+        raise UserError(f"unknown config group {group!r}; {_did_you_mean(group, groups)}"
+                        f"(groups: {', '.join(groups)})")
+    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    if source not in options:
+        raise UserError(f"unknown packaged {group} {source!r}; {_did_you_mean(source, options)}"
+                        f"(options: {', '.join(options)})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"preset name {name!r}: use letters, digits, '.', '_' and '-' "
+                        f"(it is the file name and the {group}=NAME option)")
+    target = Path(config_dir if config_dir is not None else USER_CONFIG_DIR) / group / f"{name}.yaml"
+    if target.exists():
+        raise UserError(f"{target} exists; edit it, or choose another name")
+    text = (CONFIG_DIR / group / f"{source}.yaml").read_text()
+    selector = f"+{group}={name}" if group == "experiment" else f"{group}={name}"
+    note = f"# Started from mupsweep's packaged {group}/{source}.yaml; select it with {selector}\n"
+    # Hydra reads a `# @package` directive only on the first line (experiments have one)
+    head, _, rest = text.partition("\n") if text.startswith("# @package") else ("", "", text)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"{head}\n{note}{rest}" if head else note + rest)
+    except OSError as e:
+        raise UserError(f"cannot write {target}: {e.strerror or first_line(e)}") from None
+    return target, selector
+
+
 def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:
     """'did you mean PREFIXoption? ' for the nearest option, or '' when none is near."""
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)

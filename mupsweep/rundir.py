@@ -151,8 +151,12 @@ class RunDirLock:
         except OSError as e:  # a file system without locks: say so rather than run unguarded
             os.close(fd)
             raise _os_error(self.path, "lock", e) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as e:  # a full disk: nothing else in the run directory was touched yet
+            os.close(fd)
+            raise _os_error(self.path, "write", e) from None
         self._fd = fd
 
     def release(self) -> None:

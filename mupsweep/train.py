@@ -45,7 +45,7 @@ from mupsweep.parametrize import (
 )
 from mupsweep.rundir import RunDirLock, open_run_dir, without_passwords
 from mupsweep.text import Conditioner, LabelConditioner
-from mupsweep.util import atomic_write_text, first_line
+from mupsweep.util import append_lines, atomic_write_text, first_line
 
 EvalCallback = Callable[[int, float], None]
 
@@ -587,15 +587,15 @@ class _MetricsLog:
                         break  # a line cut by a kill: everything after it is stale too
             elif path.exists():
                 path.unlink()
-            if kept:
-                path.write_text("\n".join(kept) + "\n")
+            if kept:  # replaced whole: a full disk leaves the old file, not half of it
+                atomic_write_text(path, "\n".join(kept) + "\n")
         if tensorboard_dir is not None:
             self.tb = tensorboard_writer(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with _writing(self.path), self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            with _writing(self.path):  # a whole line or none: readers never see a torn one
+                append_lines(self.path, json.dumps(record) + "\n")
             if self.tb is not None:
                 self._to_tensorboard(record)
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from mupsweep.best import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
-from mupsweep.completep import base_depth_of
+from mupsweep.completep import base_depth_of, why_depth_transfer_fails
 from mupsweep.config import (
     Config,
     compose,
@@ -59,7 +59,7 @@ from mupsweep.errors import UserError
 from mupsweep.rundir import without_passwords
 from mupsweep.storage import redact_text, redact_url
 from mupsweep.sweep.space import not_a_hyperparameter
-from mupsweep.util import atomic_write_text
+from mupsweep.util import atomic_write_text, output_dir_problem
 
 # Architecture fields that width transfer does not cover: a difference between proxy and target
 # in any of these means the tuned HPs may not be optimal for the target.
@@ -345,6 +345,10 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
     if proxy.model.depth_parametrization == "completep":
         # The tuned HPs belong to the proxy's base depth, as they do to its base width.
         cfg.model.base_depth = base_depth_of(proxy.model)
+        why = why_depth_transfer_fails(proxy.model)
+        if why and cfg.model.depth != proxy.model.depth:
+            raise UserError(f"target depth {cfg.model.depth} != proxy depth "
+                            f"{proxy.model.depth}, but HPs do not carry across depth here: {why}")
 
     # 2. The tuned HPs: resolved values keyed by config path.
     for key, value in best["hparams"].items():
@@ -592,10 +596,18 @@ def _cost_line(cost: dict, per_image: float | None, target: float | None, pct: f
 
 
 def check_output(out: str | Path) -> None:
-    """Refuse an output path that can never be written, before any work is done."""
-    if str(out) != "-" and Path(out).is_dir():
+    """Refuse an output path that can never be written (a folder; a folder that takes no
+    file: /proc, read-only, under a file), before any work is done or anything printed."""
+    if str(out) == "-":
+        return
+    if not str(out).strip():
+        raise UserError("-o is empty; give the target YAML's file name (or - for stdout)")
+    if Path(out).is_dir():
         raise UserError(f"-o {out} is a directory; give the target YAML's file name, e.g. "
                         f"{Path(out) / 'target.yaml'}")
+    problem = output_dir_problem(Path(out).parent, f"-o {out}: its folder")
+    if problem:
+        raise UserError(problem)
 
 
 def write_config(cfg: Config, out: str | Path) -> str:

@@ -32,10 +32,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from mupsweep.best import best_document, write_best_json
+from mupsweep.completep import why_depth_transfer_fails
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
 from mupsweep.stopping import Interrupted, stop_signals
+from mupsweep.storage import label_of
 from mupsweep.sweep.objective import check_trial_setup
 from mupsweep.sweep.packing import check_pack_settings, pruning_note
 from mupsweep.sweep.retry import INTERRUPTED
@@ -48,7 +50,7 @@ from mupsweep.sweep.workers import (
     run_worker_processes,
     trial_budget,
 )
-from mupsweep.util import atomic_write
+from mupsweep.util import atomic_write, os_reason
 
 RESUME = "re-run the same command to continue"  # how to go on after an interrupt or a shortfall
 
@@ -62,7 +64,7 @@ class SweepFailed(Exception):
         self.study = study
 
 
-def tune(cfg: Config, workers: int = 1) -> optuna.Study:
+def tune(cfg: Config, workers: int = 1, depth_experiment: bool = False) -> optuna.Study:
     """Run the sweep in `cfg.sweep` to its global budget and write trials.csv and best.json.
 
     workers > 1 starts that many worker processes on the same storage and study (and this
@@ -72,13 +74,16 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
     outputs) when the budget was not met or no trial completed. Ctrl-C or SIGTERM: raises
     Interrupted (a KeyboardInterrupt; str() says what to do, exit_code is 130 or 143) once
     every worker has stopped, the running trials are failed and re-queued, and the outputs
-    are written with the trials there are."""
+    are written with the trials there are.
+
+    depth_experiment: the study measures whether HPs carry across depth (validate --depths),
+    so an architecture where they are known not to is run, not refused."""
     if workers < 1:
         raise UserError(f"--workers={workers} must be >= 1")
     opened: list[optuna.Study] = []  # the study, once open: written on an interrupt too
     with stop_signals():  # Ctrl-C and SIGTERM raise Interrupted; later ones wait for the below
         try:
-            return _run(cfg, workers, opened)
+            return _run(cfg, workers, opened, depth_experiment)
         except KeyboardInterrupt as e:
             if opened:  # every worker has stopped and re-queued its trial by now
                 with contextlib.suppress(Exception):  # the storage may be what is gone
@@ -87,9 +92,15 @@ def tune(cfg: Config, workers: int = 1) -> optuna.Study:
             raise Interrupted.of(e, f"interrupted{by}; {RESUME}") from None
 
 
-def _run(cfg: Config, workers: int, opened: list[optuna.Study]) -> optuna.Study:
+def _run(cfg: Config, workers: int, opened: list[optuna.Study],
+         depth_experiment: bool = False) -> optuna.Study:
     """`tune` inside its signal handling; the study goes into `opened` once it exists."""
     params = search_space(cfg)  # validate everything before any process starts
+    why = None if depth_experiment else why_depth_transfer_fails(cfg.model)
+    if why:  # a depth sweep, or a study meant to transfer across depth, would mislead
+        raise UserError(f"model.depth_parametrization=completep with model.arch={cfg.model.arch}: "
+                        f"tuned HPs would not carry across depth: {why}; tune with "
+                        "model.depth_parametrization=none (and transfer across width only)")
     check_pack_settings(cfg, params)
     dataset = load_dataset(cfg.data)
     check_trial_setup(cfg, params, dataset)
@@ -208,10 +219,16 @@ class _Progress:
 
 def write_outputs(study: optuna.Study, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/trials.csv (Optuna's dataframe) and out_dir/best.json, each atomically
-    (another machine's tune may write them at the same time); return the doc."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frame = study.trials_dataframe()
-    atomic_write(out_dir / "trials.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    (another machine's tune may write them at the same time); return the doc. A full disk is
+    one line: the study keeps every finished trial, and a re-run writes the files again."""
     doc = best_document(study)
-    write_best_json(doc, out_dir / "best.json")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frame = study.trials_dataframe()
+        atomic_write(out_dir / "trials.csv", lambda tmp: frame.to_csv(tmp, index=False))
+        write_best_json(doc, out_dir / "best.json")
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}/trials.csv and best.json: {os_reason(e)}; the "
+                        f"study in {label_of(study)} keeps every finished trial; free space and "
+                        "re-run tune to write them") from None
     return doc

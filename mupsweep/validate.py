@@ -267,7 +267,7 @@ def run_grid(run: Config, workers: int = 1) -> tuple[dict | None, str | None]:
     judged) when points are missing. A study holding another grid's points is refused."""
     params = search_space(run)
     open_study(run, params, check_first=lambda study: _refuse_another_grid(study, params))
-    study = tune(run, workers=workers)
+    study = tune(run, workers=workers, depth_experiment=True)
     why = _incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
     return (None, why) if why else (best_document(study), None)
 

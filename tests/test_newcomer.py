@@ -78,3 +78,58 @@ def test_report_gives_no_verdict_before_an_optimum_is_placed(tmp_path):
     report = run_cli("report", str(tmp_path / "placed.json"), "-o", str(tmp_path / "r2"))
     assert report.returncode == 0, report.stderr
     assert "Spread 0.00 octaves: the widths agree" in report.stdout
+
+
+def test_uvit_under_completep_is_refused_before_compute_is_spent(cli, tmp_path):
+    """U-ViT fails the depth coordinate check under completep (its long skips): tune and a
+    transfer to another depth refuse it, naming the check's figure, where tune ran and
+    transfer --depth wrote a target in silence."""
+    import json
+
+    from test_tune import FAST
+
+    proc = cli("tune", *FAST, "model=uvit-tiny", "model.depth=3", "model.depth_parametrization=completep",
+               f"sweep.out_dir={tmp_path}/uvit")
+    assert_one_line_error(proc, "model.arch=uvit", "out_blocks.0.skip_linear", "0.48")
+    assert not (tmp_path / "uvit").exists()
+
+    sweep = run_cli("tune", *FAST, "sweep.n_trials=1", "sweep.pruner=none",
+                    f"sweep.out_dir={tmp_path}/dit", "--json")
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    doc = json.loads(sweep.stdout)
+    doc["base_config"]["model"].update(arch="uvit", depth=3, depth_parametrization="completep")
+    (tmp_path / "uvit.json").write_text(json.dumps(doc))
+    assert_one_line_error(cli("transfer", str(tmp_path / "uvit.json"), "--depth", "5", "-o",
+                              str(tmp_path / "t.yaml")), "target depth 5 != proxy depth 3",
+                          "skip_linear")
+    assert not (tmp_path / "t.yaml").exists()
+    proc = cli("transfer", str(tmp_path / "uvit.json"), "--width", "64", "-o", str(tmp_path / "t.yaml"))
+    assert proc.returncode == 0, proc.stderr  # across width it still transfers
+
+
+def test_a_preset_of_your_own_starts_from_a_packaged_one_anywhere(cli, tmp_path):
+    """`mupsweep preset mine --from dit-s-2` writes ./configs/model/mine.yaml from any
+    directory (the README's `cp mupsweep/configs/...` worked only inside the repository)."""
+    import yaml
+
+    proc = cli("preset", "mine", "--from", "dit-s-2")
+    assert proc.returncode == 0, proc.stderr
+    assert "model=mine" in proc.stderr
+    path = tmp_path / "configs" / "model" / "mine.yaml"
+    path.write_text(path.read_text().replace("depth: 12", "depth: 3"))
+    shown = cli("train", "model=mine", "--cfg")
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["model"]["depth"] == 3
+    assert_one_line_error(cli("preset", "mine", "--from", "dit-s-2"), "exists")
+    assert_one_line_error(cli("preset", "x", "--from", "dit-s2"), "did you mean dit-s-2")
+    proc = cli("preset", "mypaper", "--from", "paper-dit-xl-2", "--group", "experiment")
+    assert proc.returncode == 0 and "+experiment=mypaper" in proc.stderr
+    shown = cli("tune", "+experiment=mypaper", "data.root=x.npz", "--cfg")
+    assert yaml.safe_load(shown.stdout)["sweep"]["proxy_widths"] == [144, 288, 576]
+
+
+def test_help_names_the_run_directory_and_transfer_lists_config_groups():
+    train_help = run_cli("train", "--help", env={"COLUMNS": "200"})
+    assert "runs/train/DATE_TIME" in train_help.stdout and "runs/train/_" not in train_help.stdout
+    transfer_help = run_cli("transfer", "--help", env={"COLUMNS": "200"})
+    assert "Config groups" in transfer_help.stdout and "--config-dir" in transfer_help.stdout

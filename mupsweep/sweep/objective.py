@@ -10,7 +10,6 @@ is usually pruned on the first (cheapest) width. Step 0 (before any update) is n
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -25,8 +24,8 @@ from mupsweep.config import Config, SweepParam, check_config, set_by_path
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
 from mupsweep.parametrize import build_model, data_spec_of, make_conditioner
-from mupsweep.rundir import new_run_dir
-from mupsweep.storage import redact_text, redact_url
+from mupsweep.rundir import new_run_dir, without_passwords
+from mupsweep.storage import redact_text
 from mupsweep.sweep.space import corners, suggest
 from mupsweep.train import TrainResult, resolve_device
 from mupsweep.train import train as run_train
@@ -36,12 +35,12 @@ from mupsweep.util import first_line
 def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path) -> Config:
     """The base config with the trial's values at one proxy width: no checkpoints, no resume
     (a trial always starts fresh, in a new `run_dir`), no per-step progress bar, and the
-    storage URL's password hidden (train() writes this config into the trial's run dir)."""
-    run_cfg = copy.deepcopy(cfg)
+    password of every URL in it hidden (train() and a pack write this config into the trial's
+    run dir)."""
+    run_cfg = without_passwords(cfg)  # a copy
     for key, value in hparams.items():
         set_by_path(run_cfg, key, value)
     set_by_path(run_cfg, "model.width", width)
-    set_by_path(run_cfg, "sweep.storage", redact_url(cfg.sweep.storage))
     set_by_path(run_cfg, "train.save", False)
     set_by_path(run_cfg, "train.resume", False)
     set_by_path(run_cfg, "train.progress", False)

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.errors import UserError
 from mupsweep.optuna_adapter import set_study_system_attr, study_system_attrs
+from mupsweep.rundir import without_passwords
 from mupsweep.storage import open_for_tune, redact_text, storage_spec
 from mupsweep.sweep.retry import retry_trial
 from mupsweep.sweep.space import grid, grid_points, point_key, resolved_params, search_space
@@ -244,8 +245,8 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None,
         raise UserError(f"study {cfg.sweep.study!r} in {spec.label} was not made by mupsweep tune "
                         "(it records no base config); use another --study name")
     else:
-        base = to_dict(cfg)
-        base["sweep"]["storage"] = spec.label  # never store a password in the study
+        base = to_dict(without_passwords(cfg))  # never store a password in the study
+        base["sweep"]["storage"] = spec.label
         set_study_system_attr(study, BASE_CONFIG_ATTR, base)
         study.set_user_attr("parametrization", cfg.model.parametrization)
         study.set_user_attr("proxy_widths", list(cfg.sweep.proxy_widths))

@@ -56,7 +56,7 @@ from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.errors import UserError
 from mupsweep.optuna_adapter import fail_trial, heartbeat
 from mupsweep.stopping import STOP_SIGNALS, deferred_stop, stop_once, stop_signals
-from mupsweep.storage import redact_text, uses_heartbeat
+from mupsweep.storage import redact_text, storage_failure, uses_heartbeat
 from mupsweep.sweep.objective import TrialProgress, objective
 from mupsweep.sweep.packing import check_pack_settings, train_trials_packed
 from mupsweep.sweep.retry import INTERRUPTED, SURPLUS, is_surplus, retry_trial
@@ -329,6 +329,12 @@ def _worker_main(cfg_dict: dict, worker: int, verbosity: int, handled: tuple[int
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except UserError as e:
         errors.put((worker, str(e)))
+        sys.exit(EXIT_BAD_INPUT)
+    except Exception as e:  # a full disk met inside a trial, behind Optuna's AssertionError
+        full = storage_failure(e)
+        if full is None:
+            raise
+        errors.put((worker, str(full)))
         sys.exit(EXIT_BAD_INPUT)
 
 
