@@ -65,12 +65,12 @@ def _print_json(doc: object) -> None:
 
 
 def _compose(overrides: list[str] | None, config: Path | None = None,
-             config_dir: Path | None = None):
+             config_dir: Path | None = None, sweeps: bool = False):
     from mupsweep.config import compose
 
     readable = _readable_config(config)
     try:
-        return compose(overrides or [], config_file=readable, config_dir=config_dir)
+        return compose(overrides or [], config_file=readable, config_dir=config_dir, sweeps=sweeps)
     except UserError as e:  # name the stream the user gave, not its temporary copy
         if readable not in _STREAM_COPIES:
             raise
@@ -559,7 +559,7 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     from mupsweep.tune import SweepFailed
     from mupsweep.tune import tune as run_tune
 
-    cfg = _compose(overrides, config_dir=config_dir)
+    cfg = _compose(overrides, config_dir=config_dir, sweeps=True)
     if storage is not None:
         set_by_path(cfg, "sweep.storage", storage)
     if study is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mupsweep.errors import UserError
@@ -351,12 +351,16 @@ def _unknown_key_message(e: BaseException | None) -> str | None:
 
 
 def compose(overrides: list[str] | None = None, config_file: str | None = None,
-            config_dir: str | Path | None = None) -> Config:
+            config_dir: str | Path | None = None, sweeps: bool = False) -> Config:
     """Build a Config from the Hydra configs on the search path (`config_search_path`) plus
     `key=value` overrides; `+experiment=NAME` applies `configs/experiment/NAME.yaml`.
 
     With `config_file` (a resolved YAML from `transfer` or a run directory) that file is the
     base instead of the packaged defaults, and overrides apply on top of it.
+
+    sweeps (tune): a search space written as Hydra's sweepers take it, an override such as
+    `optim.lr='tag(log, interval(1e-4, 1e-2))'` or a config's `hydra.sweeper.params`, is added
+    to sweep.params (`hydra_sweep_param`); elsewhere such an override is refused.
     """
     overrides = list(overrides or [])
     _check_override_keys(overrides)
@@ -393,11 +397,18 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, MissingConfigException
 
-    for item in overrides:  # one at a time, so the message names the bad one
+    swept: list[SweepParam] = []
+    for item in list(overrides):  # one at a time, so the message names the bad one
         try:
-            OverridesParser.create().parse_overrides([item])
+            parsed = OverridesParser.create().parse_override(item)
         except HydraException as e:
             raise UserError(f"bad override {item!r}: {first_line(e)}") from None
+        if parsed.is_sweep_override():  # a search space axis, as Hydra's sweepers take it
+            if not sweeps:
+                raise UserError(f"{item} is a sweep (Hydra's interval/choice/range): only "
+                                "`mupsweep tune` sweeps; give one value here")
+            swept.append(hydra_sweep_param(parsed.key_or_group, parsed.value(), item))
+            overrides.remove(item)
     _check_group_names(overrides, config_dir)
     # Looked up in this order: the root config (the user's configs/config.yaml if there is
     # one, else the packaged one), the user's groups, the packaged groups.
@@ -411,7 +422,11 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
-            node = hydra_compose(config_name="config", overrides=hydra_overrides)
+            node = hydra_compose(config_name="config", overrides=hydra_overrides,
+                                 return_hydra_config=True)
+        sweeper_params = OmegaConf.select(node, "hydra.sweeper.params") or {}
+        with open_dict(node):
+            node.pop("hydra")
     except MissingConfigException as e:
         raise UserError(_missing_option_message(e, config_dir)) from None
     except yaml.YAMLError as e:  # a preset or experiment file that is not YAML (Hydra lets it out)
@@ -425,7 +440,42 @@ def compose(overrides: list[str] | None = None, config_file: str | None = None,
         raise UserError(f"config error: {first_line(e)}{cause}") from None
     finally:
         GlobalHydra.instance().clear()
-    return _to_config(node)
+    cfg = _to_config(node)
+    if sweeps:  # a config's hydra.sweeper.params (as an experiment file for Hydra writes it)
+        for key, text in sweeper_params.items():
+            item = f"{key}={text}"
+            try:
+                value = OverridesParser.create().parse_override(item).value()
+            except HydraException as e:
+                raise UserError(f"hydra.sweeper.params {item!r}: {first_line(e)}") from None
+            swept.append(hydra_sweep_param(str(key), value, f"hydra.sweeper.params {item}"))
+    if swept:
+        cfg.sweep.params = [*(cfg.sweep.params or []), *swept]
+    return cfg
+
+
+def hydra_sweep_param(key: str, value: Any, where: str) -> SweepParam:
+    """One search space axis from Hydra's sweep syntax, as hydra-optuna-sweeper reads it:
+    interval(a, b) a float in [a, b] (tag(log, ...) log-uniform, tag(int, ...) an integer),
+    choice(...) / a,b,c categorical, range(start, stop, step) the integers start, ..., < stop.
+    The values are Optuna's real values (its dashboard shows lr, not log2 lr)."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    tags = set(getattr(value, "tags", None) or ())
+    if isinstance(value, IntervalSweep):
+        kind = "int" if "int" in tags else "float"
+        low, high = (int(value.start), int(value.end)) if kind == "int" else (value.start, value.end)
+        return SweepParam(name=key, type=kind, low=low, high=high, log="log" in tags)
+    if isinstance(value, ChoiceSweep):
+        return SweepParam(name=key, type="categorical", choices=list(value.list))
+    if isinstance(value, RangeSweep):
+        if not all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            raise UserError(f"{where}: range() of non-integers; use choice(...) or interval(a, b)")
+        values = list(range(value.start, value.stop, value.step)) if value.step else []
+        if not values:
+            raise UserError(f"{where}: the range is empty")
+        return SweepParam(name=key, type="categorical", choices=values)
+    raise UserError(f"{where}: not a sweep; use interval(a, b), choice(a, b, ...) or range(a, b)")
 
 
 # Hydra's own keys a user may type: mupsweep runs no Hydra job (it composes with Hydra's

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from mupsweep.demo import QUICK, TARGET_WIDTH, run_demo
+from mupsweep.demo import QUICK, REALISTIC_TARGET_STEPS, TARGET_WIDTH, run_demo
 
 
 def test_demo_runs_every_stage(tmp_path):
@@ -17,6 +17,9 @@ def test_demo_runs_every_stage(tmp_path):
     assert summary["tune"]["cost"]["n_complete"] + summary["tune"]["cost"]["n_pruned"] == 2
     assert summary["target"]["steps"] == 6
     assert 0 < summary["tuning_cost_pct_of_target_flops"]
+    # the share for a run of realistic length: in proportion to the target's steps
+    assert summary["tuning_cost_pct_at_realistic_length"] == \
+        summary["tuning_cost_pct_of_target_flops"] * 6 / REALISTIC_TARGET_STEPS
     for path in (summary["target"]["config"], summary["target"]["samples"], summary["report"],
                  summary["coord_check_mup"]["plot"]):
         assert Path(path).stat().st_size > 0

@@ -133,3 +133,34 @@ def test_help_names_the_run_directory_and_transfer_lists_config_groups():
     assert "runs/train/DATE_TIME" in train_help.stdout and "runs/train/_" not in train_help.stdout
     transfer_help = run_cli("transfer", "--help", env={"COLUMNS": "200"})
     assert "Config groups" in transfer_help.stdout and "--config-dir" in transfer_help.stdout
+
+
+def test_a_search_space_in_hydras_sweeper_syntax(cli, tmp_path):
+    """What Hydra's Optuna sweeper users write is a search space here: on the command line
+    (`optim.lr='tag(log, interval(1e-4, 1e-2))'`) and as a config's hydra.sweeper.params; the
+    trials store real values (the dashboard shows lr, not log2 lr). Elsewhere it is refused."""
+    import optuna
+    from test_tune import FAST
+
+    proc = cli("tune", *FAST, "sweep.n_trials=2", "sweep.pruner=none", "sweep.sampler=random",
+               f"sweep.out_dir={tmp_path}/a", "optim.lr=tag(log, interval(1e-4, 1e-2))",
+               "model.init_mult=choice(0.5,2.0)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="mupsweep", storage=f"sqlite:///{tmp_path}/a/study.db")
+    for t in study.trials:
+        assert set(t.params) == {"optim.lr", "model.init_mult"}
+        assert 1e-4 <= t.params["optim.lr"] <= 1e-2 and t.params["model.init_mult"] in (0.5, 2.0)
+        assert t.user_attrs["hparams"]["optim.lr"] == t.params["optim.lr"]
+
+    (tmp_path / "configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment" / "hp.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+        "      optim.lr: tag(log, interval(1e-4, 1e-2))\n      train.seed: range(0, 3)\n")
+    shown = cli("tune", "+experiment=hp", "--cfg")
+    assert shown.returncode == 0, shown.stderr
+    import yaml
+
+    params = {p["name"]: p for p in yaml.safe_load(shown.stdout)["sweep"]["params"]}
+    assert params["optim.lr"]["log"] and params["optim.lr"]["low"] == 1e-4
+    assert params["train.seed"]["choices"] == [0, 1, 2]
+    assert_one_line_error(cli("train", "optim.lr=interval(1e-4,1e-2)"), "is a sweep", "mupsweep tune")
