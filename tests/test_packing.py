@@ -63,11 +63,13 @@ def test_a_packed_sweep_gives_each_trial_its_unpacked_result(tmp_path):
         for width, loss in a.user_attrs["losses"].items():
             assert b.user_attrs["losses"][width] == pytest.approx(loss, rel=1e-4)
         assert b.value == pytest.approx(a.value, rel=1e-4)
-        # what the pruner saw: the same values on the same step axis (width i, step s at
-        # i * (steps + 1) + s)
-        assert sorted(b.intermediate_values) == sorted(a.intermediate_values) == [3, 6, 10, 13]
-        assert [b.intermediate_values[s] for s in (3, 6, 10, 13)] == pytest.approx(
-            [a.intermediate_values[s] for s in (3, 6, 10, 13)], rel=1e-4)
+        # what the pruner saw: the first width's curve at its own steps (no sawtooth of
+        # widths on one axis); every width's curve in the "curves" attribute
+        assert sorted(b.intermediate_values) == sorted(a.intermediate_values) == [3, 6]
+        assert [b.intermediate_values[s] for s in (3, 6)] == pytest.approx(
+            [a.intermediate_values[s] for s in (3, 6)], rel=1e-4)
+        assert set(b.user_attrs["curves"]) == set(a.user_attrs["curves"]) == {"32", "64"}
+        assert b.user_attrs["curves"]["64"] == pytest.approx(a.user_attrs["curves"]["64"], rel=1e-4)
         assert b.user_attrs["flops"] == a.user_attrs["flops"]
         assert b.user_attrs["wall_time_s"] > 0
         assert b.user_attrs["worker"]["pid"] > 0

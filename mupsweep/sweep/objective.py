@@ -2,10 +2,11 @@
 report the validation losses to the pruner, and record the cost (`TrialProgress` keeps that
 bookkeeping, so a pack of trials, `mupsweep.sweep.packing`, keeps it the same way).
 
-Intermediate values (what the pruner sees) are the validation losses of every width in turn,
-on one step axis: width i's step s is reported as `i * (train.steps + 1) + s`. Every trial
-trains the widths in the same order, so the pruner compares like with like, and a bad HP set
-is usually pruned on the first (cheapest) width. Step 0 (before any update) is not reported.
+Intermediate values (what the pruner sees and optuna-dashboard draws) are the first proxy
+width's validation losses at its own steps: every trial trains the widths in the same order,
+so the pruner compares like with like and prunes a bad HP set on the first (cheapest) width;
+under muP a set that is good at the first width stays good at the next. Every width's curve is
+kept in the trial's "curves" user attribute. Step 0 (before any update) is not reported.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class TrialProgress:
         self.flops = 0.0
         self.flops_per_step = 0.0  # of the width training now (a pruned run returns no result)
         self.step = 0  # the last evaluated step of the width training now
+        self.curves: dict[str, dict[int, float]] = {}  # width -> {step: validation loss}
         self.hparams = suggest(trial, params)
         trial.set_user_attr("hparams", self.hparams)
 
@@ -74,19 +76,26 @@ class TrialProgress:
         return trial_config(self.cfg, self.hparams, width, run_dir)
 
     def on_eval(self, i: int, width: int, run_cfg: Config) -> Callable[[int, float], None]:
-        """The callback of width number i's evaluations: report to the pruner on the step axis
-        i * (steps + 1) + step, and raise TrialPruned when it says so."""
-        offset, start = i * (run_cfg.train.steps + 1), {}
+        """The callback of width number i's evaluations. The first proxy width (trained first)
+        is the learning curve Optuna sees: reported at its steps, judged by the pruner, drawn
+        by optuna-dashboard. Every width's curve is also kept in the trial's user attribute
+        "curves" ({width: {step: loss}}). Reporting each width on one step axis (width i at
+        i * (steps + 1) + step) drew a sawtooth, the next width starting high again."""
+        start = {}
+        curve = self.curves.setdefault(str(width), {})
 
         def on_eval(step: int, loss: float) -> None:
             self.step = step
             if step == 0:
                 start["loss"] = loss
                 return
+            curve[step] = loss
             # A diverged loss is train()'s to flag (with its reason), not the pruner's.
             if not math.isfinite(loss) or loss > run_cfg.train.diverge_factor * start.get("loss", math.inf):
                 return
-            self.trial.report(loss, offset + step)
+            if i > 0:
+                return
+            self.trial.report(loss, step)
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned by {self.cfg.sweep.pruner} at width {width} "
                                          f"step {step} (validation loss {loss:.4g})")
@@ -95,6 +104,7 @@ class TrialProgress:
 
     def finish_width(self, width: int, result: TrainResult) -> None:
         """Record a width that trained to its end (raises TrialPruned if it diverged)."""
+        self.trial.set_user_attr("curves", self.curves)
         self.flops += result.flops
         if result.diverged:
             raise optuna.TrialPruned(f"diverged at width {width}: {result.reason}")
