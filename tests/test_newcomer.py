@@ -164,3 +164,20 @@ def test_a_search_space_in_hydras_sweeper_syntax(cli, tmp_path):
     assert params["optim.lr"]["log"] and params["optim.lr"]["low"] == 1e-4
     assert params["train.seed"]["choices"] == [0, 1, 2]
     assert_one_line_error(cli("train", "optim.lr=interval(1e-4,1e-2)"), "is a sweep", "mupsweep tune")
+
+
+def test_the_readmes_pipeline_line_runs(tmp_path):
+    """tune -> transfer -> train in one shell line, exactly as the README shows it."""
+    import os
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if re.match(r"mupsweep tune .*\| mupsweep train --config -$", x))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "runs" / "train").iterdir())
+    assert len(runs) == 1 and "width: 128" in (runs[0] / "config.yaml").read_text()
+    assert (runs[0] / "last.pt").is_file()
