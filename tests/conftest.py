@@ -39,6 +39,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in lines[0], (needle, lines[0])
 
 
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a command started in a session of its own (start_new_session=True); kill its
+    process group if it hangs. Returns its stderr."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 @contextlib.contextmanager
 def frozen_mid_trial(proc: subprocess.Popen, load_study: Callable[[], object], n: int = 1,
                      group: bool = False, timeout: float = 240) -> Iterator[list]:

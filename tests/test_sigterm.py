@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import frozen_mid_trial
+from conftest import finish, frozen_mid_trial
 from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
@@ -58,15 +58,6 @@ def kill_leftovers() -> None:
 def _no_leftovers():
     yield
     kill_leftovers()
-
-
-def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
-    """Wait for the command; kill its process group if it hangs. Returns its stderr."""
-    try:
-        return proc.communicate(timeout=timeout)[1]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
 
 
 def left_in_group(pgid: int, timeout: float = 10) -> list[str]:
@@ -137,7 +128,7 @@ def parent_terminated(tmp_path_factory):
     proc = popen("tune", *RUN_2, f"sweep.out_dir={out}")
     with frozen_mid_trial(proc, lambda: load(storage), 2, group=True) as running:
         os.kill(proc.pid, signal.SIGTERM)  # the parent only: it must stop its workers
-    stderr = finish(proc)
+    stderr = finish(proc, timeout=120)
     left = left_in_group(proc.pid)  # and killed: the test below says whether there were any
     return proc, stderr, running, out, storage, left
 
@@ -178,7 +169,7 @@ def test_sigterm_stops_tune_and_keeps_what_ran(tmp_path, workers):
                  f"sweep.out_dir={out}")
     with frozen_mid_trial(proc, lambda: load(storage), workers, group=True) as running:
         os.killpg(proc.pid, signal.SIGTERM)
-    stderr = finish(proc)
+    stderr = finish(proc, timeout=120)
     assert_stopped(proc, stderr, "interrupted by SIGTERM")
     assert_requeued(storage, running, out)
 
@@ -191,7 +182,7 @@ def test_a_killed_parent_leaves_no_worker_training_alone(tmp_path):
     proc = popen("tune", *RUN_2, f"sweep.out_dir={out}")
     with frozen_mid_trial(proc, lambda: load(storage), 2, group=True) as running:
         os.kill(proc.pid, signal.SIGKILL)
-    finish(proc)
+    finish(proc, timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert not left_in_group(proc.pid, timeout=30), "workers outlived their killed parent"
     study = load(storage)
@@ -212,6 +203,6 @@ def test_sigterm_stops_the_demo_saying_what_it_kept(tmp_path):
     proc = popen("demo", "--quick", "--trials", "2", "--out", str(out))
     with frozen_mid_trial(proc, lambda: load(storage, "demo"), 1, group=True, timeout=300) as running:
         os.kill(proc.pid, signal.SIGTERM)
-    stderr = finish(proc)
+    stderr = finish(proc, timeout=120)
     assert_stopped(proc, stderr, "interrupted by SIGTERM in stage 2/4 (tune): the study in")
     assert_requeued(storage, running, out / "sweep", "demo")

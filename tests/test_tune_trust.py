@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import assert_one_line_error, frozen_mid_trial, run_cli
+from conftest import assert_one_line_error, finish, frozen_mid_trial, run_cli
 from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
@@ -43,15 +43,6 @@ def popen_tune(out: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mupsweep.cli", "tune", *FAST, f"sweep.out_dir={out}",
                              *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    """Wait for the command; kill its process group if it hangs. Returns its stderr."""
-    try:
-        return proc.communicate(timeout=timeout)[1]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
