@@ -94,4 +94,4 @@ def test_cli_depth_check_exit_code_and_both(tmp_path):
 
 def test_cli_bad_depths_are_one_line(tmp_path):
     assert_one_line_error(run_cli("coord-check", "--depths", "2,x"), "--depths", "integers")
-    assert_one_line_error(run_cli("coord-check", "--depths", "4,4"), "two or more different")
+    assert_one_line_error(run_cli("coord-check", "--depths", "4,4"), "--depths='4,4' lists a value twice")

@@ -218,9 +218,9 @@ def test_transfer_output_that_is_a_directory(tmp_path, doc):
 
 @pytest.mark.parametrize("trials, needle", [
     ([1, 2], "trials[0] is 1, not an object"),
-    ([{"number": 0, "hparams": [1]}], 'trials[0] has hparams [1], not an object or null'),
-    ([{"number": 0, "losses": "0.1"}], 'trials[0] has losses "0.1", not an object or null'),
-    ([{"number": "x"}], 'trials[0] has number "x", not an integer or null'),
+    ([{"number": 0, "hparams": [1]}], 'trials[0].hparams is [1], not an object or null'),
+    ([{"number": 0, "losses": "0.1"}], 'trials[0].losses is "0.1", not an object or null'),
+    ([{"number": "x"}], 'trials[0].number is "x", not an integer >= 0 or null'),
 ])
 def test_best_json_with_malformed_trials(tmp_path, doc, trials, needle):
     doc["trials"] = trials

@@ -111,7 +111,7 @@ def test_every_key_that_changes_a_loss_is_in_the_signature(tmp_path):
         "train.val_seed=7": "train.val_seed 1234 -> 7",
         "optim.weight_decay=0.1": "optim.weight_decay",
         "train.eval_every=2": "train.eval_every 3 -> 2",
-        "+model.extra.foo=1": "model.extra.foo (unset) -> 1",  # a key no schema names
+        # (a model.extra key its arch does not read is now refused before any study opens)
         "sweep.params=[{name:optim.lr,low:-12,high:-8,log2:true}]": "sweep.params",
     }
     for override, needle in refused.items():
@@ -173,9 +173,10 @@ def test_every_trial_diverged_exits_1_saying_why(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "all 2 trials were pruned or diverged (2 diverged" in proc.stderr
     assert "nothing to transfer; lower the lr range" in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
     best = json.loads((out / "best.json").read_text())
     assert best["trial"] is None and best["cost"]["n_pruned"] == 2
+    assert json.loads(proc.stdout) == best  # --json prints the document it has, whatever the exit
     assert (out / "trials.csv").is_file()
 
 
@@ -320,7 +321,7 @@ def test_a_worker_that_meets_bad_input_reports_one_line(tmp_path):
 def test_a_command_built_on_tune_exits_1_when_its_sweep_has_nothing(tmp_path):
     proc = run_cli("validate", "model=dit-tiny", "model.depth=2", "train.steps=4", "train.eval_every=2",
                    "train.val_size=32", "train.batch_size=16", "train.samples=0",
-                   f"sweep.out_dir={tmp_path}", "--widths", "32,64", "--log2-lr", "3:5",
+                   f"sweep.out_dir={tmp_path}", "--widths", "32,64", "--log2-lr", "0:2",
                    "--parametrizations", "mup", timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "all 3 trials were pruned or diverged" in proc.stderr

@@ -244,7 +244,7 @@ def test_log2_grid_stays_inside_low_high():
     (["--log2-lr", "nan:inf"], "--log2-lr='nan:inf'"),
     (["--log2-lr=-5:-12"], "LOW < HIGH"),
     (["--log2-lr=-12:-5:1e-9"], "at most 1000"),
-    (["--seeds", "0,0"], "--seeds lists a value twice"),
+    (["--seeds", "0,0"], "--seeds='0,0' lists a value twice"),
     (["--widths", "32"], "at least 2 widths"),
 ])
 def test_validate_bad_input_is_one_line(tmp_path, args, needle):
