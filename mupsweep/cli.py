@@ -416,7 +416,8 @@ def demo(out_dir: str = typer.Option(None, "--out", help="where everything goes 
          n_trials: int = typer.Option(None, "--trials", help="sweep trials on the proxies "
                                       "[default: 12, with --quick 6]"),
          quick: bool = typer.Option(False, "--quick", help="a first look in about a minute: 6 "
-                                    "trials of 60 steps, a width-128 target trained 200 steps"),
+                                    "trials of 60 steps, a width-128 target trained 600 steps "
+                                    "(its samples are digits)"),
          json_out: bool = JSON) -> None:
     """The main job on built-in digits: coord-check, tune, transfer, train, report."""
     import optuna

@@ -30,8 +30,10 @@ from mupsweep.tune import RESUME, tune
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256
 PACK = 12  # trials trained at once on a GPU (sweep.pack); scripts/bench_sweep.py measures it
-# `demo --quick`: fewer and shorter trials, a 4x (not 8x) wider target, trained briefly
-QUICK = {"n_trials": 6, "proxy_steps": 60, "target_steps": 200, "target_width": 128}
+# `demo --quick`: fewer and shorter trials, a 4x (not 8x) wider target, trained just long
+# enough that its samples are digits (measured: 200 steps gave noise, 600 recognisable digits,
+# validation loss 0.114; about a minute in all on 2 cores)
+QUICK = {"n_trials": 6, "proxy_steps": 60, "target_steps": 600, "target_width": 128}
 # The demo's targets are short; the tuning cost's share of a target falls in proportion to its
 # steps, so the last line also says it for a run of realistic length (a short one: DiT-XL/2
 # trains 400K to 7M steps).
