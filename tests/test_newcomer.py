@@ -181,3 +181,26 @@ def test_the_readmes_pipeline_line_runs(tmp_path):
     runs = list((tmp_path / "runs" / "train").iterdir())
     assert len(runs) == 1 and "width: 128" in (runs[0] / "config.yaml").read_text()
     assert (runs[0] / "last.pt").is_file()
+
+
+def test_make_setup_remembers_the_torch_choice(tmp_path):
+    """`make setup TORCH=cpu` after a set-up for another torch sets the venv up anew ("Nothing
+    to be done" before: the stamp did not record the choice), and the default (auto) picks the
+    torch this machine's venv was made with, so it has nothing to do. Dry runs (make -n)."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    if shutil.which("make") is None or not list((repo / ".venv").glob(".installed-*")):
+        import pytest
+
+        pytest.skip("needs make and a venv set up by it (make test does both)")
+    chosen = next((repo / ".venv").glob(".installed-*")).name.removeprefix(".installed-")
+    other = "cpu" if chosen != "cpu" else "pinned"
+    dry = subprocess.run(["make", "-n", "-C", str(repo), "setup", f"TORCH={other}"],
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "setting up .venv anew" in dry.stdout and "Nothing to be done" not in dry.stdout
+    same = subprocess.run(["make", "-n", "-C", str(repo), "setup", f"TORCH={chosen}"],
+                          capture_output=True, text=True, timeout=120)
+    assert "pip install" not in same.stdout, same.stdout
