@@ -530,7 +530,7 @@ def _validate_depths(overrides: list[str] | None, widths: str | None, depths: st
 
 
 # --------------------------------------------------------------------------------------------
-# tune: Optuna sweep of the muP hyperparameters on proxy widths (mupsweep/tune.py)
+# tune: Optuna sweep of the muP hyperparameters on proxy widths (mupsweep/sweep/tune.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -555,10 +555,10 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     successive_halving|median|none."""
     import optuna
 
-    from mupsweep.best import best_document
+    from mupsweep.sweep.summary import best_document
     from mupsweep.config import set_by_path
-    from mupsweep.tune import SweepFailed
-    from mupsweep.tune import tune as run_tune
+    from mupsweep.sweep.tune import SweepFailed
+    from mupsweep.sweep.tune import tune as run_tune
 
     cfg = _compose(overrides, config_dir=config_dir, sweeps=True)
     if storage is not None:
@@ -621,7 +621,7 @@ def _best_doc(best: str | None, storage: str | None, study: str | None,
               overrides: list[str] | None = None) -> tuple[dict, list[str]]:
     """The best document and the remaining overrides. With --storage the first positional
     argument is an override (there is no file), so give it back to the overrides."""
-    from mupsweep.best import load_best, load_best_from_storage
+    from mupsweep.sweep.summary import load_best, load_best_from_storage
 
     overrides = list(overrides or [])
     if storage or study:
@@ -741,8 +741,8 @@ def main(argv: list[str] | None = None) -> None:
         _say_interrupted(e, "interrupted")
     except Exception as e:
         from mupsweep.launch import RanksFailed
-        from mupsweep.storage import storage_failure
-        from mupsweep.tune import SweepFailed  # here only: importing it loads optuna and torch
+        from mupsweep.sweep.storage import storage_failure
+        from mupsweep.sweep.tune import SweepFailed  # here only: importing it loads optuna and torch
 
         full = storage_failure(e)  # a full disk met inside a trial, behind Optuna's AssertionError
         if full is not None:

@@ -149,7 +149,7 @@ class SweepParam:
 
 @dataclass
 class SweepConfig:
-    """`mupsweep tune`: an Optuna study over proxy widths (mupsweep/tune.py)."""
+    """`mupsweep tune`: an Optuna study over proxy widths (mupsweep/sweep/tune.py)."""
 
     n_trials: int = 20  # global budget across all workers (COMPLETE + PRUNED trials)
     proxy_widths: list[int] = field(default_factory=lambda: [64])  # every HP set runs at each

@@ -406,15 +406,20 @@ class _Source:
     load: Callable[[DataConfig], _Pool]
     expects: str  # what data.root should be, for error messages
     default_root: str | None = None
+    # A built-in set's (image_size, channels, num_classes), known without loading it (a FLOP
+    # estimate needs no data); its captions come from `default_captions`. None: user data.
+    builtin_shape: tuple[int, int, int] | None = None
 
 
 DATASETS: dict[str, _Source] = {
-    "digits": _Source(_load_digits, "no files (bundled with scikit-learn)"),
+    "digits": _Source(_load_digits, "no files (bundled with scikit-learn)",
+                      builtin_shape=(8, 1, 10)),
     "fashion_mnist": _Source(
         _load_fashion_mnist,
         "the idx .gz files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
         default_root="/usr/share/datasets/fashion-mnist",  # Debian's dataset-fashion-mnist
+        builtin_shape=(28, 1, 10),
     ),
     "image_folder": _Source(_load_image_folder, "a folder of class sub-folders of images"),
     "latents": _Source(
@@ -423,6 +428,12 @@ DATASETS: dict[str, _Source] = {
         "latents.npy and labels.npy",
     ),
 }
+
+
+def builtin_shape(name: str) -> tuple[int, int, int] | None:
+    """(image_size, channels, num_classes) of a built-in dataset; None for the user's data."""
+    source = DATASETS.get(name)
+    return source.builtin_shape if source is not None else None
 
 
 def _require_root(cfg: DataConfig) -> Path:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # for the hints only: importing the models would load every a
 
     from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow
     from mupsweep.models import DataSpec
-    from mupsweep.text import Conditioner
+    from mupsweep.conditioning import Conditioner
 
 
 def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:
@@ -51,7 +51,7 @@ def save_sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | Rect
                      device: torch.device, class_names: list[str] | None = None,
                      conditioner: Conditioner | None = None) -> Path:
     """Sample n images (labels cycle through the classes) with CFG and save a PNG grid.
-    `conditioner` (mupsweep.text) turns the labels into the model's cond dict (text models:
+    `conditioner` (mupsweep.conditioning) turns the labels into the model's cond dict (text models:
     each class's first caption); None: {"y": labels}."""
     was_training = model.training
     model.eval()

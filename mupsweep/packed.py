@@ -43,7 +43,7 @@ from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
 from mupsweep.parametrize import build_model, make_conditioner, make_optimizer, role_groups
-from mupsweep.text import Conditioner
+from mupsweep.conditioning import Conditioner
 from mupsweep.train import (
     Batch,
     EvalCallback,

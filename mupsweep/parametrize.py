@@ -36,7 +36,7 @@ from mupsweep.errors import UserError
 from mupsweep.models import DataSpec, get_model_class
 from mupsweep.models.layers import Readout
 from mupsweep.roles import ParamSpec, Role, get_spec
-from mupsweep.text import LabelConditioner, TextConditioner, text_conditioner
+from mupsweep.conditioning import LabelConditioner, TextConditioner, text_conditioner
 from mupsweep.vendor.mup import MuAdamW, MuReadout, set_base_shapes
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mupsweep.best import (
+from mupsweep.sweep.summary import (
     DRIFT_TOLERANCE_OCTAVES,
     complete_trials,
     drift_octaves,
@@ -88,7 +88,7 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str
 
 
 # --------------------------------------------------------------------------------------------
-# Sweep report: what `mupsweep report` writes from a best document (see mupsweep.best)
+# Sweep report: what `mupsweep report` writes from a best document (see mupsweep.sweep.summary)
 # --------------------------------------------------------------------------------------------
 
 

@@ -57,8 +57,8 @@ def _hide_password(text: str) -> str:
     falls back to hiding every URL's password in free text). Text without a password comes back unchanged, so nothing else moves."""
     if "://" not in text:
         return text
-    # Here only: mupsweep.storage loads optuna and SQLAlchemy, which a run without URLs skips.
-    from mupsweep.storage import redact_url
+    # Here only: mupsweep.sweep.storage loads optuna and SQLAlchemy, which a run without URLs skips.
+    from mupsweep.sweep.storage import redact_url
 
     key, equals, value = text.partition("=")
     if equals and "://" in value and "://" not in key:  # key=URL, as an override

@@ -1,6 +1,6 @@
 """A text model's conditioning settings (`model.extra`): encoder, caption length and sizes.
 
-Apart from the encoders in `mupsweep.text` so that the model files (PixArt-alpha, MMDiT) can
+Apart from the encoders in `mupsweep.conditioning` so that the model files (PixArt-alpha, MMDiT) can
 read their caption sizes without importing the encoders and caption loaders.
 """
 

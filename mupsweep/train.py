@@ -44,7 +44,7 @@ from mupsweep.parametrize import (
     role_groups,
 )
 from mupsweep.rundir import RunDirLock, open_run_dir, without_passwords
-from mupsweep.text import Conditioner, LabelConditioner
+from mupsweep.conditioning import Conditioner, LabelConditioner
 from mupsweep.util import append_lines, atomic_write_text, first_line
 
 EvalCallback = Callable[[int, float], None]

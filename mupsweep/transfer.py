@@ -34,7 +34,7 @@ Depth: a study tuned with model.depth_parametrization=completep transfers across
 (`--depth`, or a preset's depth): the target keeps the proxy's base depth and alpha, and a
 depth difference is no longer a warning. Under none it stays one.
 
-The document's shape is fixed by `mupsweep.best`; this module only reads it.
+The document's shape is fixed by `mupsweep.sweep.summary`; this module only reads it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mupsweep.best import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
+from mupsweep.sweep.summary import DRIFT_TOLERANCE_OCTAVES, check_best_document, drift_octaves, lr_by_width
 from mupsweep.completep import base_depth_of, why_depth_transfer_fails
 from mupsweep.config import (
     Config,
@@ -57,7 +57,7 @@ from mupsweep.config import (
 )
 from mupsweep.errors import UserError
 from mupsweep.rundir import without_passwords
-from mupsweep.storage import redact_text, redact_url
+from mupsweep.sweep.storage import redact_text, redact_url
 from mupsweep.sweep.space import not_a_hyperparameter
 from mupsweep.util import atomic_write_text, output_dir_problem
 
@@ -101,16 +101,14 @@ class TransferResult:
 # Cost: analytic FLOPs of the target run
 # --------------------------------------------------------------------------------------------
 
-# (image_size, channels, num_classes) of the built-in datasets, so a FLOP estimate does not
-# need to load (or even have) the data. Other datasets are loaded to learn their shape.
-_BUILTIN_SHAPES = {"digits": (8, 1, 10), "fashion_mnist": (28, 1, 10)}
-
-
 def _data_spec(cfg: Config):
+    """The data's shape: a built-in dataset's is known without loading it (a FLOP estimate
+    needs no data); other datasets are loaded to learn theirs."""
+    from mupsweep.data import builtin_shape
     from mupsweep.models import DataSpec
 
-    if cfg.data.name in _BUILTIN_SHAPES:
-        size, channels, classes = _BUILTIN_SHAPES[cfg.data.name]
+    if (shape := builtin_shape(cfg.data.name)) is not None:
+        size, channels, classes = shape
         return DataSpec(image_size=cfg.data.image_size or size, channels=channels,
                         num_classes=classes)
     from mupsweep.data import load_dataset

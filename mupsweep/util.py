@@ -143,3 +143,41 @@ def append_lines(path: str | Path, text: str, fsync: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Dotted keys (model.width) in a tree of dataclasses and dicts: the one walker
+# --------------------------------------------------------------------------------------------
+
+MISSING = object()  # what `get_dotted` returns where a key names nothing
+
+
+def get_dotted(tree: Any, key: str, default: Any = MISSING) -> Any:
+    """The value at `key` ("model.width", "model.extra.text_dim") in a tree of dataclasses,
+    objects and dicts; `default` where a part of the key is absent."""
+    node = tree
+    for part in key.split("."):
+        if isinstance(node, dict):
+            node = node.get(part, MISSING)
+        else:
+            node = getattr(node, part, MISSING)
+        if node is MISSING:
+            return default
+    return node
+
+
+def pop_dotted(tree: dict, key: str) -> Any:
+    """Remove and return the entry at `key` of a nested dict (MISSING where there is none)."""
+    *path, last = key.split(".")
+    node = tree
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return MISSING
+    return node.pop(last, MISSING) if isinstance(node, dict) else MISSING
+
+
+def training_flops(forward_flops_per_image: float, images: int) -> float:
+    """FLOPs of training on `images` images: forward + backward = 3 x the forward (the usual
+    rule: the backward costs twice the forward). Every cost figure in mupsweep uses it."""
+    return 3.0 * forward_flops_per_image * images

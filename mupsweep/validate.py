@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from mupsweep.best import best_document
+from mupsweep.sweep.summary import best_document
 from mupsweep.config import Config, SweepParam
 from mupsweep.errors import UserError
-from mupsweep.storage import storage_spec
+from mupsweep.sweep.storage import storage_spec
 from mupsweep.sweep.packing import packs_by_default
 from mupsweep.sweep.space import LOG2_SUFFIX, MAX_TRAINABLE_LR, grid_points, point_key, search_space
 from mupsweep.sweep.study import duplicate_grid_trials, missing_grid_points, open_study, trial_point
-from mupsweep.tune import tune
+from mupsweep.sweep.tune import tune
 from mupsweep.util import atomic_write, atomic_write_text
 
 MAX_GRID_POINTS = 1000  # a typo in STEP (1e-9) must not enqueue a billion trials

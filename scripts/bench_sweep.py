@@ -68,10 +68,10 @@ def enqueued_lrs(n: int) -> list[float]:
 def run_sweep(out: Path, pack: int, trials: int, steps: int) -> dict:
     import optuna
 
-    from mupsweep.best import best_document
+    from mupsweep.sweep.summary import best_document
     from mupsweep.demo import demo_sweep_config
     from mupsweep.sweep.study import open_study
-    from mupsweep.tune import tune
+    from mupsweep.sweep.tune import tune
 
     cfg = demo_sweep_config(out, trials, steps, pack=pack)
     study = open_study(cfg)

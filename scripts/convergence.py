@@ -26,12 +26,12 @@ from pathlib import Path
 
 import optuna
 
-from mupsweep.best import best_document
+from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose
 from mupsweep.report import _pyplot
 from mupsweep.train import train
 from mupsweep.transfer import transfer
-from mupsweep.tune import tune
+from mupsweep.sweep.tune import tune
 
 
 def steps_to_reach(history: list[dict], target: float) -> int | None:

@@ -33,9 +33,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from mupsweep.best import best_document
+from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose, from_dict, to_dict
-from mupsweep.storage import open_for_reading, storage_spec
+from mupsweep.sweep.storage import open_for_reading, storage_spec
 from mupsweep.sweep.study import open_study
 from mupsweep.sweep.workers import run_worker
 from mupsweep.validate import best_per_width, loss_table

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import optuna
 
-from mupsweep.best import best_document
+from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose
 from mupsweep.report import _pyplot
 from mupsweep.train import train
 from mupsweep.transfer import transfer
-from mupsweep.tune import tune
+from mupsweep.sweep.tune import tune
 
 RECIPES = {  # name: (proxy depth from --deep-depth/--shallow-depth, depth parametrization)
     "deep-none": ("deep", "none"),

@@ -113,3 +113,52 @@ def test_low_modules_import_nothing_of_the_project():
     graph = import_graph()
     for name in ("mupsweep.errors", "mupsweep.util", "mupsweep.roles"):
         assert graph.get(name, set()) <= {"mupsweep"}, (name, graph.get(name))
+
+
+def private_imports(mods: dict[str, ast.Module]) -> list[str]:
+    """`from mupsweep.x import _name` and `x._name` on an imported project module, from any
+    other module: a private name is its module's own business."""
+    known = set(mods)
+    found = []
+    for name, tree in mods.items():
+        imported_as: dict[str, str] = {}  # local name -> the project module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = name.split(".")[: -node.level]
+                    base = ".".join([*up, base] if base else up)
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    if full in known:
+                        imported_as[alias.asname or alias.name] = full
+                    elif base in known and base != name and _is_private(alias.name):
+                        found.append(f"{name} imports {base}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in known and alias.asname:
+                        imported_as[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in imported_as and _is_private(node.attr)
+                    and imported_as[node.value.id] != name):
+                found.append(f"{name} uses {imported_as[node.value.id]}.{node.attr}")
+    return sorted(set(found))
+
+
+def _is_private(attr: str) -> bool:
+    return attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__"))
+
+
+def test_no_private_name_crosses_a_module():
+    found = private_imports(modules())
+    assert not found, "private names used across modules: " + "; ".join(found)
+
+
+def test_private_name_finder_finds_one():
+    """The check has teeth: made-up modules that reach into each other's privates."""
+    mods = {"p.a": ast.parse("def _helper(): pass"),
+            "p.b": ast.parse("from p.a import _helper"),
+            "p.c": ast.parse("from p import a\na._helper()"),
+            "p.d": ast.parse("from p.a import helper")}
+    assert private_imports(mods) == ["p.b imports p.a._helper", "p.c uses p.a._helper"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, run_cli
 
-from mupsweep.best import load_best
+from mupsweep.sweep.summary import load_best
 from mupsweep.config import compose
 from mupsweep.errors import UserError
 from mupsweep.transfer import transfer

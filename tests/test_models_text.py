@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-import mupsweep.text as text
+import mupsweep.conditioning as text
 from mupsweep.config import compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.data import load_dataset

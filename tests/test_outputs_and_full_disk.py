@@ -23,7 +23,7 @@ import optuna
 import pytest
 from conftest import TINY, assert_one_line_error, run_cli
 
-from mupsweep.storage import StorageFull, parse_storage, storage_failure
+from mupsweep.sweep.storage import StorageFull, parse_storage, storage_failure
 from mupsweep.util import append_lines
 
 # The smallest useful trial (as test_tune.py): depth 2, 6 steps of batch 16.
@@ -219,7 +219,7 @@ def test_full_disk_inside_a_trial_is_found_behind_optunas_own_errors(small_disk,
     """The disk fills while a trial runs: the trial's write fails, then Optuna's write of its
     FAIL state, then Optuna's "Should not reach" assertion. storage_failure finds the one line
     behind them; the finished trial is kept, and after freeing space the study goes on."""
-    from mupsweep.storage import open_for_tune, storage_spec
+    from mupsweep.sweep.storage import open_for_tune, storage_spec
 
     disk = small_disk(2)
     storage = None if kind == "sqlite" else str(disk / "study.journal")
@@ -310,7 +310,7 @@ def test_append_lines_past_a_file_size_limit_leaves_whole_lines(tmp_path):
 
 
 def test_storage_label_hides_the_password_when_full():
-    from mupsweep.storage import storage_full
+    from mupsweep.sweep.storage import storage_full
 
     label = parse_storage("postgresql://u:secret@h/db").label
     assert "secret" not in str(storage_full(label, OSError(28, "No space left on device")))

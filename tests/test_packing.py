@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, frozen_mid_trial, run_cli
 
 from mupsweep.config import compose
 from mupsweep.sweep.study import open_study
-from mupsweep.tune import tune
+from mupsweep.sweep.tune import tune
 
 # The smallest useful trial (as tests/test_tune.py's FAST): depth 2, 6 steps of batch 16.
 FAST = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=6",

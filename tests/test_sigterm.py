@@ -22,7 +22,7 @@ from conftest import finish, frozen_mid_trial
 from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
-from mupsweep.best import best_document
+from mupsweep.sweep.summary import best_document
 from mupsweep.sweep.retry import INTERRUPTED
 
 # Trials long enough that both workers' first trials overlap (one worker may start seconds

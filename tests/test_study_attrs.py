@@ -11,7 +11,7 @@ import sys
 import optuna
 from conftest import run_cli
 
-from mupsweep.best import load_best_from_storage
+from mupsweep.sweep.summary import load_best_from_storage
 from mupsweep.config import compose, to_dict
 from mupsweep.sweep.study import BASE_CONFIG_ATTR, open_study, study_base_config
 

@@ -301,7 +301,7 @@ def test_inspect_says_the_base_shapes():
 @pytest.mark.postgres
 def test_transfer_and_report_read_a_postgresql_study(tmp_path, postgres_url):
     """`transfer`/`report --storage postgresql://...` once failed with a driver ImportError
-    while `tune` worked on the same URL; all three now open storages in mupsweep.storage."""
+    while `tune` worked on the same URL; all three now open storages in mupsweep.sweep.storage."""
     tune_cli(tmp_path / "sweep", "sweep.n_trials=2", "sweep.sampler=random", "sweep.pruner=none",
              "--storage", postgres_url, "--study", "pg-transfer")
     out = tmp_path / "t.yaml"

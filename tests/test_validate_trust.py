@@ -75,7 +75,7 @@ POP = """
 import json, sys, time
 import optuna
 from mupsweep.config import compose
-from mupsweep.storage import open_for_tune, parse_storage
+from mupsweep.sweep.storage import open_for_tune, parse_storage
 url, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 storage = open_for_tune(compose(["sweep.heartbeat_s=0"]), parse_storage(url))
 study = optuna.load_study(study_name="pop", storage=storage)

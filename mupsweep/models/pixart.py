@@ -3,7 +3,7 @@
 One shared `t_block` (SiLU + Linear D -> 6D) turns the timestep embedding into shift/scale/
 gate for every block; each block adds its own learned `scale_shift_table` (6, D). Blocks are
 self-attention, cross-attention to the projected caption tokens, MLP. Captions come in as
-(B, L, text_dim) frozen-encoder tokens (mupsweep.text) and are projected by an MLP
+(B, L, text_dim) frozen-encoder tokens (mupsweep.conditioning) and are projected by an MLP
 (text_dim -> D -> D). Caption dropout for classifier-free guidance swaps in a learned null
 caption `y_embedding` (L, text_dim).
 

@@ -26,7 +26,7 @@ from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
 from mupsweep.parametrize import build_model, data_spec_of, make_conditioner
 from mupsweep.rundir import new_run_dir, without_passwords
-from mupsweep.storage import redact_text
+from mupsweep.sweep.storage import redact_text
 from mupsweep.sweep.space import corners, suggest
 from mupsweep.train import TrainResult, resolve_device
 from mupsweep.train import train as run_train

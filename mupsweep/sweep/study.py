@@ -23,16 +23,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.errors import UserError
-from mupsweep.optuna_adapter import set_study_system_attr, study_system_attrs
+from mupsweep.sweep.optuna_adapter import set_study_system_attr, study_system_attrs
 from mupsweep.rundir import without_passwords
-from mupsweep.storage import open_for_tune, redact_text, storage_spec
+from mupsweep.sweep.storage import open_for_tune, redact_text, storage_spec
 from mupsweep.sweep.retry import retry_trial
 from mupsweep.sweep.space import grid, grid_points, point_key, resolved_params, search_space
 from mupsweep.util import first_line
 
 METRIC_NAME = "validation_loss"  # the objective: mean final validation loss over proxy widths
 # The study's base config: a system attribute, out of `optuna studies` and the dashboard's
-# user attributes (mupsweep.optuna_adapter.set_study_system_attr says why).
+# user attributes (mupsweep.sweep.optuna_adapter.set_study_system_attr says why).
 BASE_CONFIG_ATTR = "mupsweep:base_config"
 
 

@@ -54,9 +54,9 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.errors import UserError
-from mupsweep.optuna_adapter import fail_trial, heartbeat
+from mupsweep.sweep.optuna_adapter import fail_trial, heartbeat
 from mupsweep.stopping import STOP_SIGNALS, deferred_stop, stop_once, stop_signals
-from mupsweep.storage import redact_text, storage_failure, uses_heartbeat
+from mupsweep.sweep.storage import redact_text, storage_failure, uses_heartbeat
 from mupsweep.sweep.objective import TrialProgress, objective
 from mupsweep.sweep.packing import check_pack_settings, train_trials_packed
 from mupsweep.sweep.retry import INTERRUPTED, SURPLUS, is_surplus, retry_trial

@@ -55,12 +55,11 @@ import numpy as np
 import torch
 
 from mupsweep.config import Config, DataConfig
-from mupsweep.data import ImageDataset, read_named_arrays
+from mupsweep.data import ImageDataset, builtin_shape, read_named_arrays
 from mupsweep.errors import UserError
 from mupsweep.text_settings import TextSettings, text_settings
 from mupsweep.util import atomic_write
 
-BUILTIN_CAPTIONS = ("digits", "fashion_mnist")  # datasets whose captions come from data.py
 CAPTION_FILES = ("captions.json", "captions.txt")
 _CACHE_VERSION = 1  # bump when an encoder's output changes, so old cache files are not reused
 ENCODE_CALLS = 0  # how many times a caption set was really encoded (tests read it)
@@ -164,7 +163,7 @@ def load_captions(cfg: DataConfig, class_names: list[str]) -> list[list[str]]:
     """Caption templates per class, in class-id order (see the module docstring)."""
     from mupsweep.data import DATASETS, default_captions
 
-    if cfg.name in BUILTIN_CAPTIONS:
+    if builtin_shape(cfg.name) is not None:  # a built-in set: captions from data.py
         return default_captions(class_names, cfg.name)
     root = Path(cfg.root or DATASETS[cfg.name].default_root or ".").expanduser()
     folder = root if root.is_dir() else root.parent

@@ -34,7 +34,7 @@ from sqlalchemy.exc import ArgumentError
 
 from mupsweep.config import Config
 from mupsweep.errors import UserError
-from mupsweep.optuna_adapter import opened_storage
+from mupsweep.sweep.optuna_adapter import opened_storage
 from mupsweep.util import append_lines, first_line, is_full
 
 # A whole URL is redacted by SQLAlchemy's own parser (redact_url). This regex is only for

@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 def opened_storage(study: optuna.Study) -> BaseStorage:
     """The storage object the study was created or loaded with (an RDBStorage, a
-    JournalStorage, ...), so `mupsweep.storage` can tell which URL it was opened from.
+    JournalStorage, ...), so `mupsweep.sweep.storage` can tell which URL it was opened from.
 
     Touches `Study._storage` (Optuna has no public accessor for a study's storage) and
     `_CachedStorage._backend`: Optuna wraps every RDBStorage in a private `_CachedStorage`,

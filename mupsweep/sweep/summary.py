@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mupsweep.config import from_dict
 from mupsweep.errors import UserError
-from mupsweep.storage import label_of, open_for_reading, parse_storage, redact_text
+from mupsweep.sweep.storage import label_of, open_for_reading, parse_storage, redact_text
 from mupsweep.sweep.retry import is_interrupted, is_surplus
 from mupsweep.sweep.space import config_values
 from mupsweep.sweep.study import study_base_config
