@@ -1,5 +1,6 @@
 """The search space: the default axes, checks of `sweep.params`, how each axis is suggested,
-its Optuna parameter name, and the grid for sweep.sampler=grid."""
+its Optuna parameter name, and the grid for sweep.sampler=grid. Which keys are no
+hyperparameters (and why) each key declares in the schema (`mupsweep.config.schema`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import Any
 from optuna.trial import Trial
 
 from mupsweep.config import (
-    RESULT_NEUTRAL,
     Config,
     SweepParam,
     check_config,
     set_by_path,
+    why_not_a_hyperparameter,
 )
 from mupsweep.errors import UserError
+from mupsweep.util import MISSING, get_dotted
 
 # The largest learning rate a trial can train at. Adam's update of each weight is about lr in
 # size whatever the gradient's scale, while a weight's own scale is ~1 or less (init std
@@ -31,56 +33,6 @@ MAX_TRAINABLE_LR = 1.0
 # Appended to the Optuna name of a log2 axis: the trial records the exponent, the config the
 # value 2**exponent.
 LOG2_SUFFIX = ":log2"
-
-# Config keys that are not hyperparameters: `sweep.params` refuses them, and `transfer` refuses
-# a best document whose tuned values hold one. Each one, swept, gives a wrong answer in silence:
-# the trials overwrite or never read it, or it changes what the proxy stands for or what the
-# trials' losses measure, and best.json and the config transfer writes from it would still
-# record a "best" value. A key covers every key below it (`data` covers data.root). Keys that
-# really train as swept stay sweepable, shapes included (model.depth, model.patch_size,
-# model.mlp_ratio): every trial builds its model at the swept value, and transfer refuses a
-# tuned value that conflicts with the target asked for on its command line.
-_BASE_SHAPES = ("muP's base shapes (width = heads x head_dim): the tuned HPs are defined "
-                "relative to them, so a study holds them fixed and transfer keeps the proxy's")
-_DEPTH_BASE = ("CompleteP's base depth and exponent: the tuned HPs are defined relative to "
-               "them, so a study holds them fixed and transfer keeps the proxy's")
-_STUDY_KIND = ("what the study tunes for: best.json and transfer take it from the study's base "
-               "config, so a swept value would be reported and transferred as the base one")
-_OBJECTIVE = ("it defines the validation loss the trials are ranked by: losses under different "
-              "values measure different things and do not compare")
-_SET_BY_TRIAL = "every trial sets it itself (a new run directory, no checkpoint, no progress bar)"
-_NEUTRAL = "it cannot change the validation loss a trial is ranked by, so there is nothing to tune"
-NOT_HYPERPARAMETERS: dict[str, str] = {
-    # config.RESULT_NEUTRAL first: logging, device, output and the other commands' sections.
-    **{key: _NEUTRAL for key in RESULT_NEUTRAL},
-    "diffusion.sample_steps": _NEUTRAL + " (it only sets how sample grids are drawn)",
-    "diffusion.cfg_scale": _NEUTRAL + " (it only sets how sample grids are drawn)",
-    "sweep": "a setting of tune itself, which no trial reads",
-    "coord": "a setting of coord-check, which no trial reads",
-    "provenance": "written by transfer, and read by no trial",
-    "train.run_dir": _SET_BY_TRIAL, "train.resume": _SET_BY_TRIAL,
-    "train.save": _SET_BY_TRIAL, "train.progress": _SET_BY_TRIAL,
-    "model.width": ("every trial trains at each of sweep.proxy_widths, so a swept width would be "
-                    "overwritten; list the proxy widths in sweep.proxy_widths (transfer sets the "
-                    "target's with --width)"),
-    "model.head_dim": _BASE_SHAPES, "model.base_width": _BASE_SHAPES,
-    "model.delta_width": _BASE_SHAPES,
-    "model.base_depth": _DEPTH_BASE, "model.depth_alpha": _DEPTH_BASE,
-    "model.arch": _STUDY_KIND, "model.parametrization": _STUDY_KIND,
-    "model.depth_parametrization": _STUDY_KIND,
-    "data": ("the dataset is loaded once per study and every trial trains on it, so a swept "
-             "data key would never be read"),
-    "train.val_size": _OBJECTIVE, "train.val_seed": _OBJECTIVE, "model.learn_sigma": _OBJECTIVE,
-    "diffusion.kind": _OBJECTIVE, "diffusion.num_timesteps": _OBJECTIVE,
-    "diffusion.beta_start": _OBJECTIVE, "diffusion.beta_end": _OBJECTIVE,
-}
-
-
-def not_a_hyperparameter(key: str) -> str | None:
-    """Why `key` may not be tuned (see NOT_HYPERPARAMETERS), or None when it may. The most
-    specific entry wins: train.run_dir's own reason before a section's."""
-    covering = [k for k in NOT_HYPERPARAMETERS if key == k or key.startswith(k + ".")]
-    return NOT_HYPERPARAMETERS[max(covering, key=len)] if covering else None
 
 
 def default_params() -> list[SweepParam]:
@@ -124,7 +76,7 @@ def search_space(cfg: Config) -> list[SweepParam]:
             raise UserError(f"{where}: {p.name} appears twice in sweep.params")
         seen.add(p.name)
         _check_key(cfg, p.name, where)
-        why = not_a_hyperparameter(p.name)
+        why = why_not_a_hyperparameter(p.name)  # each key declares it in the schema
         if why:
             raise UserError(f"{where}: {p.name} is not a hyperparameter and cannot be swept: {why}")
         if p.type == "categorical":
@@ -184,16 +136,12 @@ def check_trainable_lr(p: SweepParam, where: str) -> None:
 
 def _check_key(cfg: Config, key: str, where: str) -> None:
     """The key must name a leaf value of the config (not a whole section)."""
-    probe = copy.deepcopy(cfg)
-    obj: Any = probe
-    try:
-        for part in key.split("."):
-            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
-    except (AttributeError, KeyError):
-        raise UserError(f"{where}: unknown config key {key!r}") from None
-    if hasattr(obj, "__dataclass_fields__"):
+    value = get_dotted(cfg, key)
+    if value is MISSING:
+        raise UserError(f"{where}: unknown config key {key!r}")
+    if hasattr(value, "__dataclass_fields__"):
         raise UserError(f"{where}: {key!r} is a config section; name one of its fields")
-    set_by_path(probe, key, obj)  # raises UserError for keys set_by_path cannot reach
+    set_by_path(copy.deepcopy(cfg), key, value)  # raises UserError for keys set_by_path cannot reach
 
 
 def corners(p: SweepParam) -> list[Any]:

@@ -21,13 +21,13 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mupsweep.config import Config, SweepParam, from_dict, to_dict
+from mupsweep.config import Config, SweepParam, from_dict, keys_outside_signature, to_dict
 from mupsweep.errors import UserError
-from mupsweep.sweep.optuna_adapter import set_study_system_attr, study_system_attrs
 from mupsweep.rundir import without_passwords
-from mupsweep.sweep.storage import open_for_tune, redact_text, storage_spec
+from mupsweep.sweep.optuna_adapter import set_study_system_attr, study_system_attrs
 from mupsweep.sweep.retry import retry_trial
 from mupsweep.sweep.space import grid, grid_points, point_key, resolved_params, search_space
+from mupsweep.sweep.storage import open_for_tune, redact_text, storage_spec
 from mupsweep.util import first_line
 
 METRIC_NAME = "validation_loss"  # the objective: mean final validation loss over proxy widths
@@ -144,31 +144,19 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 # Signature: what must match for the trials of one study to be comparable
 # --------------------------------------------------------------------------------------------
 
-# Config keys (or whole sections) that cannot change a trial's loss: where the study lives and
-# how many trials it runs, how trials are drawn (the points, not their losses), how a run is
-# shown, where it writes, what runs it, and the sample grid it does not draw. model.width is
-# set to each proxy width by every trial. Every other key, a field added later included, is
-# in the signature; the swept keys are replaced by the search space.
-NOT_IN_SIGNATURE = (
-    "sweep.n_trials", "sweep.storage", "sweep.out_dir", "sweep.study", "sweep.seed",
-    "sweep.sampler", "sweep.pruner", "sweep.heartbeat_s", "sweep.grace_s", "sweep.max_retry",
-    "sweep.pack",  # a packed member trains as its unpacked trial would (tests/test_packed.py)
-    "train.progress", "train.tensorboard", "train.log_every", "train.device", "train.compile",
-    "train.run_dir",
-    "train.resume", "train.save", "train.samples", "train.ckpt_every",
-    "diffusion.sample_steps", "diffusion.cfg_scale", "model.width", "coord", "provenance",
-)
-
-
 def signature(cfg: Config) -> dict[str, Any]:
     """{dotted config key: value} for every key that can change a trial's loss, with
-    "sweep.params" as the resolved search space (its swept keys left out)."""
+    "sweep.params" as the resolved search space (its swept keys left out).
+
+    Which keys (or whole sections) cannot, each key declares in the schema (signature=False,
+    listed by `mupsweep.config.keys_outside_signature`); every other key, a field added later
+    included, is in the signature."""
     params = resolved_params(cfg)  # not given (None) or a recorded [] alike: the default space
-    swept = {p.name for p in params}
+    left_out = {*keys_outside_signature(), *(p.name for p in params)}
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if prefix in NOT_IN_SIGNATURE or prefix in swept:
+        if prefix in left_out:
             return
         if isinstance(value, dict) and prefix != "sweep.params":
             for k, v in value.items():
