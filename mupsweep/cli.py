@@ -471,20 +471,33 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     grid, note = parse_log2_grid(lrs)
     if note:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    if depths is not None:
-        _validate_depths(overrides, widths, depths, depth_pars, grid, _int_list(seeds, "--seeds"),
-                         workers, json_out, config_dir)
-        return
-    width_list = _int_list("32,64,128,256" if widths is None else widths, "--widths")
     seed_list = _int_list(seeds, "--seeds")
-    check_grid(width_list, grid, seed_list)
-    pars = tuple(p.strip() for p in only.split(",") if p.strip())
-    if not pars or any(p not in ("sp", "mup") for p in pars) or len(set(pars)) != len(pars):
-        raise UserError(f"--parametrizations={only!r}: use sp, mup or sp,mup")
-    cfg = _compose(overrides, config_dir=config_dir)
+    if depths is None:  # along width: muP vs SP
+        depth_list = None
+        width_list = _int_list("32,64,128,256" if widths is None else widths, "--widths")
+        check_grid(width_list, grid, seed_list)
+        pars = _choices(only, "--parametrizations", ("sp", "mup"), "use sp, mup or sp,mup")
+        cfg = _compose(overrides, config_dir=config_dir)
+    else:  # along depth: none vs completep, at model.width or one width per depth (a joint grid)
+        depth_list = _int_list(depths, "--depths")
+        pars = _choices(depth_pars, "--depth-parametrizations", ("none", "completep"),
+                        "use none, completep or both")
+        cfg = _compose(overrides, config_dir=config_dir)
+        # a joint grid may hold a width twice (one width per depth)
+        width_list = (_int_list(widths, "--widths", distinct=False) if widths is not None
+                      else [cfg.model.width] * len(depth_list))
+        check_grid(width_list, grid, seed_list, depth_list)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _say_verdicts(lambda: run_validate(cfg, width_list, grid, seed_list, pars, workers=workers,
-                                       pack=pack), json_out)
+                                       pack=pack, depths=depth_list), json_out)
+
+
+def _choices(text: str, flag: str, allowed: tuple[str, ...], usage: str) -> tuple[str, ...]:
+    """A comma-separated choice flag (--parametrizations): at least one, each allowed, none twice."""
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not chosen or any(p not in allowed for p in chosen) or len(set(chosen)) != len(chosen):
+        raise UserError(f"{flag}={text!r}: {usage}")
+    return chosen
 
 
 def _say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
@@ -504,29 +517,6 @@ def _say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
         raise typer.Exit(1)
     err.print(Path(result.table_md).read_text(), highlight=False)
     err.print(f"figure {result.figure}", highlight=False)
-
-
-def _validate_depths(overrides: list[str] | None, widths: str | None, depths: str,
-                     depth_pars: str, grid: list[float], seeds: list[int], workers: int,
-                     json_out: bool, config_dir: Path | None = None) -> None:
-    """validate --depths: shapes (model.width, d), or (w, d) pairs for a joint grid."""
-    import optuna
-
-    from mupsweep.validate_depth import validate_depths
-
-    ds = _int_list(depths, "--depths")
-    pars = tuple(p.strip() for p in depth_pars.split(",") if p.strip())
-    if not pars or any(p not in ("none", "completep") for p in pars):
-        raise UserError(f"--depth-parametrizations={depth_pars!r}: use none, completep or both")
-    cfg = _compose(overrides, config_dir=config_dir)
-    # a joint grid may hold a width twice (one width per depth)
-    ws = _int_list(widths, "--widths", distinct=False) if widths is not None else [cfg.model.width] * len(ds)
-    if len(ws) != len(ds):
-        raise UserError(f"--widths={widths} and --depths={depths}: give one width per depth for "
-                        "a joint grid, or leave --widths out to keep model.width")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _say_verdicts(lambda: validate_depths(cfg, list(zip(ws, ds, strict=True)), grid, seeds, pars,
-                                          workers=workers), json_out)
 
 
 # --------------------------------------------------------------------------------------------

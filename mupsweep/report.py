@@ -1,7 +1,7 @@
-"""Pictures and tables of results: coordinate-check plots, sweep plots and the sweep report.
+"""Pictures and tables of results: coordinate-check plots, sweep plots and the sweep report
+(`mupsweep report`), and the output-folder checks the commands that write them share.
 
-matplotlib is imported inside the functions (with the Agg backend) so importing mupsweep stays
-fast and never needs a display.
+matplotlib comes from `mupsweep.plots.pyplot` (loaded on first use, Agg backend).
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from mupsweep.drift import drift_octaves
+from mupsweep.errors import UserError
+from mupsweep.plots import pyplot
 from mupsweep.sweep.summary import (
     DRIFT_TOLERANCE_OCTAVES,
     complete_trials,
-    drift_octaves,
     lr_by_width,
     why_not_placed,
     width_losses,
 )
-from mupsweep.errors import UserError
 from mupsweep.util import atomic_write, atomic_write_text, is_full, os_reason, output_dir_problem
 
 
@@ -43,19 +44,10 @@ def make_output_dir(path: str | Path, what: str) -> Path:
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str = "width") -> Path:
     """One panel per recorded step: mean |activation| vs width (or `axis`: depth), log-log, a
     line per module."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = sorted(table["step"].unique())
     modules = list(dict.fromkeys(table["module"]))
     # one look per module: 20 colours x 3 line styles x markers (matplotlib's default cycle has
@@ -118,7 +110,7 @@ def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
     only the lr varies (a grid, or the demo) each width is one curve; when other HPs vary too
     (the default search space), points at two lrs differ in more than the lr, so they are not
     joined: one panel per width, each point coloured by the first other HP that varies."""
-    plt = _pyplot()
+    plt = pyplot()
     points, varying = lr_points(best_doc)
     par = best_doc.get("parametrization", "?")
     title = f"{best_doc.get('study', 'study')} ({par}): loss vs lr per proxy width (* = best)"
@@ -182,7 +174,7 @@ def plot_history(best_doc: dict, path: Path) -> Path:
     """Objective per trial number (complete trials as dots; pruned ones as crosses at the last
     loss they reported, which is how far they got) and the best-so-far line: how fast the
     sweep found its optimum. Failed trials have no loss and are counted in the legend."""
-    plt = _pyplot()
+    plt = pyplot()
     (xs, ys), (px, py), failed = history_points(best_doc)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if xs:
@@ -288,7 +280,7 @@ def _report_markdown(best_doc: dict, lr_png: Path, hist_png: Path, top: int) -> 
     lines += ["", "## Best learning rate per proxy width", ""]
     lines += _md_table(["width", "best lr", "log2 lr", "loss", "trials"],
                        [[r["width"], r["lr"], r["log2_lr"], r["loss"], r["trials"]] for r in rows])
-    spread, unplaced = drift_octaves(rows), why_not_placed(rows)
+    spread, unplaced = drift_octaves(r["log2_lr"] for r in rows), why_not_placed(rows)
     if spread is not None and unplaced:
         lines += ["", f"No verdict on transfer: {unplaced}. Run more trials (or a wider lr "
                   "range) before reading the spread between widths."]

@@ -1,16 +1,17 @@
-"""Does the optimum stay put? A grid over log2 lr at several widths, in muP and in SP.
+"""Does the optimum stay put as the model grows? `mupsweep validate`: a grid over log2 lr at
+several sizes along one axis, for each parametrization that axis compares: along width muP vs
+SP; along depth (`--depths`) model.depth_parametrization none vs completep, at one width or at
+(width, depth) shapes that grow together.
 
-`validate(cfg)` runs one grid study per parametrization with the ordinary sweep machinery
-(`tune.tune`: same storage, workers, resume), then reads the per-width losses back and
-reports, per width: the grid argmin of log2 lr, a least-squares parabola through the grid points
-around it, the loss there and its seed noise; the drift of the optimum (octaves) from the
-narrowest to the widest width; and whether the loss at the optimum improves with every width
-step ("wider is better"). The two-panel figure (SP | muP) is the picture that sells muP.
-
-Each grid point runs exactly once (the points are enqueued: `mupsweep.sweep.study`), each
-parametrization writes its own best.json / trials.csv / trial runs (OUT/sp, OUT/mup), and a
-result is only judged when it can be: a grid with missing points is refused (re-run to
-complete it), and an optimum on the grid edge is reported as such, never as a drift figure.
+Each grid is an ordinary study (`tune`: same storage, workers, resume) whose points each run
+exactly once. Along width one study per parametrization trains every width (OUT/PAR); along
+depth one study per (parametrization, shape) (OUT/PAR-wW-dD, all in OUT/study.db unless
+sweep.storage says otherwise). Per size: the grid argmin of log2 lr, the parabola fit around
+it, the loss there and its seed noise; per parametrization: the drift of the fitted optimum
+(`mupsweep.drift`) and whether the loss at the optimum falls with every step ("wider / deeper
+is better"). Only what can be judged is: a grid with missing points is refused (re-run to
+complete it), an optimum on the grid edge is reported as such, never as a drift. Written:
+STEM.png, STEM.md and STEM_PAR.csv, STEM = `validate` (width) or `validate_depth` (depth).
 """
 
 from __future__ import annotations
@@ -24,17 +25,153 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from mupsweep.sweep.summary import best_document
-from mupsweep.config import Config, SweepParam
+from mupsweep.config import Config, SweepParam, check_config
+from mupsweep.drift import drift_octaves, place_optimum
 from mupsweep.errors import UserError
-from mupsweep.sweep.storage import storage_spec
+from mupsweep.plots import pyplot
 from mupsweep.sweep.packing import packs_by_default
 from mupsweep.sweep.space import LOG2_SUFFIX, MAX_TRAINABLE_LR, grid_points, point_key, search_space
+from mupsweep.sweep.storage import storage_spec
 from mupsweep.sweep.study import duplicate_grid_trials, missing_grid_points, open_study, trial_point
+from mupsweep.sweep.summary import best_document
 from mupsweep.sweep.tune import tune
 from mupsweep.util import atomic_write, atomic_write_text
 
 MAX_GRID_POINTS = 1000  # a typo in STEP (1e-9) must not enqueue a billion trials
+
+
+@dataclass(frozen=True)
+class Axis:
+    """What grows from one size to the next, and what is compared along it."""
+
+    name: str  # "width" or "depth"
+    parametrizations: tuple[str, ...]  # compared by default
+    compared: str  # what the parametrizations are, as the table heads them
+    better: str  # the claim the loss at the optimum is checked against
+    stem: str  # the files written: STEM.png, STEM.md, STEM_PARAMETRIZATION.csv
+    shape: tuple[str, ...]  # the columns that name one size
+
+
+WIDTH = Axis("width", ("sp", "mup"), "parametrization", "wider is better", "validate", ("width",))
+DEPTH = Axis("depth", ("none", "completep"), "depth parametrization", "deeper is better",
+             "validate_depth", ("width", "depth"))
+
+
+@dataclass
+class Verdict:
+    """One parametrization's grid, judged."""
+
+    axis: Axis
+    parametrization: str
+    table: pd.DataFrame  # raw losses: width (depth), log2_lr, seed, loss
+    best: pd.DataFrame  # best_lr_per_size: one row per size, in order along the axis
+    # drift of the fitted optimum across the sizes; None when not judged (see `why_not`)
+    drift_octaves: float | None
+    bigger_is_better: bool  # the loss at the optimum falls with every step along the axis
+    why_not: str | None = None  # why there is no drift figure: an optimum on the grid edge, ...
+
+    def summary(self) -> dict:
+        return {self.axis.compared.replace(" ", "_"): self.parametrization, "drift_octaves": self.drift_octaves,
+                "judged": self.drift_octaves is not None, "why_not": self.why_not,
+                self.axis.better.replace(" ", "_"): self.bigger_is_better,
+                "best": self.best.to_dict(orient="records")}
+
+    @property
+    def drift_text(self) -> str:
+        return f"{self.drift_octaves:.2f}" if self.drift_octaves is not None else f"not judged: {self.why_not}"
+
+
+@dataclass
+class ValidationResult:
+    """What `validate` ran: a verdict per parametrization, the figure and table written."""
+
+    axis: Axis
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    base_depth: int | None = None  # along depth: the depth CompleteP's factors are 1 at
+    figure: str | None = None
+    table_md: str | None = None
+    # grid ("mup", or "completep w64 d4" along depth) -> why it was not judged (missing points)
+    incomplete: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        head = {"figure": self.figure, "table": self.table_md}
+        if self.axis is DEPTH:
+            head["base_depth"] = self.base_depth
+        return {**head, "incomplete": self.incomplete,
+                **{p: v.summary() for p, v in self.verdicts.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[int],
+             parametrizations: tuple[str, ...] | None = None, workers: int = 1,
+             out_dir: str | None = None, pack: int | None = None,
+             depths: list[int] | None = None) -> ValidationResult:
+    """Run (or resume) the grids and judge the transfer: along width at `widths`, or with
+    `depths` along depth at the shapes zip(widths, depths) (one width per depth: the same one
+    for a depth grid, growing ones for a joint grid). parametrizations: those the axis
+    compares (sp, mup; or none, completep), by default both.
+
+    A grid with missing points (trials that kept failing, a worker that died) is not judged:
+    `result.incomplete` says which points are missing, and no figure or table is written.
+
+    pack (along width): grid points trained at once as one packed model (sweep.pack); None:
+    `default_pack`. Depth grids train as sweep.pack says."""
+    axis = DEPTH if depths is not None else WIDTH
+    check_grid(widths, log2_lrs, seeds, depths)
+    if axis is DEPTH and cfg.model.parametrization != "mup":
+        raise UserError("validate --depths compares depth parametrizations of muP; "
+                        f"model.parametrization={cfg.model.parametrization} is not muP")
+    out = Path(out_dir or cfg.sweep.out_dir)
+    result = ValidationResult(axis)
+    if axis is DEPTH:
+        result.base_depth = cfg.model.base_depth if cfg.model.base_depth is not None else min(depths)
+    grids = {par: grid_configs(cfg, par, widths, depths, log2_lrs, seeds, out, result.base_depth)
+             for par in parametrizations or axis.parametrizations}  # all checked before training
+    out.mkdir(parents=True, exist_ok=True)
+    for par, runs in grids.items():
+        tables = []
+        for run in runs:
+            if axis is WIDTH:  # depth grids train as sweep.pack says
+                run.sweep.pack = default_pack(run, workers) if pack is None else pack
+            doc, why = run_grid(run, workers)
+            if why:  # a grid with missing points is never judged
+                result.incomplete[grid_name(run, axis)] = why
+                continue
+            table = loss_table(doc)
+            tables.append(table.assign(depth=run.model.depth) if axis is DEPTH else table)
+        if len(tables) < len(runs):
+            continue
+        result.verdicts[par] = judge(pd.concat(tables, ignore_index=True), par, axis)
+        atomic_write_text(out / f"{axis.stem}_{par}.csv", result.verdicts[par].table.to_csv(index=False))
+    if result.incomplete:
+        return result
+    result.figure = str(plot_validation(result.verdicts, out / f"{axis.stem}.png"))
+    md = validation_markdown(result.verdicts, result.base_depth)
+    result.table_md = str(atomic_write_text(out / f"{axis.stem}.md", md))
+    return result
+
+
+def default_pack(run: Config, workers: int) -> int:
+    """sweep.pack of a grid when --pack is not given: on a GPU the whole grid split evenly over
+    the workers (with one worker, each width's lr x seed grid is one pack); on a CPU, where
+    packing wide models is slower, one at a time (`sweep.packing.packs_by_default`)."""
+    return math.ceil(run.sweep.n_trials / max(1, workers)) if packs_by_default(run) else 1
+
+
+def grid_name(run: Config, axis: Axis) -> str:
+    """How a grid's result is named: its parametrization, and along depth its shape too."""
+    if axis is WIDTH:
+        return run.model.parametrization
+    return f"{run.model.depth_parametrization} w{run.model.width} d{run.model.depth}"
+
+
+# --------------------------------------------------------------------------------------------
+# The grids: input, configs
+# --------------------------------------------------------------------------------------------
 
 
 def parse_log2_grid(text: str) -> tuple[list[float], str | None]:
@@ -66,132 +203,38 @@ def parse_log2_grid(text: str) -> tuple[list[float], str | None]:
     return grid, note
 
 
-def loss_table(doc: dict) -> pd.DataFrame:
-    """One row per (trial, width): log2_lr, seed, loss (NaN where that run diverged).
-
-    Trials that did not finish (FAIL: an error, a dead worker, a surplus trial) are left out:
-    a width they never reached did not diverge. A point run twice counts once (the first)."""
-    rows = []
-    seen: set[tuple] = set()
-    for trial in sorted(doc["trials"], key=lambda t: t.get("number", 0)):
-        hp = trial.get("hparams") or {}
-        if "optim.lr" not in hp or trial.get("state") in ("FAIL", "RUNNING", "WAITING"):
-            continue
-        point = (round(math.log2(hp["optim.lr"]), 6), hp.get("train.seed", 0))
-        if point in seen:
-            continue
-        seen.add(point)
-        losses = trial.get("losses") or {}
-        for width in doc["proxy_widths"]:
-            loss = losses.get(str(width))
-            ok = loss is not None and math.isfinite(loss)
-            rows.append({"width": int(width), "log2_lr": round(math.log2(hp["optim.lr"]), 6),
-                         "seed": hp.get("train.seed", 0), "loss": loss if ok else math.nan})
-    if not rows:
-        raise UserError(f"study {doc.get('study')!r} has no trials with optim.lr to validate")
-    return pd.DataFrame(rows)
+def check_grid(widths: list[int], log2_lrs: list[float], seeds: list[int],
+               depths: list[int] | None = None) -> None:
+    """At least 2 sizes, 3 learning rates and one seed, no value twice; with `depths`,
+    increasing depths and one width per depth (a joint grid may repeat a width)."""
+    if depths is None:
+        sizes, what, axes = widths, "validate needs at least 2 widths", [("--widths", widths)]
+    else:
+        sizes, what, axes = depths, "validate --depths needs at least 2 depths", []
+    if len(sizes) < 2 or len(log2_lrs) < 3 or not seeds:
+        raise UserError(f"{what}, 3 learning rates and 1 seed")
+    for flag, values in (*axes, ("--log2-lr", log2_lrs), ("--seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise UserError(f"{flag} lists a value twice: {', '.join(f'{v:g}' for v in values)}")
+    if depths is None:
+        return
+    if depths != sorted(depths) or len(set(depths)) != len(depths):
+        raise UserError(f"--depths={','.join(map(str, depths))}: give increasing depths")
+    if len(widths) != len(depths):
+        raise UserError(f"--widths={','.join(map(str, widths))} and --depths="
+                        f"{','.join(map(str, depths))}: give one width per depth for a joint "
+                        "grid, or leave --widths out to keep model.width")
 
 
-def parabola_vertex(x: np.ndarray, y: np.ndarray, i: int, half_window: int = 2,
-                    unstable: float = 1.5) -> tuple[float, bool]:
-    """Least-squares parabola through the grid points within `half_window` of the argmin i,
-    leaving out points above `unstable` x the minimum (the cliff where training breaks down
-    would drag the vertex). Near-flat optima are common at small scale, and five points
-    average out seed noise better than three. Returns (vertex, True), or (x[i], False) when
-    fewer than three points remain, the fit does not curve upwards, or i is at the grid edge."""
-    if i == 0 or i == len(x) - 1:
-        return float(x[i]), False
-    lo, hi = max(0, i - half_window), min(len(x), i + half_window + 1)
-    xs, ys = x[lo:hi], y[lo:hi]
-    keep = np.isfinite(ys) & (ys <= unstable * y[i])
-    if keep.sum() < 3:
-        return float(x[i]), False
-    a, b, _ = np.polyfit(xs[keep], ys[keep], 2)
-    if a <= 0:
-        return float(x[i]), False
-    return float(np.clip(-b / (2 * a), xs[keep].min(), xs[keep].max())), True
-
-
-def best_per_width(table: pd.DataFrame) -> pd.DataFrame:
-    """Per width: grid argmin and parabola fit of log2 lr, loss at the optimum, seed noise."""
-    rows = []
-    for width, g in table.groupby("width"):
-        stats = g.groupby("log2_lr")["loss"].agg(["mean", "std", "count"]).sort_index()
-        x, y = stats.index.to_numpy(float), stats["mean"].to_numpy(float)
-        y_search = np.where(np.isfinite(y), y, np.inf)
-        i = int(np.argmin(y_search))
-        fit, fitted = parabola_vertex(x, y_search, i)
-        rows.append({"width": int(width), "best_log2_lr": float(x[i]), "fit_log2_lr": fit,
-                     "fitted": fitted, "loss_at_best": float(y[i]),
-                     "at_edge": i in (0, len(x) - 1), "all_diverged": not np.isfinite(y).any(),
-                     "seed_std": float(stats["std"].iloc[i]) if stats["count"].iloc[i] > 1 else 0.0,
-                     "seeds": int(stats["count"].iloc[i])})
-    return pd.DataFrame(rows).sort_values("width").reset_index(drop=True)
-
-
-@dataclass
-class Verdict:
-    parametrization: str
-    table: pd.DataFrame  # raw losses
-    best: pd.DataFrame  # best_per_width
-    # |fit log2 lr at the widest - at the narrowest|; None when not judged (see `why_not`)
-    drift_octaves: float | None
-    wider_is_better: bool  # loss at the optimum decreases with every width step
-    why_not: str | None = None  # why there is no drift figure: an optimum on the grid edge, ...
-
-    def summary(self) -> dict:
-        return {"parametrization": self.parametrization, "drift_octaves": self.drift_octaves,
-                "judged": self.drift_octaves is not None, "why_not": self.why_not,
-                "wider_is_better": self.wider_is_better,
-                "best": self.best.to_dict(orient="records")}
-
-    @property
-    def drift_text(self) -> str:
-        return f"{self.drift_octaves:.2f}" if self.drift_octaves is not None else f"not judged: {self.why_not}"
-
-
-def verdict(doc: dict, parametrization: str) -> Verdict:
-    """Judge one parametrization's grid. An optimum on the edge of the grid is only a bound
-    (the true one may lie beyond it), so there is no drift figure then: widen the grid."""
-    table = loss_table(doc)
-    best = best_per_width(table)
-    losses = best["loss_at_best"].to_numpy()
-    wider = bool(np.all(np.diff(losses) < 0))
-    why = why_not_judged(best, "width")
-    if why:
-        return Verdict(parametrization, table, best, None, wider, why)
-    drift = abs(best["fit_log2_lr"].iloc[-1] - best["fit_log2_lr"].iloc[0])
-    return Verdict(parametrization, table, best, float(drift), wider)
-
-
-def why_not_judged(best: pd.DataFrame, axis: str) -> str | None:
-    """Why a drift figure cannot be read off `best` (rows of best_per_width, one per `axis`
-    value): every lr diverged somewhere, or an optimum sits on the grid edge. None: judge."""
-    diverged = best[best["all_diverged"]]
-    if len(diverged):
-        return f"every lr diverged at {axis} {_values(diverged, axis)}: lower --log2-lr"
-    edge = best[best["at_edge"]]
-    if len(edge):
-        parts = [f"2^{x:g} ({axis} {_values(g, axis)})" for x, g in edge.groupby("best_log2_lr")]
-        return f"optimum at the grid edge {', '.join(parts)}: widen --log2-lr"
-    return None
-
-
-def _values(rows: pd.DataFrame, axis: str) -> str:
-    return ", ".join(str(int(w)) for w in rows[axis])
-
-
-@dataclass
-class ValidationResult:
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
-    figure: str | None = None
-    table_md: str | None = None
-    # parametrization -> why its grid was not judged (missing points); empty when complete
-    incomplete: dict[str, str] = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        return {"figure": self.figure, "table": self.table_md, "incomplete": self.incomplete,
-                **{p: v.summary() for p, v in self.verdicts.items()}}
+def grid_configs(cfg: Config, parametrization: str, widths: list[int], depths: list[int] | None,
+                 log2_lrs: list[float], seeds: list[int], out: Path,
+                 base_depth: int | None = None) -> list[Config]:
+    """The grid studies of one parametrization: along width one study that trains every width
+    per trial; along depth one study per (width, depth) shape."""
+    if depths is None:
+        return [grid_config(cfg, parametrization, log2_lrs, seeds, widths, cfg.sweep.study, out)]
+    return [depth_grid_config(cfg, parametrization, w, d, base_depth, log2_lrs, seeds, out)
+            for w, d in zip(widths, depths, strict=True)]
 
 
 def grid_config(cfg: Config, parametrization: str, log2_lrs: list[float], seeds: list[int],
@@ -218,48 +261,24 @@ def grid_config(cfg: Config, parametrization: str, log2_lrs: list[float], seeds:
     return run
 
 
-def check_grid(widths: list[int], log2_lrs: list[float], seeds: list[int]) -> None:
-    """At least 2 widths and 3 learning rates, at least one seed, no value twice."""
-    if len(widths) < 2 or len(log2_lrs) < 3 or not seeds:
-        raise UserError("validate needs at least 2 widths, 3 learning rates and 1 seed")
-    for what, values in (("--widths", widths), ("--log2-lr", log2_lrs), ("--seeds", seeds)):
-        if len(set(values)) != len(values):
-            raise UserError(f"{what} lists a value twice: {', '.join(f'{v:g}' for v in values)}")
+def depth_grid_config(cfg: Config, depth_parametrization: str, width: int, depth: int,
+                      base_depth: int, log2_lrs: list[float], seeds: list[int], out: Path) -> Config:
+    """The grid study of one depth parametrization (under muP) at one (width, depth)."""
+    tag = f"{depth_parametrization}-w{width}-d{depth}"
+    run = grid_config(cfg, "mup", log2_lrs, seeds, [width], cfg.sweep.study)
+    run.model.depth_parametrization = depth_parametrization
+    run.model.depth, run.model.base_depth = depth, base_depth
+    run.sweep.study = f"{cfg.sweep.study}-depth-{tag}"
+    run.sweep.out_dir = str(out / tag)
+    if cfg.sweep.storage is None:  # every study in one file, not one file per folder
+        run.sweep.storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    check_config(run)
+    return run
 
 
-def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[int],
-             parametrizations: tuple[str, ...] = ("sp", "mup"), workers: int = 1,
-             out_dir: str | None = None, pack: int | None = None) -> ValidationResult:
-    """Run (or resume) the grid for each parametrization and judge the transfer.
-
-    A grid with missing points (trials that kept failing, a worker that died) is not judged:
-    `result.incomplete` says which points are missing, and no figure or table is written.
-
-    pack: grid points trained at once as one packed model (sweep.pack). None: on a GPU the
-    whole grid split evenly over the workers, so with one worker each width's lr x seed grid is
-    one pack; on a CPU, where packing wide models is slower, one at a time
-    (`sweep.packing.packs_by_default`)."""
-    check_grid(widths, log2_lrs, seeds)
-    out = Path(out_dir or cfg.sweep.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = ValidationResult()
-    for par in parametrizations:
-        run = grid_config(cfg, par, log2_lrs, seeds, widths, cfg.sweep.study, out)
-        if pack is None:
-            pack = math.ceil(run.sweep.n_trials / max(1, workers)) if packs_by_default(run) else 1
-        run.sweep.pack = pack
-        doc, why = run_grid(run, workers)
-        if why:
-            result.incomplete[par] = why
-            continue
-        result.verdicts[par] = verdict(doc, par)
-        table = result.verdicts[par].table
-        atomic_write_text(out / f"validate_{par}.csv", table.to_csv(index=False))
-    if result.incomplete:
-        return result
-    result.figure = str(plot_validation(result.verdicts, out / "validate.png"))
-    result.table_md = str(atomic_write_text(out / "validate.md", validation_markdown(result.verdicts)))
-    return result
+# --------------------------------------------------------------------------------------------
+# Running one grid: every point exactly once, or no verdict
+# --------------------------------------------------------------------------------------------
 
 
 def run_grid(run: Config, workers: int = 1) -> tuple[dict | None, str | None]:
@@ -268,7 +287,7 @@ def run_grid(run: Config, workers: int = 1) -> tuple[dict | None, str | None]:
     params = search_space(run)
     open_study(run, params, check_first=lambda study: _refuse_another_grid(study, params))
     study = tune(run, workers=workers, depth_experiment=True)
-    why = _incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
+    why = why_incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
     return (None, why) if why else (best_document(study), None)
 
 
@@ -296,7 +315,7 @@ def _refuse_another_grid(study, params: list[SweepParam]) -> None:
                         "--seeds as before, or another sweep.study")
 
 
-def _incomplete(study, params: list[SweepParam], trials_csv: Path) -> str | None:
+def why_incomplete(study, params: list[SweepParam], trials_csv: Path) -> str | None:
     """Why the grid cannot be judged yet (its missing points), or None when it is complete."""
     missing = missing_grid_points(study, params)
     if not missing:
@@ -312,46 +331,173 @@ def _incomplete(study, params: list[SweepParam], trials_csv: Path) -> str | None
     return f"{line}: its trials failed (reasons in {trials_csv}); re-run to complete the grid"
 
 
-def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
-    """One panel per parametrization: validation loss vs log2 lr, a curve per width (seed
-    mean, band = seed std), each width's fitted optimum marked."""
-    from mupsweep.report import _pyplot
+# --------------------------------------------------------------------------------------------
+# Judging: the losses, each size's optimum, the drift
+# --------------------------------------------------------------------------------------------
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(verdicts), figsize=(5.2 * len(verdicts), 4), sharey=True)
-    axes = np.atleast_1d(axes)
-    for ax, (par, v) in zip(axes, verdicts.items(), strict=True):
-        widths = sorted(v.table["width"].unique())
-        colors = plt.cm.viridis(np.linspace(0.1, 0.9, len(widths)))
-        for color, width in zip(colors, widths, strict=True):
-            s = v.table[v.table["width"] == width].groupby("log2_lr")["loss"].agg(["mean", "std"])
-            ax.plot(s.index, s["mean"], marker="o", ms=3, color=color, label=f"width {width}")
+
+def loss_table(doc: dict) -> pd.DataFrame:
+    """One row per (trial, width): log2_lr, seed, loss (NaN where that run diverged).
+
+    Trials that did not finish (FAIL: an error, a dead worker, a surplus trial) are left out:
+    a width they never reached did not diverge. A point run twice counts once (the first)."""
+    rows = []
+    seen: set[tuple] = set()
+    for trial in sorted(doc["trials"], key=lambda t: t.get("number", 0)):
+        hp = trial.get("hparams") or {}
+        if "optim.lr" not in hp or trial.get("state") in ("FAIL", "RUNNING", "WAITING"):
+            continue
+        point = (round(math.log2(hp["optim.lr"]), 6), hp.get("train.seed", 0))
+        if point in seen:
+            continue
+        seen.add(point)
+        losses = trial.get("losses") or {}
+        for width in doc["proxy_widths"]:
+            loss = losses.get(str(width))
+            ok = loss is not None and math.isfinite(loss)
+            rows.append({"width": int(width), "log2_lr": round(math.log2(hp["optim.lr"]), 6),
+                         "seed": hp.get("train.seed", 0), "loss": loss if ok else math.nan})
+    if not rows:
+        raise UserError(f"study {doc.get('study')!r} has no trials with optim.lr to validate")
+    return pd.DataFrame(rows)
+
+
+def best_lr_per_size(table: pd.DataFrame, axis: Axis = WIDTH) -> pd.DataFrame:
+    """Per size (a width; along depth a (width, depth) shape), in order along the axis: the
+    grid argmin and parabola fit of log2 lr, the loss at the optimum and its seed noise."""
+    rows = []
+    for key, g in table.groupby(list(axis.shape)):
+        shape = dict(zip(axis.shape, key if isinstance(key, tuple) else (key,), strict=True))
+        stats = g.groupby("log2_lr")["loss"].agg(["mean", "std", "count"]).sort_index()
+        opt = place_optimum(stats.index.to_numpy(float), stats["mean"].to_numpy(float))
+        i = opt.index
+        rows.append({"width": int(shape["width"]), "best_log2_lr": opt.best_log2_lr,
+                     "fit_log2_lr": opt.fit_log2_lr, "fitted": opt.fitted,
+                     "loss_at_best": float(stats["mean"].iloc[i]), "at_edge": opt.at_edge,
+                     "all_diverged": opt.all_diverged,
+                     "seed_std": float(stats["std"].iloc[i]) if stats["count"].iloc[i] > 1 else 0.0,
+                     "seeds": int(stats["count"].iloc[i]),
+                     **{k: int(v) for k, v in shape.items() if k != "width"}})
+    return pd.DataFrame(rows).sort_values(axis.name).reset_index(drop=True)
+
+
+def judge(table: pd.DataFrame, parametrization: str, axis: Axis = WIDTH) -> Verdict:
+    """Judge one parametrization's losses (`loss_table`, with a depth column along depth). An
+    optimum on the edge of the grid is only a bound (the true one may lie beyond it), and a
+    size where every lr diverged has none: no drift figure then."""
+    best = best_lr_per_size(table, axis)
+    better = bool(np.all(np.diff(best["loss_at_best"].to_numpy()) < 0))
+    why = why_not_judged(best, axis.name)
+    drift = None if why else drift_octaves(best["fit_log2_lr"])
+    return Verdict(axis, parametrization, table, best, drift, better, why)
+
+
+def why_not_judged(best: pd.DataFrame, axis: str) -> str | None:
+    """Why a drift figure cannot be read off `best` (rows of best_lr_per_size, one per `axis`
+    value): every lr diverged somewhere, or an optimum sits on the grid edge. None: judge."""
+    diverged = best[best["all_diverged"]]
+    if len(diverged):
+        return f"every lr diverged at {axis} {_values(diverged, axis)}: lower --log2-lr"
+    edge = best[best["at_edge"]]
+    if len(edge):
+        parts = [f"2^{x:g} ({axis} {_values(g, axis)})" for x, g in edge.groupby("best_log2_lr")]
+        return f"optimum at the grid edge {', '.join(parts)}: widen --log2-lr"
+    return None
+
+
+def _values(rows: pd.DataFrame, axis: str) -> str:
+    return ", ".join(str(int(w)) for w in rows[axis])
+
+
+# --------------------------------------------------------------------------------------------
+# The figure and the table
+# --------------------------------------------------------------------------------------------
+
+
+def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
+    """One panel per parametrization: validation loss vs log2 lr, a curve per size (seed mean,
+    band = seed std), each size's fitted optimum dotted. Along depth one more panel: the loss
+    at the optimum vs depth ("deeper is better?")."""
+    plt = pyplot()
+    axis = next(iter(verdicts.values())).axis
+    joint = axis is DEPTH and any(v.best["width"].nunique() > 1 for v in verdicts.values())
+    n = len(verdicts) + (axis is DEPTH)
+    fig, panels = plt.subplots(1, n, figsize=(5.2 * n, 4), squeeze=False)
+    lr_panels = panels[0][:len(verdicts)]
+    for ax, (par, v) in zip(lr_panels, verdicts.items(), strict=True):
+        colors = plt.cm.viridis(np.linspace(0.1, 0.9, len(v.best)))
+        for color, size in zip(colors, v.best.itertuples(), strict=True):
+            shape = [getattr(size, c) for c in axis.shape]
+            s = (v.table[(v.table[list(axis.shape)] == shape).all(axis=1)]
+                 .groupby("log2_lr")["loss"].agg(["mean", "std"]))
+            ax.plot(s.index, s["mean"], marker="o", ms=3, color=color, label=_size_label(size, axis, joint))
             if s["std"].notna().any():
                 ax.fill_between(s.index, s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
                                 color=color, alpha=0.15)
-            b = v.best[v.best["width"] == width].iloc[0]
-            ax.axvline(b["fit_log2_lr"], color=color, ls=":", lw=1)
+            ax.axvline(size.fit_log2_lr, color=color, ls=":", lw=1)
         name = {"mup": "μP", "sp": "SP"}.get(par, par)
         ax.set_title(f"{name}: optimum drifts {v.drift_octaves:.2f} octaves"
                      if v.drift_octaves is not None else f"{name}: not judged (see table)")
         ax.set_xlabel("log2 learning rate")
         ax.set_yscale("log")
-    axes[0].set_ylabel("validation loss")
-    axes[-1].legend(fontsize=8)
+        if ax is not lr_panels[0]:
+            ax.sharey(lr_panels[0])
+            ax.tick_params(axis="y", which="both", labelleft=False)
+    lr_panels[0].set_ylabel("validation loss")
+    lr_panels[-1].legend(fontsize=8)
+    if axis is DEPTH:
+        _plot_loss_at_optimum(panels[0][-1], verdicts, joint)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
-def validation_markdown(verdicts: dict[str, Verdict]) -> str:
-    lines = ["| parametrization | width | best log2 lr (grid) | best log2 lr (fit) | loss at best | seed std |",
-             "|---|---|---|---|---|---|"]
+def _size_label(size, axis: Axis, joint: bool) -> str:
+    if axis is WIDTH:
+        return f"width {size.width}"
+    return f"w{size.width} d{size.depth}" if joint else f"depth {size.depth}"
+
+
+def _plot_loss_at_optimum(ax, verdicts: dict[str, Verdict], joint: bool) -> None:
+    """The loss at each depth's optimum (seed std as the error bar), a line per parametrization."""
+    for par, v in verdicts.items():
+        ax.errorbar(v.best["depth"], v.best["loss_at_best"], yerr=v.best["seed_std"], marker="o",
+                    capsize=3, label=par)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("depth" + (" (width grows with it)" if joint else ""))
+    ax.set_ylabel("validation loss at the optimum")
+    ax.set_title("deeper is better?")
+    ax.legend(fontsize=8)
+
+
+def validation_markdown(verdicts: dict[str, Verdict], base_depth: int | None = None) -> str:
+    """validate's table: each size's optimum per parametrization, then each parametrization's
+    drift and whether the loss at the optimum improves along the axis (along depth also the
+    base depth, and the loss at the optimum at the first and last depth)."""
+    axis = next(iter(verdicts.values())).axis
+    by_depth = axis is DEPTH
+    lines = _md_row([axis.compared, *axis.shape, "best log2 lr (grid)", "best log2 lr (fit)",
+                     "loss at best", "seed std"], header=True)
     for par, v in verdicts.items():
         for r in v.best.itertuples():
-            lines.append(f"| {par} | {r.width} | {r.best_log2_lr:g} | {r.fit_log2_lr:.2f} | "
-                         f"{r.loss_at_best:.4f} | {r.seed_std:.4f} |")
-    lines += ["", "| parametrization | drift (octaves, fit) | wider is better |", "|---|---|---|"]
+            lines += _md_row([par, *(getattr(r, c) for c in axis.shape), f"{r.best_log2_lr:g}",
+                              f"{r.fit_log2_lr:.2f}", f"{r.loss_at_best:.4f}", f"{r.seed_std:.4f}"])
+    lines.append("")
+    if by_depth:
+        lines += [f"base depth {base_depth}", ""]
+    lines += _md_row([axis.compared, "drift (octaves, fit)", axis.better,
+                      *(["loss at best, first -> last"] if by_depth else [])], header=True)
     for par, v in verdicts.items():
-        lines.append(f"| {par} | {v.drift_text} | {'yes' if v.wider_is_better else 'no'} |")
+        first, last = v.best["loss_at_best"].iloc[0], v.best["loss_at_best"].iloc[-1]
+        lines += _md_row([par, v.drift_text, "yes" if v.bigger_is_better else "no",
+                          *([f"{first:.4f} -> {last:.4f}"] if by_depth else [])])
     return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: list, header: bool = False) -> list[str]:
+    """One Markdown table row (and the rule under it when it is the header)."""
+    row = "| " + " | ".join(str(c) for c in cells) + " |"
+    return [row, "|" + "---|" * len(cells)] if header else [row]

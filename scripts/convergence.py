@@ -26,12 +26,12 @@ from pathlib import Path
 
 import optuna
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose
-from mupsweep.report import _pyplot
+from mupsweep.plots import pyplot
+from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.tune import tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer
-from mupsweep.sweep.tune import tune
 
 
 def steps_to_reach(history: list[dict], target: float) -> int | None:
@@ -142,7 +142,7 @@ def main() -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in (("muP, transferred HPs", mup), (f"SP, DiT recipe (lr {sp_cfg.optim.lr:g})", sp)):
         ax.plot([h["step"] for h in r.history], [h["validation_loss"] for h in r.history], label=name)

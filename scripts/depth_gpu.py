@@ -3,7 +3,7 @@
 The same grid as `mupsweep validate --depths 4,8,16,28` (lr x seed at each depth, width
 fixed, depth_parametrization none vs completep, base depth = the smallest depth), with every
 study's trials run at once: small models leave a GPU idle between kernel launches, so many
-worker processes share it (all of them write one journal storage). Then `validate_depths`
+worker processes share it (all of them write one journal storage). Then `validate`
 reads the finished studies back and draws the figure and the table. Re-running resumes.
 
     python scripts/depth_gpu.py --out runs/depth_gpu                      # one H100: ~4 min (*)
@@ -33,18 +33,19 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose, from_dict, to_dict
 from mupsweep.sweep.storage import open_for_reading, storage_spec
 from mupsweep.sweep.study import open_study
+from mupsweep.sweep.summary import best_document
 from mupsweep.sweep.workers import run_worker
-from mupsweep.validate import best_per_width, loss_table
-from mupsweep.validate_depth import (
-    depth_validation_markdown,
-    depth_verdict,
-    plot_depth_validation,
-    shape_config,
-    validate_depths,
+from mupsweep.validate import (
+    DEPTH,
+    depth_grid_config,
+    judge,
+    loss_table,
+    plot_validation,
+    validate,
+    validation_markdown,
 )
 
 
@@ -96,7 +97,7 @@ def main() -> None:
     shapes = [(args.width, d) for d in depths]
 
     # 1. every study's trials at once, deepest first (they take longest)
-    configs = [shape_config(cfg, par, w, d, min(depths), grid, seeds, out)
+    configs = [depth_grid_config(cfg, par, w, d, min(depths), grid, seeds, out)
                for w, d in reversed(shapes) for par in ("none", "completep")]
     if args.report_only:
         report_partial(configs, out)
@@ -114,7 +115,8 @@ def main() -> None:
     train_s = time.perf_counter() - t0
 
     # 2. read the finished studies back: figure, table, verdicts
-    result = validate_depths(cfg, shapes, grid, seeds, workers=1, out_dir=str(out))
+    result = validate(cfg, [w for w, _ in shapes], grid, seeds, workers=1, out_dir=str(out),
+                      depths=depths)
     summary = {"args": vars(args), "train_wall_s": train_s,
                "total_wall_s": time.perf_counter() - t0, "failed_workers": failed,
                **result.summary()}
@@ -128,7 +130,7 @@ def report_partial(configs: list, out: Path) -> None:
     """Figure and table from the trials each study finished, without training the rest."""
     verdicts = {}
     for par in ("none", "completep"):
-        tables, bests = [], []
+        tables = []
         for c in sorted((c for c in configs if c.model.depth_parametrization == par),
                         key=lambda c: c.model.depth):
             study = optuna.load_study(study_name=c.sweep.study,
@@ -138,12 +140,10 @@ def report_partial(configs: list, out: Path) -> None:
             table = loss_table(doc).assign(depth=c.model.depth)
             table = table.drop_duplicates(["log2_lr", "seed"])  # a grid point run twice
             tables.append(table)
-            bests.append(best_per_width(table).assign(depth=c.model.depth))
-        verdicts[par] = depth_verdict(par, pd.concat(tables, ignore_index=True),
-                                      pd.concat(bests, ignore_index=True))
+        verdicts[par] = judge(pd.concat(tables, ignore_index=True), par, DEPTH)
         verdicts[par].table.to_csv(out / f"validate_depth_{par}.csv", index=False)
-    plot_depth_validation(verdicts, out / "validate_depth.png")
-    md = depth_validation_markdown(verdicts, min(c.model.depth for c in configs))
+    plot_validation(verdicts, out / "validate_depth.png")
+    md = validation_markdown(verdicts, min(c.model.depth for c in configs))
     (out / "validate_depth.md").write_text(md)
     print(md)
 

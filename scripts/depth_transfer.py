@@ -25,12 +25,12 @@ from pathlib import Path
 
 import optuna
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose
-from mupsweep.report import _pyplot
+from mupsweep.plots import pyplot
+from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.tune import tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer
-from mupsweep.sweep.tune import tune
 
 RECIPES = {  # name: (proxy depth from --deep-depth/--shallow-depth, depth parametrization)
     "deep-none": ("deep", "none"),
@@ -121,7 +121,7 @@ def write_summary(results: dict, args, out: Path) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for color, (name, r) in zip(("C0", "C2", "C3"), results.items(), strict=False):
         for k, t in enumerate(r["targets"]):

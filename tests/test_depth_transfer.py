@@ -10,11 +10,11 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, run_cli
 
-from mupsweep.sweep.summary import load_best
 from mupsweep.config import compose
 from mupsweep.errors import UserError
+from mupsweep.sweep.summary import load_best
 from mupsweep.transfer import transfer
-from mupsweep.validate_depth import validate_depths
+from mupsweep.validate import validate
 
 PROXY = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=6",
          "train.eval_every=3", "train.val_size=32", "train.batch_size=16", "sweep.proxy_widths=[32]",
@@ -144,7 +144,7 @@ def test_validate_depths_bad_input(tmp_path, args, needle):
 def test_validate_depths_refuses_before_training(tmp_path):
     cfg = compose(["model=dit-tiny", f"sweep.out_dir={tmp_path}"])
     with pytest.raises(UserError, match="increasing depths"):
-        validate_depths(cfg, [(64, 4), (64, 2)], [-10, -9, -8], [0])
+        validate(cfg, [64, 64], [-10, -9, -8], [0], depths=[4, 2])
     with pytest.raises(UserError, match="not muP"):
-        validate_depths(compose(["model.parametrization=sp"]), [(64, 2), (64, 4)], [-10, -9, -8], [0])
+        validate(compose(["model.parametrization=sp"]), [64, 64], [-10, -9, -8], [0], depths=[2, 4])
     assert not list(tmp_path.iterdir())  # nothing was trained or written

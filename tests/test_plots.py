@@ -10,9 +10,9 @@ import pandas as pd
 from conftest import run_cli
 from PIL import Image
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.images import label_columns
 from mupsweep.report import history_points, lr_points, plot_coord_check, plot_lr_vs_loss
+from mupsweep.sweep.summary import best_document
 
 
 def study_with_a_pruned_trial() -> optuna.Study:

@@ -1,4 +1,5 @@
-"""`mupsweep validate` on a tiny grid produces the figure and the table with every field."""
+"""`mupsweep validate` on a tiny grid produces the figure and the table with every field; each
+size's optimum and the drift, along width and along depth."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import run_cli
 
-from mupsweep.validate import best_per_width, loss_table, parabola_vertex
+from mupsweep.drift import drift_octaves, parabola_vertex
+from mupsweep.sweep import summary
+from mupsweep.validate import (
+    DEPTH,
+    best_lr_per_size,
+    judge,
+    loss_table,
+    plot_validation,
+    validation_markdown,
+)
 
 
 def test_validate_tiny_grid_writes_figure_and_table(tmp_path):
@@ -63,6 +74,50 @@ def test_diverged_runs_never_win_and_missing_widths_count_as_diverged():
         {"hparams": {"optim.lr": 2.0**-7}, "losses": {"32": 0.18}},  # pruned: 256 diverged
         {"hparams": {"optim.lr": 2.0**-6}, "losses": {"32": 0.19, "256": math.inf}},
     ]}
-    best = best_per_width(loss_table(doc))
+    best = best_lr_per_size(loss_table(doc))
     assert best.set_index("width").loc[256, "best_log2_lr"] == -8.0
     assert best.set_index("width").loc[32, "best_log2_lr"] == -7.0
+
+
+# --------------------------------------------------------------------------------------------
+# Drift: one definition, the spread of the per-size optimum, wherever it is read
+# --------------------------------------------------------------------------------------------
+
+
+def test_drift_is_the_spread_of_the_per_size_optimum():
+    """An optimum that moves up and back down moved: the narrowest and the widest agreeing
+    does not make a middle width that disagrees by two octaves transfer."""
+    assert drift_octaves([-7.0, -5.0, -7.0]) == 2.0
+    assert drift_octaves([-7.0, -6.5, -6.0]) == pytest.approx(1.0)  # one way: end to end
+    assert drift_octaves([-7.0]) is None and drift_octaves([]) is None
+    # report and transfer read the per-width best trial, validate the fitted optimum: one figure
+    rows = [{"log2_lr": x} for x in (-7.0, -5.0, -7.0)]
+    assert summary.drift_octaves(rows) == 2.0
+    bowl = {"study": "s", "proxy_widths": [32, 64, 128], "trials": [
+        {"number": i, "state": "COMPLETE", "hparams": {"optim.lr": 2.0**e},
+         "losses": {"32": 0.2 + 0.01 * (e + 7) ** 2, "64": 0.2 + 0.01 * (e + 5.5) ** 2,
+                    "128": 0.2 + 0.01 * (e + 7) ** 2}}
+        for i, e in enumerate((-9.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0))]}
+    v = judge(loss_table(bowl), "mup")
+    assert list(v.best["fit_log2_lr"]) == pytest.approx([-7.0, -5.5, -7.0])
+    assert v.drift_octaves == pytest.approx(1.5)
+
+
+def test_depth_verdict_table_and_figure(tmp_path):
+    """Along depth the same verdict, table and figure, with the shape (width, depth) per row,
+    the base depth and "deeper is better"."""
+    rows = [{"width": 64, "depth": d, "log2_lr": e, "seed": s,
+             "loss": 0.2 - 0.01 * d + 0.01 * (e + 7 + 0.1 * d) ** 2 + 0.001 * s}
+            for d in (2, 4, 8) for e in (-9.0, -8.0, -7.0, -6.0, -5.0) for s in (0, 1)]
+    table = pd.DataFrame(rows)
+    verdicts = {"none": judge(table, "none", DEPTH),
+                "completep": judge(table.assign(loss=table["loss"] + 0.01), "completep", DEPTH)}
+    v = verdicts["none"]
+    assert [(b["width"], b["depth"]) for b in v.summary()["best"]] == [(64, 2), (64, 4), (64, 8)]
+    assert v.summary()["depth_parametrization"] == "none" and v.summary()["deeper_is_better"]
+    assert v.drift_octaves == pytest.approx(0.6, abs=0.05)
+    md = validation_markdown(verdicts, base_depth=2)
+    assert md.splitlines()[0] == ("| depth parametrization | width | depth | best log2 lr (grid) | "
+                                  "best log2 lr (fit) | loss at best | seed std |")
+    assert "\nbase depth 2\n" in md and "| none | 0.60 | yes | " in md
+    assert plot_validation(verdicts, tmp_path / "d.png").stat().st_size > 10_000

@@ -20,7 +20,14 @@ from mupsweep.config import compose
 from mupsweep.errors import UserError
 from mupsweep.sweep.space import search_space
 from mupsweep.sweep.study import enqueue_grid, open_study
-from mupsweep.validate import grid_config, parse_log2_grid, validation_markdown, verdict
+from mupsweep.validate import (
+    grid_config,
+    judge,
+    loss_table,
+    parse_log2_grid,
+    validation_markdown,
+    why_incomplete,
+)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 TINY_GRID = ["model=dit-tiny", "train.steps=4", "train.eval_every=4", "train.val_size=32"]
@@ -156,8 +163,6 @@ def test_grid_with_repeated_points_is_refused_not_judged(tmp_path):
 def test_grid_with_failed_points_says_re_run(tmp_path):
     """A point whose trials failed (not diverged: an error, a dead worker) is missing, and a
     re-run completes it: the message says so."""
-    from mupsweep.validate import _incomplete
-
     out = tmp_path / "v"
     _grid_study(out, [], done=[-8.0, -6.0])
     cfg = compose([*TINY_GRID, f"sweep.out_dir={out}", "sweep.heartbeat_s=0"])
@@ -167,7 +172,7 @@ def test_grid_with_failed_points_says_re_run(tmp_path):
     assert enqueue_grid(study, params) == 1  # only the missing point
     assert enqueue_grid(study, params) == 0  # idempotent
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
-    why = _incomplete(study, params, out / "mup" / "trials.csv")
+    why = why_incomplete(study, params, out / "mup" / "trials.csv")
     assert why is not None and "missing 1 of 3 points (2^-7 seed 0)" in why
     assert why.endswith(f"reasons in {out}/mup/trials.csv); re-run to complete the grid")
 
@@ -194,20 +199,20 @@ def _doc(losses_by_lr: dict[float, dict[str, float]]) -> dict:
 
 def test_optimum_on_the_grid_edge_is_not_a_drift_figure():
     monotone = _doc({e: {"32": 1 + 0.1 * e, "256": 0.9 + 0.1 * e} for e in (-8.0, -7.0, -6.0)})
-    v = verdict(monotone, "mup")  # the lowest loss at 2^-8 at both widths
+    v = judge(loss_table(monotone), "mup")  # the lowest loss at 2^-8 at both widths
     assert v.drift_octaves is None
     assert v.why_not == "optimum at the grid edge 2^-8 (width 32, 256): widen --log2-lr"
     assert "| mup | not judged: optimum at the grid edge 2^-8" in validation_markdown({"mup": v})
 
     bowl = _doc({e: {"32": 0.2 + 0.01 * (e + 7) ** 2, "256": 0.1 + 0.01 * (e + 7.25) ** 2}
                  for e in (-9.0, -8.0, -7.0, -6.0, -5.0)})
-    v = verdict(bowl, "mup")
+    v = judge(loss_table(bowl), "mup")
     assert v.why_not is None and v.drift_octaves == pytest.approx(0.25)
 
 
 def test_every_lr_diverged_is_not_an_optimum():
     doc = _doc({e: {"32": 0.2 + (e + 7) ** 2, "256": math.nan} for e in (-8.0, -7.0, -6.0)})
-    v = verdict(doc, "sp")
+    v = judge(loss_table(doc), "sp")
     assert v.drift_octaves is None and "every lr diverged at width 256" in v.why_not
 
 
@@ -219,7 +224,7 @@ def test_failed_trials_are_not_counted_as_diverged():
                           "losses": {"32": 5.0}})
     doc["trials"].append({"number": 4, "state": "COMPLETE", "hparams": {"optim.lr": 2.0**-7},
                           "losses": {"32": 9.0, "256": 9.0}})  # a repeat: the first one counts
-    v = verdict(doc, "mup")
+    v = judge(loss_table(doc), "mup")
     assert list(v.best["best_log2_lr"]) == [-7.0, -7.0] and list(v.best["seeds"]) == [1, 1]
 
 

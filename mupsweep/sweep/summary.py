@@ -1,6 +1,7 @@
 """The best document: a sweep's result as one JSON object, the contract between `tune` and its
 readers (`transfer`, `report`, `validate`). Built from a study, written as best.json, loaded
-(a file, stdin or the study's storage), checked, and read (per-width best lr and its drift).
+(a file, stdin or the study's storage), checked, and read (per-width best lr and its drift,
+as `mupsweep.drift` defines it).
 
     {"study", "storage" (password hidden), "parametrization", "value", "trial", "hparams"
      {config key: value}, "proxy_widths", "base_config", "cost" {"flops", "wall_time_s",
@@ -20,11 +21,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mupsweep import drift
 from mupsweep.config import from_dict
 from mupsweep.errors import UserError
-from mupsweep.sweep.storage import label_of, open_for_reading, parse_storage, redact_text
 from mupsweep.sweep.retry import is_interrupted, is_surplus
 from mupsweep.sweep.space import config_values
+from mupsweep.sweep.storage import label_of, open_for_reading, parse_storage, redact_text
 from mupsweep.sweep.study import study_base_config
 from mupsweep.util import atomic_write_text, first_line, json_safe
 
@@ -259,7 +261,9 @@ def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
     Rows: {"width", "lr", "log2_lr", "loss", "trials"} (trials: how many had a loss there).
     Widths without any usable trial are left out; trials without `hparams["optim.lr"]` are
-    ignored (a sweep that does not tune lr has no lr to drift)."""
+    ignored (a sweep that does not tune lr has no lr to drift). The optimum is the best trial's
+    lr, not a fit: a sweep's trials differ in more than the lr (`validate`'s lr-only grid fits
+    a parabola, `mupsweep.drift.place_optimum`)."""
     widths = [int(w) for w in doc.get("proxy_widths", [])]
     rows = []
     for w in widths:
@@ -300,8 +304,6 @@ def why_not_placed(rows: list[dict[str, Any]]) -> str | None:
 
 
 def drift_octaves(rows: list[dict[str, Any]]) -> float | None:
-    """Spread (max - min) of the per-width best log2 lr; None with fewer than two widths."""
-    if len(rows) < 2:
-        return None
-    logs = [r["log2_lr"] for r in rows]
-    return max(logs) - min(logs)
+    """The drift (`mupsweep.drift.drift_octaves`: max - min) of the per-width best log2 lr in
+    rows of `lr_by_width`; None with fewer than two widths."""
+    return drift.drift_octaves(r["log2_lr"] for r in rows)
