@@ -6,27 +6,42 @@ Exit codes: 0 ok; 1 the work ran and failed its own check (coord check); 2 bad i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 # Typer 0.29 vendors click and exports no usage-error class: its own module is the one place
 from typer._click import exceptions as typer_exceptions
 
+from mupsweep.cli_io import (
+    choices,
+    compose_config,
+    err,
+    hydra_cfg_spelling,
+    int_list,
+    print_best_trials,
+    print_config,
+    print_json,
+    print_lr_by_width,
+    print_slopes,
+    print_wide,
+    readable_config,
+    refuse,
+    say_interrupted,
+    say_verdicts,
+    summary_argument,
+    train_config,
+    usage_line,
+)
 from mupsweep.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="muP hyperparameter transfer for diffusion transformers.")
-err = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="Hydra overrides: model=dit-tiny model.width=128 optim.lr=2e-3 "
                            "(groups and their options: below)")
@@ -56,86 +71,6 @@ EPILOG = _groups_epilog()
 app.info.epilog = EPILOG
 
 
-def _print_json(doc: object) -> None:
-    """The only writer to stdout, so pipelines get clean JSON. NaN/inf become null."""
-    from mupsweep.util import json_safe
-
-    sys.stdout.write(json.dumps(json_safe(doc), indent=2) + "\n")
-    sys.stdout.flush()
-
-
-def _compose(overrides: list[str] | None, config: Path | None = None,
-             config_dir: Path | None = None, sweeps: bool = False):
-    from mupsweep.config import compose
-
-    readable = _readable_config(config)
-    try:
-        return compose(overrides or [], config_file=readable, config_dir=config_dir, sweeps=sweeps)
-    except UserError as e:  # name the stream the user gave, not its temporary copy
-        if readable not in _STREAM_COPIES:
-            raise
-        raise UserError(str(e).replace(readable, _STREAM_COPIES[readable])) from None
-
-
-_STREAM_COPIES: dict[str, str] = {}  # temporary copy of a piped --config -> what the user named
-
-
-def _readable_config(config: Path | None) -> str | None:
-    """--config as a file compose can read. '-' (stdin), /dev/stdin and a shell's <(...) are
-    streams that can be read once: their text is kept in a temporary file for this process,
-    so `mupsweep transfer best.json -o - | mupsweep train --config -` works."""
-    import atexit
-    import tempfile
-
-    if config is None:
-        return None
-    if str(config) in _STREAM_COPIES:
-        return str(config)
-    if str(config) != "-" and (config.is_file() or not config.exists()):
-        return str(config)  # a file, or a missing path that compose names in its error
-    if str(config) == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise UserError("--config -: stdin is a terminal; pipe a config in, e.g. "
-                            "`mupsweep transfer best.json -o - | mupsweep train --config -`")
-        text = sys.stdin.read()
-    elif config.is_dir():
-        raise UserError(f"--config {config}: a directory; give a YAML config file")
-    else:
-        try:
-            text = config.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--config {config}: cannot read it ({e})") from None
-    if not text.strip():
-        raise UserError(f"--config {config}: empty (nothing was piped in)")
-    fd, path = tempfile.mkstemp(prefix="mupsweep-config-", suffix=".yaml")
-    atexit.register(os.unlink, path)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    _STREAM_COPIES[path] = "stdin" if str(config) == "-" else str(config)
-    return path
-
-
-def _print_cfg(cfg) -> None:
-    """--cfg: the resolved config as YAML on stdout (every password hidden), then exit 0.
-    The names a run looks up (the model registry, the datasets, the sweep's sampler and
-    pruner) are checked first, so --cfg refuses what the run would."""
-    from mupsweep.config import to_yaml
-    from mupsweep.data import DATASETS
-    from mupsweep.models import get_model_class
-    from mupsweep.rundir import without_passwords
-    from mupsweep.sweep.space import search_space
-    from mupsweep.sweep.study import make_pruner, make_sampler
-
-    get_model_class(cfg.model.arch)
-    if cfg.data.name not in DATASETS:
-        raise UserError(f"data.name={cfg.data.name!r}: unknown dataset; use one of {', '.join(DATASETS)}")
-    make_sampler(cfg, search_space(cfg))
-    make_pruner(cfg)
-    sys.stdout.write(to_yaml(without_passwords(cfg)))
-    sys.stdout.flush()
-    raise typer.Exit(0)
-
-
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
@@ -155,30 +90,21 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
 
     Each run gets a new directory (`runs/train/DATE_TIME`) unless train.run_dir is given;
     exit 1 when the run diverged."""
-    from mupsweep.launch import check_launch, launch
+    from mupsweep.launch import check_launch, launch_train
 
     check_launch(nproc_per_node, nnodes, node_rank)
     if config is not None:  # a pipe is read once, here: the ranks read the same text from a file
-        config = Path(_readable_config(config))
-    cfg = _train_config(overrides, config, resume, config_dir)  # validate before any process starts
+        config = Path(readable_config(config))
+    cfg = train_config(overrides, config, resume, config_dir)  # validate before any process starts
     if print_cfg:
-        _print_cfg(cfg)
+        print_config(cfg)
     if nproc_per_node > 1 or nnodes != "1":
-        if cfg.train.run_dir is not None:  # refuse here, before every rank repeats it
-            from mupsweep.rundir import RunDirLock, check_run_dir
-
-            check_run_dir(cfg, Path(cfg.train.run_dir))
-            RunDirLock(Path(cfg.train.run_dir)).check_free()
         args = ["train", *(overrides or [])]
-        if config_dir:
-            args += ["--config-dir", str(config_dir)]
-        if config:
-            args += ["--config", str(config)]
-        if resume:
-            args += ["--resume", str(resume)]
-        if json_out:
-            args += ["--json"]
-        launch(args, nproc_per_node, nnodes, rdzv_endpoint, node_rank)
+        for flag, value in (("--config-dir", config_dir), ("--config", config), ("--resume", resume)):
+            if value:
+                args += [flag, str(value)]
+        launch_train(cfg, args + (["--json"] if json_out else []), nproc_per_node, nnodes,
+                     rdzv_endpoint, node_rank)
         return
 
     from mupsweep.stopping import Interrupted, stop_signals
@@ -194,7 +120,7 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
                 "printed at its start" if cfg.train.ckpt_every else
                 "nothing was checkpointed (train.ckpt_every=0 saves only at the end): re-run to "
                 "start again, with train.ckpt_every=N to keep progress")
-        _say_interrupted(Interrupted.of(e, f"interrupted{by}: {kept}"), "")
+        say_interrupted(Interrupted.of(e, f"interrupted{by}: {kept}"), "")
     if int(os.environ.get("RANK", "0")) != 0:
         return
     status = "[red]diverged:[/] " + escape(result.reason) if result.diverged else "[bold]done[/]"
@@ -203,28 +129,9 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
               f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""),
               highlight=False, soft_wrap=True)
     if json_out:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     if result.diverged:  # the run's own check failed: its numbers must not pass for a result
         raise typer.Exit(1)
-
-
-def _train_config(overrides: list[str] | None, config: Path | None, resume: Path | None,
-                  config_dir: Path | None = None):
-    """The run's config. `--resume R [overrides]` is `--config R/config.yaml [overrides]
-    train.run_dir=R train.resume=true`."""
-    if resume is None:
-        return _compose(overrides, config, config_dir)
-    if config is not None:
-        raise UserError("--resume takes the run's own config.yaml as the base; drop --config")
-    for item in overrides or []:
-        if item.split("=", 1)[0].lstrip("+") in ("train.run_dir", "train.resume"):
-            raise UserError(f"--resume {resume} sets train.run_dir and train.resume; drop {item}")
-    if not (resume / "config.yaml").is_file():
-        raise UserError(f"--resume {resume}: no run to continue there ({resume / 'config.yaml'} "
-                        "not found)")
-    cfg = _compose(overrides, resume / "config.yaml")
-    cfg.train.run_dir, cfg.train.resume = str(resume), True
-    return cfg
 
 
 @app.command()
@@ -260,11 +167,11 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     from mupsweep.config import set_by_path
     from mupsweep.coordcheck import coord_check as run_check
 
-    cfg = _compose(overrides, config_dir=config_dir)
+    cfg = compose_config(overrides, config_dir=config_dir)
     if print_cfg:
-        _print_cfg(cfg)
+        print_config(cfg)
     if depths is not None:
-        _coord_check_depths(cfg, _int_list(depths, "--depths"), both, json_out)
+        _coord_check_depths(cfg, int_list(depths, "--depths"), both, json_out)
     parametrizations = [cfg.model.parametrization] + (["sp" if cfg.model.parametrization == "mup" else "mup"] if both else [])
     results = []
     for par in parametrizations:
@@ -272,26 +179,11 @@ def coord_check(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         with err.status(f"coordinate check ({par}) at widths {cfg.coord.widths} ..."):
             r = run_check(cfg, out_dir=cfg.coord.out_dir)
         results.append(r)
-        _print_slopes(r)
+        print_slopes(r)
     if json_out:
-        _print_json([r.summary() for r in results])
+        print_json([r.summary() for r in results])
     # the verdict is the first (requested) parametrization's
     raise typer.Exit(0 if results[0].passed else 1)
-
-
-def _int_list(text: str, what: str, distinct: bool = True) -> list[int]:
-    """A comma-separated list flag: integers, at least one (an empty flag is not the default),
-    and with distinct=True (every axis of a grid) no value twice."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what}={text!r}: give comma-separated integers") from None
-    if not values:
-        raise UserError(f"{what}={text!r}: give comma-separated integers (an empty list is "
-                        "not the default; leave the flag out for that)")
-    if distinct and len(set(values)) != len(values):
-        raise UserError(f"{what}={text!r} lists a value twice")
-    return values
 
 
 def _coord_check_depths(cfg, depths: list[int], both: bool, json_out: bool) -> None:
@@ -310,32 +202,10 @@ def _coord_check_depths(cfg, depths: list[int], both: bool, json_out: bool) -> N
                         f"width {cfg.model.width} ..."):
             r = run_check(cfg, out_dir=cfg.coord.out_dir, depths=depths)
         results.append(r)
-        _print_slopes(r)
+        print_slopes(r)
     if json_out:
-        _print_json([r.summary() for r in results])
+        print_json([r.summary() for r in results])
     raise typer.Exit(0 if results[0].passed else 1)
-
-
-def _print_slopes(r) -> None:
-    pivot = r.slopes.pivot(index="module", columns="step", values="slope")
-    table = Table(title=escape(f"coordinate check [{r.parametrization}]: slope of log2 mean|act| "
-                               f"vs log2 {r.axis}"), title_justify="left")
-    table.add_column("module")
-    for step in pivot.columns:
-        table.add_column(f"step {step}", justify="right")
-    for module, row in pivot.iterrows():
-        cells = []
-        for v in row.values:
-            if math.isnan(v):
-                cells.append("[dim]zero[/]")
-            else:
-                style = "red" if abs(v) > r.tolerance else "green"
-                cells.append(f"[{style}]{v:+.2f}[/]")
-        table.add_row(str(module), *cells)
-    _print_wide(table)
-    verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
-    err.print(f"{verdict} ({r.parametrization}): max |slope| {r.max_abs_slope:.2f} at {r.worst}, "
-              f"tolerance {r.tolerance}; plot {r.plot_path}")
 
 
 @app.command(epilog=EPILOG)
@@ -353,9 +223,9 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
         make_optimizer,
     )
 
-    cfg = _compose(overrides, config, config_dir)
+    cfg = compose_config(overrides, config, config_dir)
     if print_cfg:
-        _print_cfg(cfg)
+        print_config(cfg)
     model = build_model(cfg.model, data_spec_of(load_dataset(cfg.data)))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
     m = cfg.model
@@ -379,7 +249,7 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
                       "yes" if r["residual_block"] else "", r["init"], f"{r['init_std']:.4g}",
                       f"{r['lr']:.3g}", f"{r['lr_mult']:.3g}", f"{r['depth_lr_mult']:.3g}",
                       f"{r['eps']:.3g}")
-    _print_wide(table, to_stdout=not json_out)  # the product: stdout, unless JSON is
+    print_wide(table, to_stdout=not json_out)  # the product: stdout, unless JSON is
     blocks = describe_blocks(model)
     mults = sorted({b["residual_mult"] for b in blocks})
     err.print(f"{len(blocks)} residual blocks, each branch added x "
@@ -388,21 +258,7 @@ def inspect(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: b
     n = sum(math.prod(r["shape"]) for r in rows)
     err.print(f"{len(rows)} tensors, {n:,} parameters")
     if json_out:
-        _print_json(rows)
-
-
-def _print_wide(table: Table, to_stdout: bool = False) -> None:
-    """A table at its natural width when its stream is not a terminal (a file, a pipe: rich
-    would squeeze it into 80 columns and cut every cell); on a terminal, the terminal's width.
-    to_stdout: the table is the command's product (inspect), for `| grep` and files."""
-    console = Console() if to_stdout else err
-    if console.is_terminal:
-        console.print(table)
-        return
-    from rich.measure import Measurement
-
-    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    Console(stderr=not to_stdout, width=max(console.width, natural)).print(table)
+        print_json(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,9 +290,9 @@ def demo(out_dir: str = typer.Option(None, "--out", help="where everything goes 
     try:
         summary = run_demo(check_output_dir(out_dir, "--out"), console=err, **settings)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the line says the stage and what out_dir keeps
-        _say_interrupted(e, "interrupted")
+        say_interrupted(e, "interrupted")
     if json_out:
-        _print_json(summary)
+        print_json(summary)
     raise typer.Exit(0 if summary["coord_check_mup"]["passed"] else 1)
 
 
@@ -467,56 +323,29 @@ def validate(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     from mupsweep.validate import validate as run_validate
 
     if print_cfg:
-        _print_cfg(_compose(overrides, config_dir=config_dir))
+        print_config(compose_config(overrides, config_dir=config_dir))
     grid, note = parse_log2_grid(lrs)
     if note:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    seed_list = _int_list(seeds, "--seeds")
+    seed_list = int_list(seeds, "--seeds")
     if depths is None:  # along width: muP vs SP
         depth_list = None
-        width_list = _int_list("32,64,128,256" if widths is None else widths, "--widths")
+        width_list = int_list("32,64,128,256" if widths is None else widths, "--widths")
         check_grid(width_list, grid, seed_list)
-        pars = _choices(only, "--parametrizations", ("sp", "mup"), "use sp, mup or sp,mup")
-        cfg = _compose(overrides, config_dir=config_dir)
+        pars = choices(only, "--parametrizations", ("sp", "mup"), "use sp, mup or sp,mup")
+        cfg = compose_config(overrides, config_dir=config_dir)
     else:  # along depth: none vs completep, at model.width or one width per depth (a joint grid)
-        depth_list = _int_list(depths, "--depths")
-        pars = _choices(depth_pars, "--depth-parametrizations", ("none", "completep"),
+        depth_list = int_list(depths, "--depths")
+        pars = choices(depth_pars, "--depth-parametrizations", ("none", "completep"),
                         "use none, completep or both")
-        cfg = _compose(overrides, config_dir=config_dir)
+        cfg = compose_config(overrides, config_dir=config_dir)
         # a joint grid may hold a width twice (one width per depth)
-        width_list = (_int_list(widths, "--widths", distinct=False) if widths is not None
+        width_list = (int_list(widths, "--widths", distinct=False) if widths is not None
                       else [cfg.model.width] * len(depth_list))
         check_grid(width_list, grid, seed_list, depth_list)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _say_verdicts(lambda: run_validate(cfg, width_list, grid, seed_list, pars, workers=workers,
+    say_verdicts(lambda: run_validate(cfg, width_list, grid, seed_list, pars, workers=workers,
                                        pack=pack, depths=depth_list), json_out)
-
-
-def _choices(text: str, flag: str, allowed: tuple[str, ...], usage: str) -> tuple[str, ...]:
-    """A comma-separated choice flag (--parametrizations): at least one, each allowed, none twice."""
-    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not chosen or any(p not in allowed for p in chosen) or len(set(chosen)) != len(chosen):
-        raise UserError(f"{flag}={text!r}: {usage}")
-    return chosen
-
-
-def _say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
-    """Run validate's grids and say what they show: the JSON summary on stdout if asked, then
-    the table and figure, or why a grid was not judged (exit 1)."""
-    try:
-        result = run_grids()
-    except KeyboardInterrupt as e:  # tune re-queued the running grid points
-        _say_interrupted(e, "interrupted; re-run the same command to continue")
-    except RuntimeError as e:  # a worker process died: the studies are intact
-        _refuse(f"{e}; re-run the same command to continue", json_out, 1)
-    if json_out:
-        _print_json(result.summary())
-    if result.incomplete:
-        for why in result.incomplete.values():
-            err.print(f"[red]not judged:[/] {escape(why)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    err.print(Path(result.table_md).read_text(), highlight=False)
-    err.print(f"figure {result.figure}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,56 +374,34 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     successive_halving|median|none."""
     import optuna
 
-    from mupsweep.sweep.summary import best_document
     from mupsweep.config import set_by_path
+    from mupsweep.sweep.summary import best_document
     from mupsweep.sweep.tune import SweepFailed
     from mupsweep.sweep.tune import tune as run_tune
 
-    cfg = _compose(overrides, config_dir=config_dir, sweeps=True)
+    cfg = compose_config(overrides, config_dir=config_dir, sweeps=True)
     if storage is not None:
         set_by_path(cfg, "sweep.storage", storage)
     if study is not None:
         set_by_path(cfg, "sweep.study", study)
     if print_cfg:
-        _print_cfg(cfg)
+        print_config(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial lines instead
     try:
         result = run_tune(cfg, workers=workers)
     except SweepFailed as e:  # best.json and trials.csv are written; show what there is
         doc = best_document(e.study)
-        _print_best_trials(doc)
+        print_best_trials(doc)
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         if json_out:  # the document exists (value null): the pipe's next command says why
-            _print_json(doc)
+            print_json(doc)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: workers stopped, trials re-queued, outputs written
-        _say_interrupted(e, "interrupted; re-run the same command to continue")
+        say_interrupted(e, "interrupted; re-run the same command to continue")
     doc = best_document(result)
-    _print_best_trials(doc)
+    print_best_trials(doc)
     if json_out:
-        _print_json(doc)
-
-
-def _print_best_trials(doc: dict, top: int = 10) -> None:
-    rows = sorted((t for t in doc["trials"] if t["state"] == "COMPLETE" and t["value"] is not None),
-                  key=lambda t: t["value"])[:top]
-    table = Table(title=f"study {doc['study']} ({doc['parametrization']}): best trials",
-                  title_justify="left")
-    keys = list(doc["hparams"]) or (list(rows[0]["hparams"]) if rows else [])
-    widths = [str(w) for w in doc["proxy_widths"]]
-    for col in ["trial", "value", *[f"loss w{w}" for w in widths], *keys]:
-        table.add_column(col, justify="right")
-    for t in rows:
-        table.add_row(str(t["number"]), f"{t['value']:.4f}",
-                      *[f"{t['losses'].get(w, math.nan):.4f}" for w in widths],
-                      *[f"{t['hparams'].get(k):.4g}" if isinstance(t["hparams"].get(k), float)
-                        else str(t["hparams"].get(k)) for k in keys])
-    _print_wide(table)
-    c = doc["cost"]
-    extra = "".join(f", {c[k]} {k[2:]}" for k in ("n_interrupted", "n_surplus") if c.get(k))
-    err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed{extra}; "
-              f"{c['flops']:.3g} FLOPs, {c['wall_time_s']:.0f} s of training; storage {doc['storage']}",
-              highlight=False, soft_wrap=True)
+        print_json(doc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,26 +412,6 @@ BEST = typer.Argument(None, help="best.json from `mupsweep tune` ('-' reads stdi
                       "from `mupsweep tune --json`)", show_default=False)
 STORAGE = typer.Option(None, "--storage", help="read the study from this Optuna storage URL instead")
 STUDY = typer.Option(None, "--study", help="study name (with --storage)")
-
-
-def _best_doc(best: str | None, storage: str | None, study: str | None,
-              overrides: list[str] | None = None) -> tuple[dict, list[str]]:
-    """The best document and the remaining overrides. With --storage the first positional
-    argument is an override (there is no file), so give it back to the overrides."""
-    from mupsweep.sweep.summary import load_best, load_best_from_storage
-
-    overrides = list(overrides or [])
-    if storage or study:
-        if not (storage and study):
-            raise UserError("--storage and --study go together; give both, or a best.json")
-        if best is not None:
-            if "=" not in best:
-                raise UserError(f"give either {best} or --storage/--study, not both")
-            overrides.insert(0, best)
-        return load_best_from_storage(storage, study), overrides
-    if best is None:
-        raise UserError("no best document: give best.json, '-' for stdin, or --storage/--study")
-    return load_best(best), overrides
 
 
 @app.command("transfer", epilog=EPILOG)
@@ -654,11 +441,11 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     if out == "-" and json_out:
         raise UserError("-o - and --json both want stdout; write the YAML to a file with -o")
     check_output(out)
-    doc, overrides = _best_doc(best, storage, study, overrides)
+    doc, overrides = summary_argument(best, storage, study, overrides)
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
                           force=force, depth=depth, config_dir=config_dir)
     if result.unreliable:
-        _print_lr_by_width(result.drift)
+        print_lr_by_width(result.drift)
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     err.print(escape(result.cost_line), highlight=False, soft_wrap=True)
@@ -667,18 +454,8 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     err.print(f"wrote {path if path != '-' else 'stdout'}: {m.arch} width {m.width} depth {m.depth} "
               f"({m.parametrization}), lr {result.config.optim.lr:g}", highlight=False)
     if json_out:
-        _print_json({"config_path": str(Path(path).resolve()), "warnings": result.warnings,
+        print_json({"config_path": str(Path(path).resolve()), "warnings": result.warnings,
                      "provenance": result.provenance})
-
-
-def _print_lr_by_width(rows: list[dict]) -> None:
-    table = Table(title="best lr per proxy width", title_justify="left")
-    for col in ("width", "best lr", "log2 lr", "loss", "trials"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["width"]), f"{r['lr']:.3g}", f"{r['log2_lr']:+.2f}", f"{r['loss']:.4f}",
-                      str(r["trials"]))
-    err.print(table)
 
 
 @app.command()
@@ -691,7 +468,7 @@ def report(best: str = BEST,
     from mupsweep.report import check_output_dir, write_report
 
     check_output_dir(out_dir, "-o")  # before reading a study that may take a while
-    doc, extra = _best_doc(best, storage, study)
+    doc, extra = summary_argument(best, storage, study)
     if extra:
         raise UserError(f"report takes no overrides (got {extra[0]})")
     md = write_report(doc, out_dir, top=top)
@@ -700,7 +477,7 @@ def report(best: str = BEST,
         sys.stdout.write(md.read_text())
         sys.stdout.flush()
     else:
-        _print_json({"markdown": str(md), "lr_vs_loss": str(md.parent / "lr_vs_loss.png"),
+        print_json({"markdown": str(md), "lr_vs_loss": str(md.parent / "lr_vs_loss.png"),
                      "history": str(md.parent / "history.png")})
 
 
@@ -717,75 +494,35 @@ def main(argv: list[str] | None = None) -> None:
     use (tune.SweepFailed), a launch whose rank failed, exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _hydra_cfg_spelling(args)
+        args = hydra_cfg_spelling(args)
         code = app(args=args, prog_name="mupsweep", standalone_mode=False)
     except typer_exceptions.NoArgsIsHelpError as e:  # `mupsweep` alone: the help (Typer prints it)
         if e.format_message().strip():
             err.print(e.format_message(), highlight=False, markup=False)
         sys.exit(2)
     except typer_exceptions.UsageError as e:
-        _refuse(_usage_line(e), "--json" in args, 2)
+        refuse(usage_line(e), "--json" in args, 2)
     except UserError as e:
-        _refuse(str(e), "--json" in args, 2)
+        refuse(str(e), "--json" in args, 2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (stopping.Interrupted says what to do)
-        _say_interrupted(e, "interrupted")
+        say_interrupted(e, "interrupted")
     except Exception as e:
         from mupsweep.launch import RanksFailed
         from mupsweep.sweep.storage import storage_failure
-        from mupsweep.sweep.tune import SweepFailed  # here only: importing it loads optuna and torch
+        from mupsweep.sweep.tune import (
+            SweepFailed,  # here only: importing it loads optuna and torch
+        )
 
         full = storage_failure(e)  # a full disk met inside a trial, behind Optuna's AssertionError
         if full is not None:
-            _refuse(str(full), "--json" in args, 2)
+            refuse(str(full), "--json" in args, 2)
         if isinstance(e, RanksFailed):
-            _refuse(str(e), "--json" in args, e.exit_code)
+            refuse(str(e), "--json" in args, e.exit_code)
         if not isinstance(e, SweepFailed):
             raise
         # A command built on tune (demo, validate) whose sweep has nothing to use: exit 1.
-        _refuse(str(e), False, 1)
+        refuse(str(e), False, 1)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _say_interrupted(e: KeyboardInterrupt, fallback: str) -> None:
-    """An interrupted command's one line (what was kept, how to go on: `stopping.Interrupted`
-    carries it) and its exit code, 130 for Ctrl-C, 143 for SIGTERM. Typer turns a
-    KeyboardInterrupt that leaves a command into a silent exit 130: commands call this."""
-    err.print(str(e) or fallback, highlight=False, markup=False, soft_wrap=True)
-    sys.exit(getattr(e, "exit_code", 130))
-
-
-def _hydra_cfg_spelling(args: list[str]) -> list[str]:
-    """Hydra's `--cfg job` (and `--cfg all`) is mupsweep's `--cfg`: the value is dropped
-    (mupsweep's config is the job config; it has no Hydra runtime config for `--cfg hydra`)."""
-    out = []
-    for i, arg in enumerate(args):
-        if i > 0 and args[i - 1] == "--cfg" and arg in ("job", "all", "hydra"):
-            if arg == "hydra":
-                raise UserError("--cfg hydra: mupsweep runs no Hydra job, so it has no Hydra "
-                                "config; --cfg (or --cfg job) prints mupsweep's")
-            continue
-        out.append(arg)
-    return out
-
-
-def _refuse(message: str, json_out: bool, code: int) -> None:
-    """One line on stderr (a rank under `train --nproc-per-node` hands it to the launcher),
-    with --json the error object on stdout; exit `code`."""
-    from mupsweep.launch import write_rank_error
-
-    message = " ".join(message.split())  # one line, whatever the message held
-    if not write_rank_error(message, os.environ.get("RANK", "0")):
-        err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        if json_out:
-            _print_json({"error": message, "exit_code": code})
-    sys.exit(code)
-
-
-def _usage_line(e: typer_exceptions.UsageError) -> str:
-    """Typer's usage error (it suggests the nearest command itself) as one line, with where the
-    help is."""
-    where = e.ctx.command_path if e.ctx is not None else "mupsweep"
-    return f"{e.format_message().rstrip('.')} (see '{where} --help')"
 
 
 if __name__ == "__main__":

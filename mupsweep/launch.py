@@ -43,6 +43,18 @@ def check_launch(nproc_per_node: int, nnodes: str, node_rank: int | None) -> Non
         raise UserError(f"--node-rank={node_rank}: give 0 or more")
 
 
+def launch_train(cfg, rank_args: list[str], nproc_per_node: int, nnodes: str,
+                 rdzv_endpoint: str | None, node_rank: int | None) -> None:
+    """`train` as `nproc_per_node` ranks of `mupsweep train RANK_ARGS`. A run directory that is
+    taken or holds another run is refused here, once, before every rank would repeat it."""
+    if cfg.train.run_dir is not None:
+        from mupsweep.rundir import RunDirLock, check_run_dir
+
+        check_run_dir(cfg, Path(cfg.train.run_dir))
+        RunDirLock(Path(cfg.train.run_dir)).check_free()
+    launch(rank_args, nproc_per_node, nnodes, rdzv_endpoint, node_rank)
+
+
 def write_rank_error(message: str, rank: str) -> bool:
     """In a rank under `launch`: keep a UserError's line for the launcher; False elsewhere."""
     import os
