@@ -162,3 +162,66 @@ def test_private_name_finder_finds_one():
             "p.c": ast.parse("from p import a\na._helper()"),
             "p.d": ast.parse("from p.a import helper")}
     assert private_imports(mods) == ["p.b imports p.a._helper", "p.c uses p.a._helper"]
+
+
+# The layers of docs/design.md, top to bottom: a module imports only from its own layer or the
+# layers below it. Every module has a place here, so a new module must be given one.
+LAYERS = [
+    ("entry", ["mupsweep.__main__", "mupsweep.cli", "mupsweep.cli_io", "mupsweep.launch"]),
+    ("commands", ["mupsweep.demo", "mupsweep.validate", "mupsweep.coordcheck", "mupsweep.report"]),
+    ("transfer", ["mupsweep.transfer", "mupsweep.transfer_cost", "mupsweep.presets"]),
+    ("sweep", ["mupsweep.sweep.*"]),
+    ("training", ["mupsweep.train", "mupsweep.training", "mupsweep.training.*", "mupsweep.group*",
+                  "mupsweep.batches", "mupsweep.checkpoint", "mupsweep.metrics",
+                  "mupsweep.progress_display", "mupsweep.images", "mupsweep.rundir"]),
+    # Storage URLs are read (and their passwords hidden) by the run directory, below training.
+    ("storage", ["mupsweep.sweep.storage", "mupsweep.sweep.optuna_adapter"]),
+    ("model", ["mupsweep.parametrize", "mupsweep.models", "mupsweep.models.*", "mupsweep.data",
+               "mupsweep.diffusion", "mupsweep.conditioning", "mupsweep.completep",
+               "mupsweep.text_settings"]),
+    ("config", ["mupsweep.config", "mupsweep.config.*"]),
+    ("base", ["mupsweep", "mupsweep.sweep", "mupsweep.errors", "mupsweep.util", "mupsweep.roles",
+              "mupsweep.stopping", "mupsweep.drift", "mupsweep.plots", "mupsweep.vendor",
+              "mupsweep.vendor.*"]),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer index of `module` (0 = top); the most specific pattern wins, so
+    sweep.storage sits in "storage" although sweep.* is "sweep"."""
+    import fnmatch
+
+    best = None
+    for index, (_, patterns) in enumerate(LAYERS):
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(module, pattern):
+                exact = "*" not in pattern
+                if best is None or (exact and not best[1]) or (exact == best[1] and len(pattern) > best[2]):
+                    best = (index, exact, len(pattern))
+    return None if best is None else best[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module)
+        if here is None:
+            out.append(f"{module} has no layer in LAYERS")
+            continue
+        for target in sorted(targets):
+            there = layer_of(target)
+            if there is not None and there < here:
+                out.append(f"{module} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]})")
+    return out
+
+
+def test_imports_go_down_the_layers():
+    found = layer_violations(import_graph())
+    assert not found, "; ".join(found)
+
+
+def test_layer_check_finds_an_upward_import():
+    """The check has teeth: the config importing the training loop is refused."""
+    graph = {"mupsweep.config.schema": {"mupsweep.train"}, "mupsweep.train": {"mupsweep.config"}}
+    assert layer_violations(graph) == [
+        "mupsweep.config.schema (config) imports mupsweep.train (training)"]
