@@ -54,7 +54,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mupsweep.config import Config, DataConfig
+from mupsweep.config import DataConfig, ModelConfig
 from mupsweep.data import ImageDataset, builtin_shape, read_named_arrays
 from mupsweep.errors import UserError
 from mupsweep.text_settings import TextSettings, text_settings
@@ -128,15 +128,17 @@ class TextConditioner:
         return TextConditioner(self.data_spec, self.embeddings.to(device))
 
 
-def text_conditioner(cfg: Config, dataset: ImageDataset, spec) -> TextConditioner:
-    """The conditioner of a text model on `dataset`: its captions, encoded (or read from
-    model.extra.text_file), and `spec` (the dataset's models.DataSpec, untyped here: text.py
-    sits below the models) with the caption sizes filled in."""
-    settings = text_settings(cfg.model)
+def text_conditioner(model: ModelConfig, data: DataConfig, dataset: ImageDataset,
+                     spec) -> TextConditioner:
+    """The conditioner of a text model (`model`) on `dataset` (loaded from `data`): its
+    captions, encoded (or read from model.extra.text_file), and `spec` (the dataset's
+    models.DataSpec, untyped here: this module sits below the models) with the caption sizes
+    filled in."""
+    settings = text_settings(model)
     if settings.encoder == "file":
         emb = load_embedding_file(settings, dataset.num_classes)
     else:
-        captions = load_captions(cfg.data, dataset.class_names)
+        captions = load_captions(data, dataset.class_names)
         emb = encode_cached(captions, settings)
     _check_dims(emb, settings)
     spec = dataclasses.replace(spec, text_dim=settings.dim, text_len=settings.length)

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from mupsweep.completep import depth_scale
+from mupsweep.conditioning import LabelConditioner, TextConditioner, text_conditioner
 from mupsweep.config import Config, ModelConfig, OptimConfig
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
 from mupsweep.models import DataSpec, get_model_class
 from mupsweep.models.layers import Readout
 from mupsweep.roles import ParamSpec, Role, get_spec
-from mupsweep.conditioning import LabelConditioner, TextConditioner, text_conditioner
 from mupsweep.vendor.mup import MuAdamW, MuReadout, set_base_shapes
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def make_conditioner(cfg: Config, dataset: ImageDataset) -> LabelConditioner | T
     to build the model with."""
     spec = data_spec_of(dataset)
     if conditioning_of(cfg.model.arch) == "text":
-        return text_conditioner(cfg, dataset, spec)
+        return text_conditioner(cfg.model, cfg.data, dataset, spec)
     return LabelConditioner(spec)
 
 

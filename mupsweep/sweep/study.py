@@ -21,7 +21,14 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mupsweep.config import Config, SweepParam, from_dict, keys_outside_signature, to_dict
+from mupsweep.config import (
+    Config,
+    SweepConfig,
+    SweepParam,
+    from_dict,
+    keys_outside_signature,
+    to_dict,
+)
 from mupsweep.errors import UserError
 from mupsweep.rundir import without_passwords
 from mupsweep.sweep.optuna_adapter import set_study_system_attr, study_system_attrs
@@ -47,17 +54,17 @@ def study_base_config(study: optuna.Study) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_sampler(cfg: Config, params: list[SweepParam]) -> optuna.samplers.BaseSampler:
-    """The sampler named by sweep.sampler. tpe, gp and random are seeded per trial (see
+def make_sampler(cfg: SweepConfig, params: list[SweepParam]) -> optuna.samplers.BaseSampler:
+    """The sampler named by sweep.sampler (`cfg` is the sweep section). tpe, gp and random are seeded per trial (see
     `TrialSeededSampler`). grid is not sampled: Optuna's GridSampler is not exact under
     parallel workers (each shuffles the grid with its own seed; two may pick one point), so the
     points are enqueued instead (`enqueue_grid`); the sampler returned for it only meets a
     trial that found no point waiting, and that trial yields before it samples anything
     (`grid_conflict`)."""
-    name = cfg.sweep.sampler
+    name = cfg.sampler
     if name == "grid":
         grid(params)  # a float axis without a step fails here, before any worker starts
-        return optuna.samplers.RandomSampler(seed=cfg.sweep.seed)
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
     if name not in ("tpe", "gp", "random"):
         raise UserError(f"sweep.sampler={name!r}: use tpe, gp, random or grid")
 
@@ -73,7 +80,7 @@ def make_sampler(cfg: Config, params: list[SweepParam]) -> optuna.samplers.BaseS
                 return optuna.samplers.GPSampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
 
-    return TrialSeededSampler(make, cfg.sweep.seed)
+    return TrialSeededSampler(make, cfg.seed)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -125,10 +132,10 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._sampler.reseed_rng()
 
 
-def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    """The pruner named by sweep.pruner; it sees the intermediate values that
+def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    """The pruner named by sweep.pruner (`cfg` is the sweep section); it sees the intermediate values that
     mupsweep.sweep.objective reports."""
-    name = cfg.sweep.pruner
+    name = cfg.pruner
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
     if name == "successive_halving":
@@ -217,8 +224,8 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None,
     storage = open_for_tune(cfg, spec, on_stale=lambda study, trial: retry_trial(study, trial, max_retry))
     try:
         study = optuna.create_study(study_name=cfg.sweep.study, storage=storage,
-                                    sampler=make_sampler(cfg, params),
-                                    pruner=make_pruner(cfg), direction="minimize",
+                                    sampler=make_sampler(cfg.sweep, params),
+                                    pruner=make_pruner(cfg.sweep), direction="minimize",
                                     load_if_exists=True)
     except UserError:
         raise
