@@ -9,7 +9,6 @@ with `torch.load(weights_only=True)`: a file from elsewhere cannot run code when
 from __future__ import annotations
 
 import pickle
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +21,26 @@ from mupsweep.util import atomic_write, first_line
 
 
 class RunState:
-    """Everything a run needs to go on where it stopped: weights, optimizer, lr schedule, EMA,
-    the two generators (data order; timesteps, noise and dropout), the step, the wall time so
-    far, the validation history and the config it was started with."""
+    """Everything a run needs to go on where it stopped: weights, optimizer (whose step count
+    sets the lr schedule), EMA, the two generators (data order; timesteps, noise and dropout),
+    the step, the wall time so far, the validation history and the config it was started with.
 
-    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, ema: nn.Module | None,
-                 gen_index: torch.Generator, gen_noise: torch.Generator):
+    Every member of a training group has one (`train.Member`); only a run alone (a group of
+    one) has a model and optimizer in it, and is saved."""
+
+    def __init__(self, cfg: Config, model: nn.Module | None, optimizer: Any,
+                 ema: nn.Module | None, gen_index: torch.Generator, gen_noise: torch.Generator):
         self.cfg = cfg
-        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.model, self.optimizer, self.ema = model, optimizer, ema  # optimizer: a GroupAdamW
         self.gen_index, self.gen_noise = gen_index, gen_noise
         self.step = 0
         self.history: list[dict] = []  # [{"step", "validation_loss"}, ...]
-        self.time_before = 0.0  # wall time spent by earlier processes of this run (resume)
-        self.clock_start = time.perf_counter()
-
-    def start_clock(self) -> None:
-        """This process's wall time counts from here."""
-        self.clock_start = time.perf_counter()
-
-    @property
-    def wall_time_s(self) -> float:
-        return self.time_before + (time.perf_counter() - self.clock_start)
+        self.wall_time_s = 0.0  # this run's training time, earlier processes of it included
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # torch AdamW's format
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "gen_index": self.gen_index.get_state(),
             "gen_noise": self.gen_noise.get_state(),  # a CPU uint8 tensor for any device
@@ -61,15 +52,17 @@ class RunState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`'s output. The config is not restored: the caller checks
-        it against its own (`restore`)."""
+        it against its own (`restore`). A checkpoint from before the group optimizer (torch's
+        AdamW and a LambdaLR "scheduler") reads the same: its optimizer state has this format,
+        and its scheduler's position is the step."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.gen_index.set_state(state["gen_index"])
         self.gen_noise.set_state(state["gen_noise"].to(self.gen_noise.get_state().device))
-        self.step, self.time_before, self.history = state["step"], state["wall_time_s"], state["history"]
+        self.step, self.wall_time_s, self.history = state["step"], state["wall_time_s"], state["history"]
+        self.optimizer.steps = self.step  # the schedule's position (empty state: step 0)
 
 
 def save_checkpoint(state: RunState, path: Path) -> None:
@@ -135,7 +128,7 @@ def _contents_problem(state: RunState, ckpt: dict[str, Any]) -> str | None:
     steps = state.cfg.train.steps
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
         return f"has step {step!r}, not an integer in [0, train.steps={steps}]"
-    for key, kind in (("optimizer", dict), ("scheduler", dict), ("history", list)):
+    for key, kind in (("optimizer", dict), ("history", list)):
         if not isinstance(ckpt.get(key), kind):
             return f"has no {key} state" if key not in ckpt else f"has a {key} that is not a {kind.__name__}"
     wall = ckpt.get("wall_time_s")
@@ -168,7 +161,7 @@ def _tensors_problem(saved: Any, expected: dict[str, torch.Tensor], what: str) -
     return None
 
 
-def _optimizer_problem(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
+def _optimizer_problem(saved: dict[str, Any], optimizer: Any) -> str | None:
     """The optimizer state against the run's parameters: the same groups of the same sizes, and
     each parameter's moments its shape (torch only finds a wrong shape at the next step)."""
     groups = saved.get("param_groups")

@@ -16,16 +16,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.config import Config, SweepParam, compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.errors import UserError
 from mupsweep.report import write_report
 from mupsweep.stopping import Interrupted, stop_signals
 from mupsweep.sweep.packing import packs_by_default
+from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.tune import RESUME, tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer, write_config
-from mupsweep.sweep.tune import RESUME, tune
 
 PROXY_WIDTHS = [32, 64]
 TARGET_WIDTH = 256

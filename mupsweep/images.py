@@ -19,9 +19,9 @@ from mupsweep.util import atomic_write
 if TYPE_CHECKING:  # for the hints only: importing the models would load every architecture
     from PIL import Image
 
+    from mupsweep.conditioning import Conditioner
     from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow
     from mupsweep.models import DataSpec
-    from mupsweep.conditioning import Conditioner
 
 
 def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:

@@ -44,6 +44,7 @@ import torch
 
 from mupsweep.config import Config, compose
 from mupsweep.data import ImageDataset
+from mupsweep.util import training_flops
 
 TRIAL_STEPS = 1000  # trials/hour in throughput mode are for trials of this many steps
 
@@ -68,9 +69,9 @@ def enqueued_lrs(n: int) -> list[float]:
 def run_sweep(out: Path, pack: int, trials: int, steps: int) -> dict:
     import optuna
 
-    from mupsweep.sweep.summary import best_document
     from mupsweep.demo import demo_sweep_config
     from mupsweep.sweep.study import open_study
+    from mupsweep.sweep.summary import best_document
     from mupsweep.sweep.tune import tune
 
     cfg = demo_sweep_config(out, trials, steps, pack=pack)
@@ -187,11 +188,12 @@ def sync(device: str) -> None:
 
 
 def _one_process(args: argparse.Namespace, width: int, k: int, run_dir: str, barrier, results) -> None:
-    """One member alone in its own process: train.setup + train.train_step, as train() runs."""
-    from mupsweep.train import setup, train_step
+    """One member alone in its own process: setup + train_step of a group of one, as train() runs."""
+    from mupsweep.group_setup import setup
+    from mupsweep.train import train_step
 
     torch.set_num_threads(max(1, args.threads_per_process))
-    run = setup(member_config(args, width, k, run_dir), dataset=random_dataset(args))
+    run = setup([member_config(args, width, k, run_dir)], dataset=random_dataset(args))
     for _ in range(args.warmup):
         train_step(run)
     sync(args.device)
@@ -230,12 +232,13 @@ def separate_processes(args: argparse.Namespace, width: int, tmp: str) -> dict:
 
 
 def one_pack(args: argparse.Namespace, width: int, tmp: str) -> dict:
-    from mupsweep.packed import setup_pack, train_step
+    from mupsweep.group_setup import setup
+    from mupsweep.train import train_step
 
     # the pack gets the CPU threads the processes had together (or the machine's, if fewer)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, args.k * args.threads_per_process)))
     cfgs = [member_config(args, width, k, f"{tmp}/m{k}") for k in range(args.k)]
-    pack = setup_pack(cfgs, [None] * args.k, random_dataset(args))
+    pack = setup(cfgs, random_dataset(args))
     for _ in range(args.warmup):
         train_step(pack)
     sync(args.device)
@@ -246,6 +249,7 @@ def one_pack(args: argparse.Namespace, width: int, tmp: str) -> dict:
         train_step(pack)
     sync(args.device)
     wall = time.time() - start
+    pack.close()
     out = {"wall_s": wall, "member_steps_per_s": args.k * args.steps / wall}
     if args.device.startswith("cuda"):
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -264,21 +268,20 @@ def member_memory(args: argparse.Namespace, width: int, k: int = 2) -> dict:
     """What one member of a pack holds, counted on the meta device (no memory, no time): the
     activations autograd saves for backward in a pack of k (fp32; bf16 autocast saves less),
     divided by k, and its weights, gradients and two AdamW moments (fp32)."""
+    from mupsweep.batches import Batch
     from mupsweep.diffusion import make_diffusion
-    from mupsweep.packed import StackedWeights, adamw_groups
+    from mupsweep.group import GroupWeights
     from mupsweep.parametrize import build_model, data_spec_of
-    from mupsweep.train import Batch
 
     cfgs = [member_config(args, width, i, "unused") for i in range(k)]
     spec = data_spec_of(random_dataset(args))
     with torch.device("meta"):
         models = [build_model(c.model, spec, "meta") for c in cfgs]
-        groups, _ = adamw_groups(models, cfgs)
-        weights = StackedWeights(models, [g.names for g in groups])
+        weights = GroupWeights(models)
         B, size = args.batch, args.image_size
-        batch = Batch(torch.empty(k, B, 1, size, size), torch.zeros(k, B, dtype=torch.long),
-                      torch.empty(k, B, 1, size, size), torch.zeros(k, B, dtype=torch.bool),
-                      {"y": torch.zeros(k, B, dtype=torch.long)})
+        batches = [Batch(torch.empty(B, 1, size, size), torch.zeros(B, dtype=torch.long),
+                         torch.empty(B, 1, size, size), torch.zeros(B, dtype=torch.bool),
+                         {"y": torch.zeros(B, dtype=torch.long)}) for _ in range(k)]
     saved = [0]
 
     def count(t: torch.Tensor) -> torch.Tensor:
@@ -286,8 +289,8 @@ def member_memory(args: argparse.Namespace, width: int, k: int = 2) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        weights.losses(make_diffusion(cfgs[0].diffusion), batch)
-    params = sum(f[0].numel() for f in weights.flats)
+        weights.losses(weights.module, make_diffusion(cfgs[0].diffusion), batches)
+    params = sum(leaf[0].numel() for leaf in weights.leaves.values())
     return {"activations_gib": saved[0] / k / 2**30, "params_m": params / 1e6,
             "weights_grads_moments_gib": 16 * params / 2**30}
 
@@ -312,7 +315,7 @@ def throughput_mode(args: argparse.Namespace) -> dict:
             memory["device_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
             memory["members_that_fit_fp32_bound"] = int(memory["device_gib"] // per_member)
         row = {"width": width, "separate": sep, "packed": pk, "memory_per_member": memory}
-        flops = 3 * model_flops_per_image(args, width) * args.batch
+        flops = training_flops(model_flops_per_image(args, width), args.batch)
         for how in ("separate", "packed"):
             r = row[how]
             if "error" not in r:

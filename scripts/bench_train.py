@@ -23,6 +23,7 @@ from mupsweep.config import compose
 from mupsweep.diffusion import make_diffusion
 from mupsweep.models import DataSpec
 from mupsweep.parametrize import build_model, make_optimizer
+from mupsweep.util import training_flops
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -67,7 +68,7 @@ def make_step(overrides: list[str], spec: DataSpec, batch: int, device: torch.de
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = 3 * model.flops_per_image(spec) * batch
+    flops = training_flops(model.flops_per_image(spec), batch)
     params = sum(p.numel() for p in model.parameters())
     return step, flops, params
 

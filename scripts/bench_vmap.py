@@ -6,7 +6,7 @@ backward of K members three ways:
 
 - loop:     K separate calls, one per member (what K unpacked trials do, minus the processes);
 - vmap:     `torch.func.vmap` over `functional_call` with stacked weights [K, ...] (what
-            `mupsweep.packed` does);
+            `mupsweep.group.GroupWeights` does for a pack);
 - explicit: a hand-batched equivalent (bmm / einsum on [K, ...] weights, attention with the
             member dim folded into the batch dim).
 

@@ -1,6 +1,7 @@
-"""Packed training (`mupsweep.packed`): K runs in one model with stacked weights train exactly as
-K separate `train()` runs, a member that leaves does not disturb the others, and the batched
-AdamW is torch's AdamW/MuAdamW per member. Real digits, real models, no mocks."""
+"""Packed training (`train.train_group` with K > 1): K runs in one model with stacked weights
+train exactly as K separate `train()` runs, a member that leaves does not disturb the others,
+and the group's AdamW is torch's AdamW/MuAdamW per member (and for a run alone). Real digits,
+real models, no mocks."""
 
 from __future__ import annotations
 
@@ -14,17 +15,12 @@ import torch
 from mupsweep.config import Config, compose
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
+from mupsweep.group import GroupWeights, check_packable
+from mupsweep.group_adamw import GroupAdamW, lr_lambda, read_member_optimizers
+from mupsweep.group_setup import setup
 from mupsweep.models import DataSpec
-from mupsweep.packed import (
-    PackedAdamW,
-    StackedWeights,
-    adamw_groups,
-    check_packable,
-    setup_pack,
-    train_packed,
-)
 from mupsweep.parametrize import build_model, check_roles, describe_parameters, make_optimizer
-from mupsweep.train import lr_lambda, train
+from mupsweep.train import train, train_group
 from mupsweep.vendor.mup import MuReadout
 
 SMALL = ["model.width=32", "model.depth=2", "train.progress=false", "train.samples=0",
@@ -65,7 +61,7 @@ def test_packed_members_train_as_their_unpacked_runs(tmp_path, preset):
     cfgs = member_configs(base, tmp_path / "packed", MEMBERS)
     # both use torch's fused attention kernel (a pack folds its members into the batch)
     alone = [train(c, dataset=dataset) for c in member_configs(base, tmp_path / "alone", MEMBERS)]
-    packed = train_packed(cfgs, dataset=dataset)
+    packed = train_group(cfgs, dataset=dataset)
     for want, got in zip(alone, packed, strict=True):
         assert got.error is None
         r = got.result
@@ -104,7 +100,7 @@ def test_a_member_logs_the_lrs_its_unpacked_run_logs_away_from_the_base_width(tm
                     "train.eval_every=4", "train.log_every=2", "optim.warmup_steps=3"])
     dataset = load_dataset(base.data)
     train(member_configs(base, tmp_path / "alone", MEMBERS[:1])[0], dataset=dataset)
-    train_packed(member_configs(base, tmp_path / "packed", MEMBERS[:1]), dataset=dataset)
+    train_group(member_configs(base, tmp_path / "packed", MEMBERS[:2]), dataset=dataset)  # a pack
     alone, packed = lr_records(tmp_path / "alone" / "m0"), lr_records(tmp_path / "packed" / "m0")
     assert alone[0]["lr_hidden"] == pytest.approx(alone[0]["lr"] / 2)  # the run really has m = 2
     assert len(packed) == len(alone) == 2
@@ -129,8 +125,8 @@ def test_a_member_that_leaves_does_not_change_the_others(tmp_path):
         if step == 4:
             raise Pruned(f"pruned at {step}")
 
-    four = train_packed(cfgs, on_evals=[None, prune_at_4, None, None], dataset=dataset)
-    two = train_packed(member_configs(base, tmp_path / "two", [MEMBERS[0], MEMBERS[2]]),
+    four = train_group(cfgs, on_evals=[None, prune_at_4, None, None], dataset=dataset)
+    two = train_group(member_configs(base, tmp_path / "two", [MEMBERS[0], MEMBERS[2]]),
                        dataset=dataset)
     for kept, alone in ((four[0], two[0]), (four[2], two[1])):
         assert losses(kept.result.history) == pytest.approx(losses(alone.result.history), rel=1e-5)
@@ -157,24 +153,24 @@ def test_a_pack_whose_members_all_leave_at_once_ends_cleanly(tmp_path):
         if step == 4:
             raise RuntimeError("stop")
 
-    out = train_packed(member_configs(base, tmp_path, MEMBERS[:2]), on_evals=[prune, prune])
+    out = train_group(member_configs(base, tmp_path, MEMBERS[:2]), on_evals=[prune, prune])
     assert [(str(o.error), o.result.steps) for o in out] == [("stop", 4), ("stop", 4)]
 
 
-def stack(cfgs: list[Config], width: int) -> tuple[list[torch.nn.Module], StackedWeights, PackedAdamW]:
+def stack(cfgs: list[Config], width: int) -> tuple[list[torch.nn.Module], GroupWeights, GroupAdamW]:
     spec = DataSpec(image_size=8, channels=1, num_classes=10)
     models = []
     for seed, cfg in enumerate(cfgs):
         torch.manual_seed(seed)
         models.append(build_model(cfg.model, spec))
-    groups, role_lrs = adamw_groups(models, cfgs)
-    weights = StackedWeights(models, [g.names for g in groups])
-    return models, weights, PackedAdamW(weights, groups, cfgs, role_lrs)
+    opts = read_member_optimizers(models, cfgs)
+    weights = GroupWeights(models)
+    return models, weights, GroupAdamW(weights, opts, cfgs)
 
 
 def test_packed_adamw_is_torch_adamw_per_member():
     """Two members with different lr, weight decay, betas, eps and schedules, on the same
-    random gradients: PackedAdamW's weights equal MuAdamW's (muP: hidden lr / m, wd x m)."""
+    random gradients: GroupAdamW's weights equal MuAdamW's (muP: hidden lr / m, wd x m)."""
     cfgs = [compose(["model.width=64", "optim.weight_decay=0.1", "optim.warmup_steps=2",
                      "optim.schedule=cosine", "train.steps=6"]),
             compose(["model.width=64", "optim.lr=0.01", "optim.beta1=0.8", "optim.beta2=0.99",
@@ -187,12 +183,11 @@ def test_packed_adamw_is_torch_adamw_per_member():
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(c)) for o, c in zip(torch_opts, cfgs, strict=True)]
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
-        for flat in weights.flats:
-            flat.grad = torch.randn(flat.shape, generator=g)
-        grads = weights.unflatten([f.grad for f in weights.flats])
+        for leaf in weights.leaves.values():
+            leaf.grad = torch.randn(leaf.shape, generator=g)
         for k, model in enumerate(models):
             for name, p in model.named_parameters():
-                p.grad = grads[name][k].clone()
+                p.grad = weights.leaves[name].grad[k].clone()
         packed.step()
         for o, s in zip(torch_opts, scheds, strict=True):
             o.step()
@@ -200,17 +195,50 @@ def test_packed_adamw_is_torch_adamw_per_member():
     moved = 0
     for k, model in enumerate(models):
         for name, p in model.named_parameters():
-            torch.testing.assert_close(weights.params[name][k], p, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(weights.leaves[name][k], p, rtol=1e-6, atol=1e-7)
             moved += not torch.equal(p, start[name]) if k == 0 else 0
     assert moved == len(start)  # every weight moved: a no-op optimizer would pass nothing
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.5])
+def test_a_run_alone_steps_as_torch_adamw(grad_clip):
+    """A group of one updates the model's own parameters as torch's MuAdamW (+ LambdaLR and
+    clip_grad_norm_) does: bit for bit, step for step, and its state_dict is torch's."""
+    cfg = compose(["model.width=64", "optim.weight_decay=0.1", "optim.warmup_steps=2",
+                   "optim.schedule=cosine", "train.steps=6", f"optim.grad_clip={grad_clip}"])
+    (model,), weights, group_opt = stack([cfg], 64)
+    twin = build_model(cfg.model, DataSpec(image_size=8, channels=1, num_classes=10))
+    twin.load_state_dict(model.state_dict())
+    assert all(weights.leaves[n] is p for n, p in model.named_parameters())  # its own parameters
+    opt = make_optimizer(twin, cfg.model, cfg.optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=g) * 3
+            q.grad = p.grad.clone()
+        group_opt.clip_grad_norms()
+        group_opt.step()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(twin.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    ours, theirs = group_opt.state_dict(), opt.state_dict()
+    assert [len(x["params"]) for x in ours["param_groups"]] == [len(x["params"]) for x in theirs["param_groups"]]
+    for i, moments in theirs["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ours["state"][i][key], moments[key])
 
 
 def test_packed_grad_clipping_is_per_member():
     cfgs = [compose(["model.width=32", "optim.grad_clip=0.5"]), compose(["model.width=32"])]
     _, weights, packed = stack(cfgs, 32)
-    for flat in weights.flats:
-        flat.grad = torch.ones_like(flat)
-    norm = lambda: torch.linalg.vector_norm(torch.cat([f.grad for f in weights.flats], 1), dim=1)  # noqa: E731
+    for leaf in weights.leaves.values():
+        leaf.grad = torch.ones_like(leaf)
+    norm = lambda: torch.linalg.vector_norm(  # noqa: E731
+        torch.cat([leaf.grad.reshape(2, -1) for leaf in weights.leaves.values()], 1), dim=1)
     before = norm()
     packed.clip_grad_norms()
     after = norm()
@@ -222,7 +250,8 @@ def test_a_packed_member_is_an_inspectable_mup_model(tmp_path):
     """Each member keeps base shapes and roles; its lr per parameter in the pack is what
     `mupsweep inspect` shows for it alone (hidden lr / m)."""
     base = compose(["model=dit-tiny", *SMALL, "model.width=64"])
-    pack = setup_pack(member_configs(base, tmp_path, MEMBERS[:2]), [None, None])
+    pack = setup(member_configs(base, tmp_path, MEMBERS[:2]))
+    pack.close()
     for k, hp in enumerate(MEMBERS[:2]):
         model = pack.member_model(k)
         check_roles(model)
@@ -260,4 +289,4 @@ def test_configs_that_cannot_share_a_pack_are_refused(tmp_path):
     c = copy.deepcopy(a)
     c.train.save = True
     with pytest.raises(UserError, match="train.save=false"):
-        check_packable([c])
+        check_packable([c, copy.deepcopy(c)])

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mupsweep.config import ModelConfig, OptimConfig, compose
+from mupsweep.group_setup import make_ema
 from mupsweep.models import DataSpec
 from mupsweep.models.layers import input_linear
 from mupsweep.parametrize import build_model, check_roles, describe_parameters, make_optimizer
-from mupsweep.train import make_ema
 from mupsweep.vendor.mup import MuReadout
 
 SPEC = DataSpec(image_size=8, channels=1, num_classes=10)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose
+from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.tune import tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer
-from mupsweep.sweep.tune import tune
 
 
 @pytest.mark.parametrize("preset", ["dit-tiny", "uvit-tiny", "pixart-tiny", "mmdit-tiny"])

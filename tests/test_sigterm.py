@@ -22,8 +22,8 @@ from conftest import finish, frozen_mid_trial
 from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.sweep.retry import INTERRUPTED
+from mupsweep.sweep.summary import best_document
 
 # Trials long enough that both workers' first trials overlap (one worker may start seconds
 # after the other; at 160 steps, on an idle machine, the first worker had run both trials

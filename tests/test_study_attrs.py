@@ -11,9 +11,9 @@ import sys
 import optuna
 from conftest import run_cli
 
-from mupsweep.sweep.summary import load_best_from_storage
 from mupsweep.config import compose, to_dict
 from mupsweep.sweep.study import BASE_CONFIG_ATTR, open_study, study_base_config
+from mupsweep.sweep.summary import load_best_from_storage
 
 FAST = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=6",
         "train.eval_every=3", "train.val_size=32", "train.batch_size=16", "sweep.proxy_widths=[32]"]

@@ -11,7 +11,8 @@ import pytest
 
 from mupsweep.config import compose
 from mupsweep.errors import UserError
-from mupsweep.train import tensorboard_writer, train
+from mupsweep.metrics import tensorboard_writer
+from mupsweep.train import train
 
 RUN = ["model=dit-tiny", "model.depth=2", "model.width=128", "train.samples=0",
        "train.progress=false", "train.log_every=5", "train.eval_every=10", "train.val_size=32",

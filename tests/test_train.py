@@ -40,8 +40,8 @@ def test_validation_loss_is_deterministic(tmp_path):
 def test_lr_schedule_scales_mup_groups_relatively(tmp_path):
     """Warmup + cosine must keep hidden lr / m relative to the base lr in every group."""
     from mupsweep.data import load_dataset
+    from mupsweep.group_adamw import lr_lambda
     from mupsweep.parametrize import build_model, data_spec_of, make_optimizer
-    from mupsweep.train import lr_lambda
 
     cfg = compose(["model.width=128", "optim.warmup_steps=4", "optim.schedule=cosine",
                    "train.steps=20"])
@@ -154,7 +154,7 @@ def test_diverged_run_exits_1_and_still_prints_its_result(tmp_path):
 def test_metrics_log_base_and_each_roles_lr_after_the_schedule(tmp_path, parametrization, hidden_mult):
     """At width 128 (4 x the base width) muP's hidden lr is lr / 4, and every group follows
     warmup + cosine; "lr" is the base lr, not whichever group comes first."""
-    from mupsweep.train import lr_lambda
+    from mupsweep.group_adamw import lr_lambda
 
     cfg = compose([*TINY, "model.width=128", f"model.parametrization={parametrization}",
                    "optim.lr=1e-3", "optim.warmup_steps=3", "optim.schedule=cosine", "train.steps=8",

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, run_cli
 
-from mupsweep.sweep.summary import lr_by_width
 from mupsweep.config import compose, to_dict
 from mupsweep.errors import UserError
 from mupsweep.sweep.storage import redact_url
+from mupsweep.sweep.summary import lr_by_width
 from mupsweep.transfer import transfer
 
 PROXY_WIDTHS = [32, 64]

@@ -18,13 +18,13 @@ from conftest import assert_one_line_error, finish, frozen_mid_trial, run_cli
 from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
-from mupsweep.sweep.summary import best_document
 from mupsweep.config import compose, to_dict
 from mupsweep.errors import UserError
 from mupsweep.sweep.retry import INTERRUPTED, SURPLUS
 from mupsweep.sweep.study import open_study
-from mupsweep.sweep.workers import EXIT_BAD_INPUT, run_worker_processes
+from mupsweep.sweep.summary import best_document
 from mupsweep.sweep.tune import shortfall, tune, write_outputs
+from mupsweep.sweep.workers import EXIT_BAD_INPUT, run_worker_processes
 
 # Trials long enough to signal mid-trial (about 7 s each on one core).
 LONG = ["train.steps=400", "train.eval_every=50", "sweep.pruner=none"]

@@ -1,6 +1,8 @@
-"""One trial: suggest the HPs, train them at every proxy width with `mupsweep.train.train`,
-report the validation losses to the pruner, and record the cost (`TrialProgress` keeps that
-bookkeeping, so a pack of trials, `mupsweep.sweep.packing`, keeps it the same way).
+"""Trials: suggest a trial's HPs, train them at every proxy width, report the validation losses
+to the pruner and record the outcome and cost (`TrialRecord`). `train_trials` trains a group of
+K >= 1 trials together (`train.train_group`: K = 1 is one trial alone, K > 1 a pack), width by
+width, in the order of sweep.proxy_widths: at each width the trials still going form one group,
+and a trial pruned or diverged at a width leaves there, exactly where it would stop alone.
 
 Intermediate values (what the pruner sees and optuna-dashboard draws) are the first proxy
 width's validation losses at its own steps: every trial trains the widths in the same order,
@@ -24,12 +26,12 @@ from optuna.trial import Trial
 from mupsweep.config import Config, SweepParam, check_config, set_by_path
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
-from mupsweep.parametrize import build_model, data_spec_of, make_conditioner
+from mupsweep.group_setup import TrainResult, resolve_device
+from mupsweep.parametrize import build_model, make_conditioner
 from mupsweep.rundir import new_run_dir, without_passwords
-from mupsweep.sweep.storage import redact_text
 from mupsweep.sweep.space import corners, suggest
-from mupsweep.train import TrainResult, resolve_device
-from mupsweep.train import train as run_train
+from mupsweep.sweep.storage import redact_text
+from mupsweep.train import train_group
 from mupsweep.util import first_line
 
 
@@ -50,29 +52,25 @@ def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path
     return run_cfg
 
 
-class TrialProgress:
-    """One trial's bookkeeping across its proxy widths: its HPs (suggested here), each width's
-    config and pruner reports, the per-width losses, the FLOPs spent and why it stopped.
-    `objective` drives one through `train()`; a pack (`mupsweep.sweep.packing`) drives one per
-    member through `packed.train_packed`, so both report and record the same way."""
+class TrialRecord:
+    """One trial's record across its proxy widths: its HPs (suggested here), each width's config
+    and pruner reports, the per-width losses and curves, the FLOPs and wall time spent, and why
+    it stopped, written to the trial's user attributes as they come."""
 
     def __init__(self, trial: Trial, cfg: Config, params: list[SweepParam]):
         self.trial, self.cfg = trial, cfg
-        self.t0 = time.perf_counter()
         self.losses: dict[str, float] = {}
         self.flops = 0.0
-        self.flops_per_step = 0.0  # of the width training now (a pruned run returns no result)
-        self.step = 0  # the last evaluated step of the width training now
+        self.wall_time_s = 0.0
         self.curves: dict[str, dict[int, float]] = {}  # width -> {step: validation loss}
         self.hparams = suggest(trial, params)
         trial.set_user_attr("hparams", self.hparams)
 
-    def width_config(self, i: int, width: int) -> Config:
-        """The trial's config at proxy width number i."""
-        # A new directory (w64, or w64-1 beside a stale one from an earlier study)
+    def width_config(self, width: int) -> Config:
+        """The trial's config at one proxy width, in a new directory (w64, or w64-1 beside a
+        stale one from an earlier study)."""
         run_dir = new_run_dir(Path(self.cfg.sweep.out_dir) / "trials" / f"{self.trial.number:05d}",
                               f"w{width}")
-        self.step = 0
         return trial_config(self.cfg, self.hparams, width, run_dir)
 
     def on_eval(self, i: int, width: int, run_cfg: Config) -> Callable[[int, float], None]:
@@ -85,12 +83,11 @@ class TrialProgress:
         curve = self.curves.setdefault(str(width), {})
 
         def on_eval(step: int, loss: float) -> None:
-            self.step = step
             if step == 0:
                 start["loss"] = loss
                 return
             curve[step] = loss
-            # A diverged loss is train()'s to flag (with its reason), not the pruner's.
+            # A diverged loss is the loop's to flag (with its reason), not the pruner's.
             if not math.isfinite(loss) or loss > run_cfg.train.diverge_factor * start.get("loss", math.inf):
                 return
             if i > 0:
@@ -105,7 +102,6 @@ class TrialProgress:
     def finish_width(self, width: int, result: TrainResult) -> None:
         """Record a width that trained to its end (raises TrialPruned if it diverged)."""
         self.trial.set_user_attr("curves", self.curves)
-        self.flops += result.flops
         if result.diverged:
             raise optuna.TrialPruned(f"diverged at width {width}: {result.reason}")
         self.losses[str(width)] = result.validation_loss
@@ -122,11 +118,10 @@ class TrialProgress:
         elif isinstance(e, Exception):
             self.trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
 
-    def close(self, wall_time_s: float | None = None) -> None:
-        """Record the cost: FLOPs, and wall time (since this object was made, unless given)."""
+    def close(self) -> None:
+        """Record the cost: FLOPs, and wall time (the trial's share of its groups')."""
         self.trial.set_user_attr("flops", self.flops)
-        self.trial.set_user_attr("wall_time_s", time.perf_counter() - self.t0
-                                 if wall_time_s is None else wall_time_s)
+        self.trial.set_user_attr("wall_time_s", self.wall_time_s)
 
 
 def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDataset) -> None:
@@ -154,30 +149,53 @@ def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDatas
                 raise UserError(f"model config at proxy width {width}{where}: {e}") from None
 
 
-def objective(trial: Trial, cfg: Config, params: list[SweepParam], dataset: ImageDataset) -> float:
-    """Suggest the HPs, train them at every proxy width, return the mean final loss.
-
-    User attrs: hparams, losses (per width), flops, wall_time_s, reason (why pruned/failed)."""
-    progress = TrialProgress(trial, cfg, params)
-    spec = data_spec_of(dataset)
-    try:
-        for i, width in enumerate(cfg.sweep.proxy_widths):
-            run_cfg = progress.width_config(i, width)
-
-            def on_model(model, run_cfg=run_cfg) -> None:
-                # train() counts FLOPs the same way; a pruned run never returns its result.
-                progress.flops_per_step = 3 * model.flops_per_image(spec) * run_cfg.train.batch_size
-
+def train_trials(records: list[TrialRecord], cfg: Config,
+                 dataset: ImageDataset) -> list[float | Exception]:
+    """Train the trials of `records` together at every proxy width; return, in order, each
+    one's objective value or the exception that ended it (optuna.TrialPruned for a pruned or
+    diverged trial, any other Exception for a failed one). Records each trial's reason and cost
+    (FLOPs, and its share of the groups' wall time, setup included). KeyboardInterrupt (Ctrl-C,
+    SIGTERM) propagates."""
+    outcomes: list[float | Exception | None] = [None] * len(records)
+    going = list(range(len(records)))
+    for i, width in enumerate(cfg.sweep.proxy_widths):
+        cfgs, on_evals, members = [], [], []
+        for k in going:
             try:
-                result = run_train(run_cfg, on_eval=progress.on_eval(i, width, run_cfg),
-                                   dataset=dataset, on_model=on_model)
-            except BaseException:
-                progress.flops += progress.flops_per_step * progress.step
-                raise
-            progress.finish_width(width, result)
-        return progress.value()
-    except BaseException as e:
-        progress.failed(e)
-        raise
-    finally:
-        progress.close()
+                run_cfg = records[k].width_config(width)
+            except Exception as e:  # the trial's own config is bad: it fails alone
+                outcomes[k] = e
+                continue
+            cfgs.append(run_cfg)
+            on_evals.append(records[k].on_eval(i, width, run_cfg))
+            members.append(k)
+        if not members:
+            break
+        t0 = time.perf_counter()
+        try:
+            results = train_group(cfgs, on_evals, dataset)
+        except Exception as e:  # the group as a whole failed (out of memory, ...): so did each
+            for k in members:
+                outcomes[k] = e
+                records[k].wall_time_s += (time.perf_counter() - t0) / len(members)
+            results = []
+        # what the members' shares leave out (setup, the last results) is split evenly
+        overhead = (time.perf_counter() - t0 - sum(r.result.wall_time_s for r in results)) / len(members)
+        for k, r in zip(members, results, strict=True):
+            records[k].wall_time_s += r.result.wall_time_s + max(0.0, overhead)
+            records[k].flops += r.result.flops
+            if r.error is not None:  # its on_eval raised: pruned, or the study failed it
+                outcomes[k] = r.error
+                continue
+            try:
+                records[k].finish_width(width, r.result)
+            except optuna.TrialPruned as e:  # diverged
+                outcomes[k] = e
+        going = [k for k in members if outcomes[k] is None]
+    for k in going:  # every width trained to its end
+        outcomes[k] = records[k].value()
+    for record, outcome in zip(records, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            record.failed(outcome)
+        record.close()
+    return outcomes  # type: ignore[return-value]

@@ -31,18 +31,18 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from mupsweep.sweep.summary import best_document, write_best_json
 from mupsweep.completep import why_depth_transfer_fails
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
 from mupsweep.stopping import Interrupted, stop_signals
-from mupsweep.sweep.storage import label_of
 from mupsweep.sweep.objective import check_trial_setup
 from mupsweep.sweep.packing import check_pack_settings, pruning_note
 from mupsweep.sweep.retry import INTERRUPTED
 from mupsweep.sweep.space import search_space
+from mupsweep.sweep.storage import label_of
 from mupsweep.sweep.study import enqueue_grid, open_study
+from mupsweep.sweep.summary import best_document, write_best_json
 from mupsweep.sweep.workers import (
     FINISHED,
     WorkerExit,

@@ -27,10 +27,11 @@ no worker outlives it (nor its being killed: on Linux a worker gets SIGTERM when
 dies). A signal that comes while a worker fails and re-queues a dead worker's trial waits
 until both are written (`deferred_stop`).
 
-Packs (sweep.pack = K > 1): a worker asks for up to K trials at once (never more than the
-budget leaves free), runs Optuna's heartbeat for each and trains them as one packed model
-(`sweep.packing`); each asked trial passes the same budget and grid rules as a single one, and
-a dead or interrupted pack worker's trials are failed and re-queued like any others.
+Trials: a worker asks for up to K = sweep.pack trials at once (1 when not packing; never more
+than the budget leaves free), runs Optuna's heartbeat for each, trains them as one group
+(`objective.train_trials`; K > 1 is one packed model) and tells their results; each asked
+trial passes the same budget and grid rules, and a dead or interrupted worker's trials are
+failed and re-queued alike.
 """
 
 from __future__ import annotations
@@ -49,18 +50,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mupsweep.config import Config, SweepParam, from_dict, to_dict
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.errors import UserError
-from mupsweep.sweep.optuna_adapter import fail_trial, heartbeat
 from mupsweep.stopping import STOP_SIGNALS, deferred_stop, stop_once, stop_signals
-from mupsweep.sweep.storage import redact_text, storage_failure, uses_heartbeat
-from mupsweep.sweep.objective import TrialProgress, objective
-from mupsweep.sweep.packing import check_pack_settings, train_trials_packed
+from mupsweep.sweep.objective import TrialRecord, train_trials
+from mupsweep.sweep.optuna_adapter import fail_trial, heartbeat
+from mupsweep.sweep.packing import check_pack_settings
 from mupsweep.sweep.retry import INTERRUPTED, SURPLUS, is_surplus, retry_trial
 from mupsweep.sweep.space import grid_points, point_key, search_space
+from mupsweep.sweep.storage import redact_text, storage_failure, uses_heartbeat
 from mupsweep.sweep.study import enqueue_grid, grid_conflict, open_study
 from mupsweep.util import first_line
 
@@ -70,6 +71,7 @@ MAX_CONSECUTIVE_FAILURES = 3  # a worker whose trials keep failing stops (the co
 STOP_WAIT_S = 30.0  # after Ctrl-C / SIGTERM, how long the parent waits for workers to re-queue
 EXIT_INTERRUPTED = 130  # a worker's exit code after Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_BAD_INPUT = 2  # a worker's exit code after a UserError (its line goes to the parent)
+_logger = optuna.logging.get_logger("optuna.study.study")  # where study.optimize's lines go
 
 
 def trial_budget(cfg: Config, params: list[SweepParam]) -> int:
@@ -152,11 +154,7 @@ def run_worker(cfg: Config, on_trial: Callable[[optuna.Study], None] | None = No
             enqueue_grid(study, params)  # a point whose trial failed waits again
         if dataset is None:
             dataset = load_dataset(cfg.data)
-        if cfg.sweep.pack > 1:
-            finished = _run_pack(study, cfg, params, dataset, budget)
-        else:
-            finished = [t for t in [_run_one(study, cfg, params, dataset, budget)] if t is not None]
-        for trial in finished:
+        for trial in _run_trials(study, cfg, params, dataset, budget):
             failed = trial.state == TrialState.FAIL
             failures = failures + 1 if failed and not is_surplus(trial) else 0
         if on_trial is not None:
@@ -180,50 +178,15 @@ def _why_surplus(study: optuna.Study, cfg: Config, number: int, budget: int) -> 
     return f"{SURPLUS}: {conflict}" if conflict else None
 
 
-def _run_one(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset: ImageDataset,
-             budget: int) -> FrozenTrial | None:
-    """One trial through `study.optimize`, which runs Optuna's heartbeat thread and records an
-    exception as a FAIL (catch) instead of ending the sweep. Returns the finished trial."""
-    finished: list[FrozenTrial] = []
-    started: list[int] = []
-    verbosity = optuna.logging.get_verbosity()
-
-    def one_trial(trial: Trial) -> float:
-        started.append(trial.number)
-        try:
-            surplus = _why_surplus(study, cfg, trial.number, budget)
-            if surplus:
-                trial.set_user_attr("reason", surplus)
-                raise _Surplus()
-            # Who runs the trial: fail_dead_trials fails it when this process is gone.
-            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-            return objective(trial, cfg, params, dataset)
-        except KeyboardInterrupt:
-            trial.set_user_attr("reason", INTERRUPTED)
-            # Optuna logs a failed trial with its traceback; this one is re-queued, not failed.
-            optuna.logging.set_verbosity(optuna.logging.ERROR)
-            raise
-
-    # The callback receives the trial as stored after it finished (a FAIL included: `catch`).
-    try:
-        study.optimize(one_trial, n_trials=1, catch=(Exception,),
-                       callbacks=[lambda _study, trial: finished.append(trial)])
-    except KeyboardInterrupt:
-        optuna.logging.set_verbosity(verbosity)
-        if started:
-            _requeue_interrupted(study, started[0])
-        raise
-    return finished[0] if finished else None
-
-
-def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], dataset: ImageDataset,
-              budget: int) -> list[FrozenTrial]:
-    """Up to sweep.pack trials asked one after another (enqueued HP sets first; TPE's constant
-    liar sees the earlier ones running) and trained as one pack (`sweep.packing`), each under
-    Optuna's heartbeat, then told, as `study.optimize` does for one: a value is COMPLETE,
-    TrialPruned is PRUNED, any other error a FAIL. Returns the finished trials."""
+def _run_trials(study: optuna.Study, cfg: Config, params: list[SweepParam],
+                dataset: ImageDataset, budget: int) -> list[FrozenTrial]:
+    """Up to sweep.pack trials (1 when not packing) asked one after another (enqueued HP sets
+    first; TPE's constant liar sees the earlier ones running), trained as one group
+    (`objective.train_trials`), each under Optuna's heartbeat, then told as `study.optimize`
+    tells one: a value is COMPLETE, TrialPruned is PRUNED, any other error a FAIL (logged as
+    Optuna logs it). Returns the finished trials."""
     done, running = _counts(study)
-    asked: list[TrialProgress] = []
+    asked: list[TrialRecord] = []
     finished: list[FrozenTrial] = []
     with contextlib.ExitStack() as heartbeats:
         try:
@@ -237,31 +200,45 @@ def _run_pack(study: optuna.Study, cfg: Config, params: list[SweepParam], datase
                     finished.append(study.tell(trial, state=TrialState.FAIL))
                     break
                 heartbeats.enter_context(heartbeat(study, trial))
+                # Who runs the trial: fail_dead_trials fails it when this process is gone.
                 trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
                 try:
-                    asked.append(TrialProgress(trial, cfg, params))  # suggests its HPs
+                    asked.append(TrialRecord(trial, cfg, params))  # suggests its HPs
                 except Exception as e:
                     trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
+                    _log_failed(trial.number, trial.params, e)
                     finished.append(study.tell(trial, state=TrialState.FAIL))
-            for p in asked:
-                p.trial.set_user_attr("pack_size", len(asked))
-            outcomes = train_trials_packed(asked, cfg, dataset)
-        except KeyboardInterrupt:  # as _run_one: fail each as "interrupted" and queue it again
-            for p in asked:
-                _requeue_interrupted(study, p.trial.number)
+            if cfg.sweep.pack > 1:
+                for r in asked:
+                    r.trial.set_user_attr("pack_size", len(asked))
+            outcomes = train_trials(asked, cfg, dataset) if asked else []
+        except KeyboardInterrupt:  # fail each as "interrupted" and queue it again
+            for r in asked:
+                _requeue_interrupted(study, r.trial.number)
             raise
         except BaseException:  # a storage error: as study.optimize, fail the trials
-            for p in asked:
-                study.tell(p.trial, state=TrialState.FAIL, skip_if_finished=True)
+            for r in asked:
+                study.tell(r.trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
-    for p, outcome in zip(asked, outcomes, strict=True):
+    for r, outcome in zip(asked, outcomes, strict=True):
         if isinstance(outcome, optuna.TrialPruned):
-            finished.append(study.tell(p.trial, state=TrialState.PRUNED))
+            finished.append(study.tell(r.trial, state=TrialState.PRUNED))
+            _logger.info(f"Trial {r.trial.number} pruned. {outcome}")
         elif isinstance(outcome, BaseException):
-            finished.append(study.tell(p.trial, state=TrialState.FAIL))
+            _log_failed(r.trial.number, r.trial.params, outcome)
+            finished.append(study.tell(r.trial, state=TrialState.FAIL))
         else:
-            finished.append(study.tell(p.trial, outcome))
+            finished.append(study.tell(r.trial, outcome))
+            _logger.info(f"Trial {r.trial.number} finished with value: {outcome} and parameters: "
+                         f"{r.trial.params}.")
     return finished
+
+
+def _log_failed(number: int, params: dict, e: BaseException) -> None:
+    """The lines study.optimize logs for a trial that raised (its traceback included)."""
+    _logger.warning(f"Trial {number} failed with parameters: {params} because of the following "
+                    f"error: {e!r}.", exc_info=(type(e), e, e.__traceback__))
+    _logger.warning(f"Trial {number} failed with value None.")
 
 
 def _requeue_interrupted(study: optuna.Study, number: int) -> None:
@@ -276,10 +253,6 @@ def _requeue_interrupted(study: optuna.Study, number: int) -> None:
             retry_trial(study, trial, max_retry=None)
     except Exception:  # noqa: BLE001 - a storage error here must not hide the interrupt
         pass
-
-
-class _Surplus(Exception):
-    """This trial started after the budget was filled by other workers."""
 
 
 # --------------------------------------------------------------------------------------------
