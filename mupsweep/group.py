@@ -1,5 +1,6 @@
 """A group of K >= 1 runs of one shape as one set of [K, ...] weights: which configs may share a
-group (`PER_MEMBER_KEYS`, `check_packable`) and the weights themselves (`GroupWeights`).
+group (`check_packable`: they differ only in `config.per_member_keys`, each key's per_member=
+rule) and the weights themselves (`GroupWeights`).
 
 K = 1 is an ordinary run: the weights are the model's own nn.Parameters and the model (wrapped
 in DDP and/or torch.compile, with whatever forward hooks were put on it) is called directly.
@@ -20,25 +21,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from mupsweep.config import Config, to_dict
+from mupsweep.config import Config, per_member_keys, to_dict
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow
 from mupsweep.errors import UserError
 from mupsweep.util import MISSING, pop_dotted
-
-# The config keys in which the members of one group may differ; everything else is shared.
-PER_MEMBER_KEYS = ("model.init_mult", "model.output_mult", "model.class_dropout", "optim",
-                   "train.seed", "train.run_dir", "train.diverge_factor")
-
-
-def is_per_member(key: str) -> bool:
-    """Whether config key `key` (e.g. optim.lr) may differ between the members of a group."""
-    return any(key == k or key.startswith(k + ".") for k in PER_MEMBER_KEYS)
 
 
 def _shared_part(cfg: Config) -> dict[str, Any]:
     """The config without its per-member keys: what every member of a group must agree on."""
     d = to_dict(cfg)
-    for key in PER_MEMBER_KEYS:
+    for key in per_member_keys():
         pop_dotted(d, key)
     return d
 
@@ -53,7 +45,8 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
 
 def check_packable(cfgs: list[Config]) -> None:
     """Raise UserError unless `cfgs` can train as one group: at least one member and, for more
-    than one, all alike but for PER_MEMBER_KEYS, and settings a pack supports. A pack never
+    than one, all alike but for the per-member keys (`config.per_member_keys`, each key's
+    `per_member=` rule), and settings a pack supports. A pack never
     checkpoints or resumes (its runs are sweep trials, which start fresh), runs in one process
     (no DDP) and eagerly (no torch.compile); a group of one does all of these."""
     if not cfgs:
@@ -66,7 +59,7 @@ def check_packable(cfgs: list[Config]) -> None:
         if other != first:
             raise UserError(f"these configs cannot share a pack: they differ in "
                             f"{_first_difference(first, other)}; the members of a pack differ "
-                            f"only in {', '.join(PER_MEMBER_KEYS)}")
+                            f"only in {', '.join(per_member_keys())}")
     tc = cfgs[0].train
     if tc.save or tc.resume:
         raise UserError("a pack trains sweep trials, which start fresh and are not saved: "

@@ -219,7 +219,7 @@ def train_group(cfgs: list[Config], on_evals: list[EvalCallback | None] | None =
     on_evals[k](step, validation_loss) runs after member k's every evaluation; if it raises an
     Exception, member k leaves the group there and the exception is its outcome's `error`
     (anything else, such as KeyboardInterrupt, stops the group). More than one member: they
-    may differ only in `group.PER_MEMBER_KEYS`, and each one's wall time is its share of the
+    may differ only in the per-member keys (`config.per_member_keys`), and each one's wall time is its share of the
     group's. on_model(model) runs on each member's model as it is built."""
     group = setup(cfgs, dataset, on_model, on_evals)
     try:

@@ -3,7 +3,7 @@ of keys the rest of mupsweep reads is derived from those declarations.
 
 The RECORDED_* values below are the hand-kept lists as they were before the declarations
 replaced them (config.RANGES / CAPS / CHOICES / NON_EMPTY / WIDTH_LISTS / RESULT_NEUTRAL,
-sweep.study.NOT_IN_SIGNATURE, packed.PER_MEMBER_KEYS, transfer.NOT_TRANSFERRED /
+sweep.study.NOT_IN_SIGNATURE, packed.PER_MEMBER_KEYS (now each key's per_member= rule), transfer.NOT_TRANSFERRED /
 PROXY_SHAPE_FIELDS / PRESET_SIZE_FIELDS, sweep.space.NOT_HYPERPARAMETERS), copied from that
 code: the derived lists must say exactly what they said. Change a key's rules on purpose, and
 change its record here with it.

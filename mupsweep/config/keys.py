@@ -103,7 +103,7 @@ def keys_outside_signature() -> tuple[str, ...]:
 
 def per_member_keys() -> tuple[str, ...]:
     """Keys in which the members of one pack may differ (seed, init and output multipliers,
-    the optimizer, ...); everything else is the pack's (mupsweep/packed.py)."""
+    the optimizer, ...); everything else the pack's members share (mupsweep/group.py)."""
     return keys_where("per_member")
 
 

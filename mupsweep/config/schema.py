@@ -268,7 +268,7 @@ class SweepConfig:
     grace_s: int | None = key(None, valid=AT_LEAST_1, signature=False)
     # a trial failed by a dead worker is re-queued at most this many times
     max_retry: int = key(2, valid=NON_NEGATIVE, signature=False)
-    # trials a worker trains at once as one packed model (mupsweep/packed.py); a packed member
+    # trials a worker trains at once as one packed model (mupsweep/group.py); a packed member
     # trains as its unpacked trial would (tests/test_packed.py)
     pack: int = key(1, valid=AT_LEAST_1, signature=False)
     # None: the default space (log2 lr / init / output mult); [] is refused

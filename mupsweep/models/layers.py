@@ -128,7 +128,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """F.scaled_dot_product_attention: q (B, heads, Lq, head_dim), k and v (B, heads, Lk,
     head_dim), mask None or (B, 1, 1, Lk) bool (True = attend) -> (B, heads, Lq, head_dim).
 
-    Under torch.func.vmap (a pack of K models, mupsweep/packed.py) the K members fold into the
+    Under torch.func.vmap (a pack of K models, mupsweep/group.py) the K members fold into the
     batch dimension, one fused call for all: torch has no vmap rule for its fused CPU kernel
     and would run it once per member (or the unfused math path, about 2.5x slower than one
     folded call at width 32). `torch._C._functorch.is_batchedtensor` (private, no public

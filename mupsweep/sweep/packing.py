@@ -3,15 +3,14 @@ default, and when packing leaves the pruner nothing to judge.
 
 A worker asks the study for up to sweep.pack = K trials at once (`workers.py`) and trains them
 as one group (`objective.train_trials`, `train.train_group`); the members of a group of more
-than one may differ only in `group.PER_MEMBER_KEYS`, so every axis of sweep.params must be one
+than one may differ only in the per-member keys (`config.per_member_keys`), so every axis of sweep.params must be one
 of those (`check_pack_settings` says so before any trial starts).
 """
 
 from __future__ import annotations
 
-from mupsweep.config import Config, SweepParam
+from mupsweep.config import Config, SweepParam, is_per_member, per_member_keys
 from mupsweep.errors import UserError
-from mupsweep.group import PER_MEMBER_KEYS, is_per_member
 from mupsweep.group_setup import resolve_device
 
 
@@ -26,7 +25,7 @@ def check_pack_settings(cfg: Config, params: list[SweepParam]) -> None:
     for p in params:
         if not is_per_member(p.name):
             raise UserError(f"sweep.pack={pack}: trials that differ in {p.name} cannot share a "
-                            f"pack (its members differ only in {', '.join(PER_MEMBER_KEYS)}); "
+                            f"pack (its members differ only in {', '.join(per_member_keys())}); "
                             "set sweep.pack=1")
     if cfg.train.compile:
         raise UserError(f"sweep.pack={pack} trains trials eagerly; set train.compile=false, or "
