@@ -375,7 +375,7 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     import optuna
 
     from mupsweep.config import set_by_path
-    from mupsweep.sweep.summary import best_document
+    from mupsweep.sweep.summary import study_summary
     from mupsweep.sweep.tune import SweepFailed
     from mupsweep.sweep.tune import tune as run_tune
 
@@ -390,7 +390,7 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     try:
         result = run_tune(cfg, workers=workers)
     except SweepFailed as e:  # best.json and trials.csv are written; show what there is
-        doc = best_document(e.study)
+        doc = study_summary(e.study)
         print_best_trials(doc)
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         if json_out:  # the document exists (value null): the pipe's next command says why
@@ -398,14 +398,14 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
         raise typer.Exit(1) from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: workers stopped, trials re-queued, outputs written
         say_interrupted(e, "interrupted; re-run the same command to continue")
-    doc = best_document(result)
+    doc = study_summary(result)
     print_best_trials(doc)
     if json_out:
         print_json(doc)
 
 
 # --------------------------------------------------------------------------------------------
-# transfer and report: read the sweep's best document (a file, stdin, or the study itself)
+# transfer and report: read the sweep's study summary (a file, stdin, or the study itself)
 # --------------------------------------------------------------------------------------------
 
 BEST = typer.Argument(None, help="best.json from `mupsweep tune` ('-' reads stdin, e.g. piped "

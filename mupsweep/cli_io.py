@@ -207,9 +207,9 @@ def print_best_trials(doc: dict, top: int = 10) -> None:
 
 def summary_argument(best: str | None, storage: str | None, study: str | None,
               overrides: list[str] | None = None) -> tuple[dict, list[str]]:
-    """The best document and the remaining overrides. With --storage the first positional
+    """The study summary and the remaining overrides. With --storage the first positional
     argument is an override (there is no file), so give it back to the overrides."""
-    from mupsweep.sweep.summary import load_best, load_best_from_storage
+    from mupsweep.sweep.summary import load_summary, load_summary_from_storage
 
     overrides = list(overrides or [])
     if storage or study:
@@ -219,10 +219,10 @@ def summary_argument(best: str | None, storage: str | None, study: str | None,
             if "=" not in best:
                 raise UserError(f"give either {best} or --storage/--study, not both")
             overrides.insert(0, best)
-        return load_best_from_storage(storage, study), overrides
+        return load_summary_from_storage(storage, study), overrides
     if best is None:
-        raise UserError("no best document: give best.json, '-' for stdin, or --storage/--study")
-    return load_best(best), overrides
+        raise UserError("no study summary: give best.json, '-' for stdin, or --storage/--study")
+    return load_summary(best), overrides
 
 
 def print_lr_by_width(rows: list[dict]) -> None:

@@ -22,7 +22,7 @@ from mupsweep.errors import UserError
 from mupsweep.report import write_report
 from mupsweep.stopping import Interrupted, stop_signals
 from mupsweep.sweep.packing import packs_by_default
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import RESUME, tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer, write_config
@@ -116,7 +116,7 @@ def _run_stages(out_dir: Path, n_trials: int, proxy_steps: int, target_steps: in
     stage[0] = 2
     console.rule(f"2/4 tune: {n_trials} trials at proxy widths {PROXY_WIDTHS}")
     sweep_cfg = demo_sweep_config(out_dir / "sweep", n_trials, proxy_steps)
-    best = best_document(tune(sweep_cfg))
+    best = study_summary(tune(sweep_cfg))
     summary["tune"] = {k: best[k] for k in ("value", "trial", "hparams", "cost")}
 
     stage[0] = 3

@@ -80,7 +80,7 @@ def plot_coord_check(table, widths: list[int], path: Path, title: str, axis: str
 
 
 # --------------------------------------------------------------------------------------------
-# Sweep report: what `mupsweep report` writes from a best document (see mupsweep.sweep.summary)
+# Sweep report: what `mupsweep report` writes from a study summary (see mupsweep.sweep.summary)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Best proxy trial -> resolved config for the full-width model, with drift and cost checks.
 
 Under muP the learning rate, init multiplier and output multiplier tuned on a narrow proxy stay
-optimal when only the width grows. `transfer()` turns the sweep's "best document" (written by
+optimal when only the width grows. `transfer()` turns the sweep's "study summary" (written by
 `mupsweep tune` as best.json) into a target `Config`, in named steps:
 
 1. refuse what cannot transfer (an SP study unless `force`, no target, no trial, a tuned key
@@ -14,7 +14,7 @@ optimal when only the width grows. `transfer()` turns the sweep's "best document
    and record where the numbers came from in `cfg.provenance` (study, trial, proxy widths,
    sweep cost, estimated target FLOPs and tuning cost as a share of one target run).
 
-A tuned value never overrides a choice made on the command line in silence: a best document
+A tuned value never overrides a choice made on the command line in silence: a study summary
 that tuned a key which is no hyperparameter (each key declares it in the schema: model.width,
 the base shapes, ...) is refused, and so is a tuned value that differs from what --depth,
 --steps or --preset sets (an explicit `key=value` override wins, with a warning). The target
@@ -67,7 +67,7 @@ from mupsweep.rundir import without_passwords
 from mupsweep.sweep.storage import redact_text, redact_url
 from mupsweep.sweep.summary import (
     DRIFT_TOLERANCE_OCTAVES,
-    check_best_document,
+    check_summary,
     drift_octaves,
     lr_by_width,
 )
@@ -104,14 +104,14 @@ def transfer(best: dict[str, Any], width: int | None = None, preset: str | None 
              overrides: list[str] | tuple[str, ...] = (), steps: int | None = None,
              force: bool = False, depth: int | None = None,
              config_dir: str | Path | None = None) -> TransferResult:
-    """Build the target config from a best document (see the module docstring for the steps).
+    """Build the target config from a study summary (see the module docstring for the steps).
 
     config_dir: the user's config groups (`--config-dir`; else ./configs), where --preset is
     looked up, as `compose` does.
 
     Raises UserError for an SP study (unless `force`), for a missing target (no width, preset
     or model.width override) and for any invalid resulting config."""
-    best = check_best_document(best, "best document")
+    best = check_summary(best, "study summary")
     overrides = list(overrides)
     tuned = best["hparams"]
     warnings = refuse_what_cannot_transfer(best, width, preset, depth, overrides, force,
@@ -166,7 +166,7 @@ def refuse_what_cannot_transfer(best: dict[str, Any], width: int | None, preset:
     if best.get("trial") is None and not best["hparams"]:
         raise UserError("the study has no complete trial yet: nothing to transfer")
     if not best["base_config"]:
-        raise UserError("best document has an empty base_config: cannot rebuild the proxy")
+        raise UserError("study summary has an empty base_config: cannot rebuild the proxy")
     check_tuned_keys(best["hparams"])
     return warnings
 
@@ -176,7 +176,7 @@ def read_base_config(best: dict[str, Any]) -> Config:
     try:
         return from_dict(best["base_config"])
     except UserError as e:
-        raise UserError(f"best document base_config: {e}") from None
+        raise UserError(f"study summary base_config: {e}") from None
 
 
 def read_proxy(best: dict[str, Any]) -> Config:
@@ -246,14 +246,14 @@ def apply_overrides(cfg: Config, overrides: list[str], tuned: dict[str, Any], st
 
 
 def check_tuned_keys(hparams: dict[str, Any]) -> None:
-    """Refuse a best document that tuned a key which is no hyperparameter (model.width, the
+    """Refuse a study summary that tuned a key which is no hyperparameter (model.width, the
     base shapes, ...; each key declares it in the schema): its value would silently replace the
     target's. `tune` refuses such a search space; this document came from elsewhere, or from
     before that check."""
     for key in hparams:
         why = why_not_a_hyperparameter(str(key))
         if why:
-            raise UserError(f"the best document's hparams hold {key}={hparams[key]}, which is not "
+            raise UserError(f"the study summary's hparams hold {key}={hparams[key]}, which is not "
                             f"a hyperparameter ({why}); transfer refuses it: re-tune without "
                             f"{key} in sweep.params, or remove it from the document's hparams")
 

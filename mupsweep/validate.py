@@ -33,7 +33,7 @@ from mupsweep.sweep.packing import packs_by_default
 from mupsweep.sweep.space import LOG2_SUFFIX, MAX_TRAINABLE_LR, grid_points, point_key, search_space
 from mupsweep.sweep.storage import storage_spec
 from mupsweep.sweep.study import duplicate_grid_trials, missing_grid_points, open_study, trial_point
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import tune
 from mupsweep.util import atomic_write, atomic_write_text
 
@@ -282,13 +282,13 @@ def depth_grid_config(cfg: Config, depth_parametrization: str, width: int, depth
 
 
 def run_grid(run: Config, workers: int = 1) -> tuple[dict | None, str | None]:
-    """Run (or resume) one grid study: (its best document, None), or (None, why it cannot be
+    """Run (or resume) one grid study: (its study summary, None), or (None, why it cannot be
     judged) when points are missing. A study holding another grid's points is refused."""
     params = search_space(run)
     open_study(run, params, check_first=lambda study: _refuse_another_grid(study, params))
     study = tune(run, workers=workers, depth_experiment=True)
     why = why_incomplete(study, params, Path(run.sweep.out_dir) / "trials.csv")
-    return (None, why) if why else (best_document(study), None)
+    return (None, why) if why else (study_summary(study), None)
 
 
 def _point_text(point: dict) -> str:

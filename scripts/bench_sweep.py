@@ -71,7 +71,7 @@ def run_sweep(out: Path, pack: int, trials: int, steps: int) -> dict:
 
     from mupsweep.demo import demo_sweep_config
     from mupsweep.sweep.study import open_study
-    from mupsweep.sweep.summary import best_document
+    from mupsweep.sweep.summary import study_summary
     from mupsweep.sweep.tune import tune
 
     cfg = demo_sweep_config(out, trials, steps, pack=pack)
@@ -80,7 +80,7 @@ def run_sweep(out: Path, pack: int, trials: int, steps: int) -> dict:
         study.enqueue_trial({"optim.lr:log2": lr})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    doc = best_document(tune(cfg))
+    doc = study_summary(tune(cfg))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     cost = doc["cost"]
     # cpu_s: this process's CPU time. With one thread (OMP_NUM_THREADS=1) it is about the wall

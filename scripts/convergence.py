@@ -28,7 +28,7 @@ import optuna
 
 from mupsweep.config import compose
 from mupsweep.plots import pyplot
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer
@@ -105,7 +105,7 @@ def main() -> None:
                      f"train.steps={args.proxy_steps}", f"train.eval_every={args.proxy_steps // 4}",
                      f"sweep.pack={args.pack}"])
     t0, cpu0 = time.perf_counter(), time.process_time()
-    best = best_document(tune(sweep))
+    best = study_summary(tune(sweep))
     sweep_wall, sweep_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if args.sweep_only:
         print(json.dumps(tuning_cost(args, out, best, sweep_wall, sweep_cpu), indent=2))

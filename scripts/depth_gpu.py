@@ -36,7 +36,7 @@ import pandas as pd
 from mupsweep.config import compose, from_dict, to_dict
 from mupsweep.sweep.storage import open_for_reading, storage_spec
 from mupsweep.sweep.study import open_study
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.workers import run_worker
 from mupsweep.validate import (
     DEPTH,
@@ -135,7 +135,7 @@ def report_partial(configs: list, out: Path) -> None:
                         key=lambda c: c.model.depth):
             study = optuna.load_study(study_name=c.sweep.study,
                                       storage=open_for_reading(storage_spec(c)))
-            doc = best_document(study)  # trials that finished; not the ones a kill cut off
+            doc = study_summary(study)  # trials that finished; not the ones a kill cut off
             doc["trials"] = [t for t in doc["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
             table = loss_table(doc).assign(depth=c.model.depth)
             table = table.drop_duplicates(["log2_lr", "seed"])  # a grid point run twice

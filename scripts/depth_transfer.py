@@ -27,7 +27,7 @@ import optuna
 
 from mupsweep.config import compose
 from mupsweep.plots import pyplot
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer
@@ -76,7 +76,7 @@ def main() -> None:
                          f"sweep.out_dir={out}/{name}/sweep", f"sweep.study={name}",
                          f"train.steps={args.proxy_steps}",
                          f"train.eval_every={max(1, args.proxy_steps // 4)}"])
-        best = best_document(tune(sweep))
+        best = study_summary(tune(sweep))
         targets = []
         for seed in seeds:
             t = transfer(best, width=args.target_width, depth=args.target_depth,

@@ -22,7 +22,7 @@ from mupsweep.models import get_model_class
 
 
 def _best_doc() -> dict:
-    """A well-formed best document (synthetic losses; its base config is dit-tiny's)."""
+    """A well-formed study summary (synthetic losses; its base config is dit-tiny's)."""
     base = to_dict(compose(["model=dit-tiny", "train.steps=10", "sweep.proxy_widths=[32,64]"]))
     trials = [{"number": i, "state": "COMPLETE", "value": 0.5 - 0.1 * i,
                "hparams": {"optim.lr": 2.0 ** (-10 + 3 * i)},

@@ -185,7 +185,7 @@ HAND = [
     (["validate", *QUICK, "--depths", "2,4", "--depth-parametrizations", "x"], 2,
      "--depth-parametrizations"),
     (["validate", *QUICK, "--depths", "2,4", "--widths", "32"], 2, "--widths"),
-    # transfer: files that are not a best document, targets that cannot be written
+    # transfer: files that are not a study summary, targets that cannot be written
     (["transfer", "missing.json", "-o", "t.yaml"], 2, "missing.json"),
     (["transfer", "not_json.json", "-o", "t.yaml"], 2, "not_json.json"),
     (["transfer", "array.json", "-o", "t.yaml"], 2, "array.json"),

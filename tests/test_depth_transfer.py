@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 
 from mupsweep.config import compose
 from mupsweep.errors import UserError
-from mupsweep.sweep.summary import load_best
+from mupsweep.sweep.summary import load_summary
 from mupsweep.transfer import transfer
 from mupsweep.validate import validate
 
@@ -68,7 +68,7 @@ def test_shallow_proxy_transfers_to_a_deep_wide_target_that_trains(tmp_path, com
 
 def test_preset_from_a_shallow_proxy(completep_best):
     # dit-xl-2 learns sigma, the proxy did not: a named override accepts that change
-    r = transfer(load_best(completep_best), preset="dit-xl-2", overrides=["model.learn_sigma=true"])
+    r = transfer(load_summary(completep_best), preset="dit-xl-2", overrides=["model.learn_sigma=true"])
     m = r.config.model
     assert (m.depth, m.base_depth, m.width, m.learn_sigma) == (28, 2, 1152, True)
     assert not any("model.depth" in w for w in r.warnings), r.warnings
@@ -76,14 +76,14 @@ def test_preset_from_a_shallow_proxy(completep_best):
 
 
 def test_depth_warning_stays_under_none(none_best):
-    r = transfer(load_best(none_best), width=256, depth=16)
+    r = transfer(load_summary(none_best), width=256, depth=16)
     assert r.config.model.depth_parametrization == "none"
     assert any("proxy model.depth=2 but target model.depth=16" in w
                and "depth_parametrization=completep" in w for w in r.warnings), r.warnings
 
 
 def test_changed_base_depth_or_parametrization_warns(completep_best):
-    doc = load_best(completep_best)
+    doc = load_summary(completep_best)
     r = transfer(doc, width=256, depth=16, overrides=["model.base_depth=4"])
     assert any("proxy base depth 2 but target model.base_depth=4" in w for w in r.warnings)
     r = transfer(doc, width=256, overrides=["model.depth_parametrization=none"])

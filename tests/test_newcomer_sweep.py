@@ -80,7 +80,7 @@ def test_an_explicitly_empty_sweep_params_is_refused(cli, tmp_path):
 
 
 def best_doc(**hparams) -> dict:
-    """A best document of the shape tune writes, without training anything."""
+    """A study summary of the shape tune writes, without training anything."""
     base = compose(["model=dit-tiny", "model.depth=2", "train.steps=2", "train.eval_every=2",
                     "train.batch_size=16", "train.val_size=32", "train.progress=false",
                     "train.samples=0", "sweep.proxy_widths=[32]"])

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from mupsweep.config import compose
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import tune
 from mupsweep.train import train
 from mupsweep.transfer import transfer
@@ -18,7 +18,7 @@ def test_tune_transfer_train_round_trip(preset, tmp_path):
     sweep = compose([f"model={preset}", "sweep.n_trials=2", "sweep.sampler=random",
                      "sweep.pruner=none", "sweep.proxy_widths=[32]", f"sweep.out_dir={tmp_path}/sweep",
                      "train.steps=4", "train.eval_every=4", "train.val_size=32", "train.batch_size=16"])
-    best = best_document(tune(sweep))
+    best = study_summary(tune(sweep))
     assert best["cost"]["n_complete"] == 2 and best["cost"]["flops"] > 0
 
     result = transfer(best, width=64, steps=3, overrides=[f"train.run_dir={tmp_path}/target",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mupsweep.images import label_columns
 from mupsweep.report import history_points, lr_points, plot_coord_check, plot_lr_vs_loss
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 
 
 def study_with_a_pruned_trial() -> optuna.Study:
@@ -32,7 +32,7 @@ def study_with_a_pruned_trial() -> optuna.Study:
 
 
 def test_history_draws_a_pruned_trial_at_its_last_reported_loss():
-    doc = best_document(study_with_a_pruned_trial())
+    doc = study_summary(study_with_a_pruned_trial())
     assert [t["last_reported"] for t in doc["trials"]] == [None, 0.7, None]
     (xs, ys), (px, py), no_loss = history_points(doc)
     assert (xs, ys) == ([0], [0.2])
@@ -41,7 +41,7 @@ def test_history_draws_a_pruned_trial_at_its_last_reported_loss():
 
 
 def doc_of(points: list[tuple[float, float, float]]) -> dict:
-    """A best document with trials (lr, init_mult, loss at width 32)."""
+    """A study summary with trials (lr, init_mult, loss at width 32)."""
     trials = [{"number": i, "state": "COMPLETE", "value": loss, "losses": {"32": loss},
                "hparams": {"optim.lr": lr, "model.init_mult": init}}
               for i, (lr, init, loss) in enumerate(points)]

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from test_tune import FAST, assert_exact_budget, load
 
 from mupsweep.sweep.retry import INTERRUPTED
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 
 # Trials long enough that both workers' first trials overlap (one worker may start seconds
 # after the other; at 160 steps, on an idle machine, the first worker had run both trials
@@ -106,7 +106,7 @@ def assert_requeued(storage: str, running: list, out: Path, name: str = "mupswee
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert sorted(w.system_attrs["failed_trial"] for w in waiting) == sorted(interrupted)
     assert not study.get_trials(states=(TrialState.RUNNING,))
-    assert best_document(study)["cost"]["n_failed"] == 0  # interrupted is not failed
+    assert study_summary(study)["cost"]["n_failed"] == 0  # interrupted is not failed
     best = json.loads((out / "best.json").read_text())
     assert best["cost"]["n_interrupted"] == len(running) and best["trial"] is None
     assert (out / "trials.csv").read_text().count("\n") == 1 + len(study.trials)

@@ -13,7 +13,7 @@ from conftest import run_cli
 
 from mupsweep.config import compose, to_dict
 from mupsweep.sweep.study import BASE_CONFIG_ATTR, open_study, study_base_config
-from mupsweep.sweep.summary import load_best_from_storage
+from mupsweep.sweep.summary import load_summary_from_storage
 
 FAST = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=6",
         "train.eval_every=3", "train.val_size=32", "train.batch_size=16", "sweep.proxy_widths=[32]"]
@@ -35,7 +35,7 @@ def test_the_study_names_its_metric_and_keeps_the_base_config_out_of_user_attrs(
     base = study_base_config(study)
     assert base["model"]["arch"] == "dit" and base["train"]["steps"] == 6
     best = json.loads((tmp_path / "best.json").read_text())
-    assert best["base_config"] == base == load_best_from_storage(storage, "s")["base_config"]
+    assert best["base_config"] == base == load_summary_from_storage(storage, "s")["base_config"]
     out = tmp_path / "t.yaml"
     assert run_cli("transfer", str(tmp_path / "best.json"), "--width", "64", "-o",
                    str(out)).returncode == 0

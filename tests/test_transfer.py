@@ -1,6 +1,6 @@
-"""`mupsweep transfer`: best document -> target config that `mupsweep train --config` accepts.
+"""`mupsweep transfer`: study summary -> target config that `mupsweep train --config` accepts.
 
-The best documents here come from real `train()` runs (a 3 lr x 2 width grid on dit-tiny, the
+The study summaries here come from real `train()` runs (a 3 lr x 2 width grid on dit-tiny, the
 shape `mupsweep tune` writes), except the drift tests, where only the transfer logic is under
 test and the losses are synthetic.
 """
@@ -31,7 +31,7 @@ LRS = [2.0**-10, 2.0**-7, 2.0**-4]
 
 @functools.lru_cache(maxsize=1)
 def real_best_doc() -> dict:
-    """A best document built the way tune builds it, from 6 real short training runs.
+    """A study summary built the way tune builds it, from 6 real short training runs.
 
     Cached per process, so test_report.py reuses the same runs."""
     from mupsweep.data import load_dataset

@@ -41,7 +41,7 @@ def write(tmp_path, doc: dict, name: str = "best.json") -> str:
 
 
 def proxy_doc(doc: dict, *overrides: str) -> dict:
-    """The real best document, as if its sweep had run on another base config."""
+    """The real study summary, as if its sweep had run on another base config."""
     doc["base_config"] = to_dict(compose(["sweep.proxy_widths=[32,64]", *overrides]))
     return doc
 

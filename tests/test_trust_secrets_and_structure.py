@@ -1,5 +1,5 @@
 """Never a wrong answer in silence, round 2: a key that is no hyperparameter is refused in
-sweep.params and in a best document, a tuned value never replaces a command-line choice in
+sweep.params and in a study summary, a tuned value never replaces a command-line choice in
 silence, and no file `train` or `transfer` writes holds a storage password.
 
 Real CLI runs (in-process, through the CLI's own entry point) on tiny configs."""
@@ -29,7 +29,7 @@ HIDDEN = "postgresql://u:***@127.0.0.1/db"
 
 
 def best_doc(hparams: dict, tmp_path: Path, *base: str) -> Path:
-    """A best document of the shape `mupsweep tune` writes, for a dit-tiny proxy at width 32
+    """A study summary of the shape `mupsweep tune` writes, for a dit-tiny proxy at width 32
     (its trials and losses do not matter to the checks under test), in tmp_path/input/."""
     doc = {"study": "s", "storage": "sqlite:///study.db", "parametrization": "mup",
            "value": 0.5, "trial": 0, "hparams": hparams, "proxy_widths": [32],
@@ -169,7 +169,7 @@ def test_train_and_resume_write_no_password(cli, tmp_path):
 
 def test_transfer_writes_no_password(cli, tmp_path):
     """The target YAML held the password twice (sweep.storage, provenance.overrides), and
-    --json printed it; a best document's own base config may hold one too."""
+    --json printed it; a study summary's own base config may hold one too."""
     best = best_doc({"optim.lr": 2.0**-8}, tmp_path)
     proc = cli("transfer", str(best), "--width", "64", "-o", "t.yaml", "--json",
                f"sweep.storage={URL}")

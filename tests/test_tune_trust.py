@@ -22,7 +22,7 @@ from mupsweep.config import compose, to_dict
 from mupsweep.errors import UserError
 from mupsweep.sweep.retry import INTERRUPTED, SURPLUS
 from mupsweep.sweep.study import open_study
-from mupsweep.sweep.summary import best_document
+from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import shortfall, tune, write_outputs
 from mupsweep.sweep.workers import EXIT_BAD_INPUT, run_worker_processes
 
@@ -249,7 +249,7 @@ def test_ctrl_c_fails_and_requeues_the_running_trials(tmp_path, workers):
         assert t.state == TrialState.FAIL and t.user_attrs["reason"] == INTERRUPTED
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert sorted(w.system_attrs["failed_trial"] for w in waiting) == sorted(interrupted)
-    assert best_document(study)["cost"]["n_failed"] == 0  # interrupted is not failed
+    assert study_summary(study)["cost"]["n_failed"] == 0  # interrupted is not failed
     if workers == 1:
         return  # the resume below is the same for both
 
@@ -337,7 +337,7 @@ def test_surplus_and_interrupted_trials_are_not_counted_as_failed(tmp_path):
     study = optuna.create_study()
     for reason in (SURPLUS, INTERRUPTED, "RuntimeError: boom"):
         study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"reason": reason}))
-    cost = best_document(study)["cost"]
+    cost = study_summary(study)["cost"]
     assert (cost["n_failed"], cost["n_surplus"], cost["n_interrupted"]) == (1, 1, 1)
 
 

@@ -51,7 +51,7 @@ TIMESTEPS_CAP = (MAX_TIMESTEPS, TIMESTEPS_WHY)
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # Why a key is no hyperparameter (`not_hp`): sweep.params refuses it, and transfer refuses a
-# best document whose tuned values hold one. Each one, swept, gives a wrong answer in silence:
+# study summary whose tuned values hold one. Each one, swept, gives a wrong answer in silence:
 # the trials overwrite or never read it, or it changes what the proxy stands for or what the
 # trials' losses measure, and best.json and the config transfer writes from it would still
 # record a "best" value. Keys that really train as swept stay sweepable, shapes included

@@ -1,4 +1,4 @@
-"""The best document: a sweep's result as one JSON object, the contract between `tune` and its
+"""The study summary: a sweep's result as one JSON object, the contract between `tune` and its
 readers (`transfer`, `report`, `validate`). Built from a study, written as best.json, loaded
 (a file, stdin or the study's storage), checked, and read (per-width best lr and its drift,
 as `mupsweep.drift` defines it).
@@ -30,7 +30,7 @@ from mupsweep.sweep.storage import label_of, open_for_reading, parse_storage, re
 from mupsweep.sweep.study import study_base_config
 from mupsweep.util import atomic_write_text, first_line, json_safe
 
-# Keys every best document must have (the rest are optional and only enrich provenance).
+# Keys every study summary must have (the rest are optional and only enrich provenance).
 REQUIRED_KEYS = ("parametrization", "hparams", "base_config", "proxy_widths")
 
 DRIFT_TOLERANCE_OCTAVES = 1.0  # max spread of per-width best log2 lr before transfer warns
@@ -44,7 +44,7 @@ MIN_LRS_TO_PLACE = 3
 # --------------------------------------------------------------------------------------------
 
 
-def best_document(study: optuna.Study) -> dict[str, Any]:
+def study_summary(study: optuna.Study) -> dict[str, Any]:
     """The sweep's result: best trial, its resolved HPs, base config, cost and every trial."""
     attrs = study.user_attrs
     trials = study.get_trials(deepcopy=False)
@@ -101,17 +101,17 @@ def write_best_json(doc: dict[str, Any], path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def check_best_document(doc: Any, source: str) -> dict[str, Any]:
-    """The one schema check of a best document, wherever it comes from (a file, stdin, a study's
+def check_summary(doc: Any, source: str) -> dict[str, Any]:
+    """The one schema check of a study summary, wherever it comes from (a file, stdin, a study's
     storage, a caller of `transfer`): every field a reader uses has the type it needs, and the
     base config is one the schema and its architecture accept, so a wrong file fails here with
     one line naming the field and the source, never deep inside `transfer` or `report`."""
     if not isinstance(doc, dict):
-        raise UserError(f"{source}: expected a JSON object (the best document from "
+        raise UserError(f"{source}: expected a JSON object (the study summary from "
                         f"`mupsweep tune --json`), got {type(doc).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in doc]
     if missing:
-        raise UserError(f"{source}: not a best document from `mupsweep tune`; missing "
+        raise UserError(f"{source}: not a study summary from `mupsweep tune`; missing "
                         f"key(s) {', '.join(missing)}")
     problem = _document_problem(doc)
     if problem:
@@ -187,8 +187,8 @@ def _document_problem(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def load_best(path: str | Path) -> dict[str, Any]:
-    """Read a best document from a JSON file, or from stdin when `path` is '-'."""
+def load_summary(path: str | Path) -> dict[str, Any]:
+    """Read a study summary from a JSON file, or from stdin when `path` is '-'."""
     if str(path) == "-":
         source = "stdin"
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
@@ -198,7 +198,7 @@ def load_best(path: str | Path) -> dict[str, Any]:
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise UserError(f"best document not found: {p} (written by `mupsweep tune` as "
+            raise UserError(f"study summary not found: {p} (written by `mupsweep tune` as "
                             "OUT_DIR/best.json)")
         try:
             data = p.read_bytes()
@@ -213,11 +213,11 @@ def load_best(path: str | Path) -> dict[str, Any]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    return check_best_document(doc, source)
+    return check_summary(doc, source)
 
 
-def load_best_from_storage(storage: str, study: str) -> dict[str, Any]:
-    """The best document of an Optuna study, straight from its storage (`--storage`), which is
+def load_summary_from_storage(storage: str, study: str) -> dict[str, Any]:
+    """The study summary of an Optuna study, straight from its storage (`--storage`), which is
     only read: nothing is created there."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = parse_storage(storage, "--storage")
@@ -228,7 +228,7 @@ def load_best_from_storage(storage: str, study: str) -> dict[str, Any]:
         raise UserError(f"study {study!r} not found in storage {spec.label}") from None
     except Exception as e:  # driver errors while reading; messages may echo the URL
         raise UserError(f"cannot open storage {spec.label}: {redact_text(first_line(e))}") from None
-    return check_best_document(best_document(loaded), f"study {study!r}")
+    return check_summary(study_summary(loaded), f"study {study!r}")
 
 
 # --------------------------------------------------------------------------------------------

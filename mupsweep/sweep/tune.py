@@ -42,7 +42,7 @@ from mupsweep.sweep.retry import INTERRUPTED
 from mupsweep.sweep.space import search_space
 from mupsweep.sweep.storage import label_of
 from mupsweep.sweep.study import enqueue_grid, open_study
-from mupsweep.sweep.summary import best_document, write_best_json
+from mupsweep.sweep.summary import study_summary, write_best_json
 from mupsweep.sweep.workers import (
     FINISHED,
     WorkerExit,
@@ -140,7 +140,7 @@ def _run(cfg: Config, workers: int, opened: list[optuna.Study],
 
 
 def shortfall(doc: dict[str, Any], budget: int, exits: list[WorkerExit] | None = None) -> str | None:
-    """Why the sweep in best document `doc` has no result to use, in one line; None if it has.
+    """Why the sweep in study summary `doc` has no result to use, in one line; None if it has.
 
     Not met: the budget (workers died, or trials kept failing), or any COMPLETE trial (every
     one was pruned or diverged)."""
@@ -221,7 +221,7 @@ def write_outputs(study: optuna.Study, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/trials.csv (Optuna's dataframe) and out_dir/best.json, each atomically
     (another machine's tune may write them at the same time); return the doc. A full disk is
     one line: the study keeps every finished trial, and a re-run writes the files again."""
-    doc = best_document(study)
+    doc = study_summary(study)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         frame = study.trials_dataframe()
