@@ -10,6 +10,7 @@ from typing import Any
 
 from mupsweep.config import Config
 from mupsweep.errors import UserError
+from mupsweep.util import training_flops
 
 
 @dataclass
@@ -74,7 +75,7 @@ def estimate_train_flops(cfg: Config) -> tuple[float, float]:
     with torch.device("meta"):
         model = get_model_class(cfg.model.arch)(cfg.model, spec)
     per_image = float(model.flops_per_image(spec))
-    return per_image, 3.0 * per_image * cfg.train.batch_size * cfg.train.steps
+    return per_image, training_flops(per_image, cfg.train.batch_size) * cfg.train.steps
 
 
 def _fmt_flops(x: float) -> str:
