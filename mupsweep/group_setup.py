@@ -22,7 +22,7 @@ from torch import nn
 from mupsweep.batches import FixedValidationSet
 from mupsweep.checkpoint import RunState, restore
 from mupsweep.conditioning import Conditioner
-from mupsweep.config import Config, to_yaml
+from mupsweep.config import Config, ModelConfig, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
@@ -72,12 +72,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_ema(model: nn.Module, cfg: Config, spec: DataSpec, device: torch.device) -> nn.Module:
+def make_ema(model: nn.Module, cfg: ModelConfig, spec: DataSpec, device: torch.device) -> nn.Module:
     """EMA weights in a freshly built model (which has its own base shapes): mup's infshape
     does not survive copy.deepcopy, so we copy tensors, never the module. (Our own EMA for
     that reason: torch's `swa_utils.AveragedModel` deep-copies the module, and its copy has
     lost the base shapes that MuReadout's output scaling reads.)"""
-    ema = build_model(cfg.model, spec, device)
+    ema = build_model(cfg, spec, device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     return ema
@@ -257,7 +257,7 @@ def _build(cfgs: list[Config], device: torch.device, rank: int, world: int,
             on_model(models[-1])
     weights = GroupWeights(models)
     optimizer = GroupAdamW(weights, read_member_optimizers(models, cfgs), cfgs)
-    ema = make_ema(models[0], cfg, conditioner.data_spec, device) if alone and tc.ema_decay > 0 else None
+    ema = make_ema(models[0], cfg.model, conditioner.data_spec, device) if alone and tc.ema_decay > 0 else None
     flops_per_step = training_flops(models[0].flops_per_image(conditioner.data_spec), tc.batch_size)
     del models[1:]  # their weights are in the stack now
     members = []

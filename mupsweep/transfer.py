@@ -293,7 +293,7 @@ def untransferred_warnings(proxy: Config, cfg: Config, proxy_widths: list[int],
     warnings = []
     for key in untransferred_keys():
         a, b = get_dotted(proxy, key), get_dotted(cfg, key)
-        if key == "model.depth" and transfers_across_depth(proxy, cfg):
+        if key == "model.depth" and transfers_across_depth(proxy.model, cfg.model):
             continue  # CompleteP carries the tuned HPs across depth
         if a != b:
             why = ("muP base shapes differ, so the tuned HPs mean something else"
@@ -302,7 +302,7 @@ def untransferred_warnings(proxy: Config, cfg: Config, proxy_widths: list[int],
             if key == "model.depth":
                 why += " (tune with model.depth_parametrization=completep to transfer across depth)"
             warnings.append(f"proxy {key}={a} but target {key}={b}: {why}")
-    warnings += depth_warnings(proxy, cfg)
+    warnings += depth_warnings(proxy.model, cfg.model)
 
     # A clip threshold binds on the global gradient norm, which falls as width grows under muP
     # (dit-tiny at init on digits, batch 64: 1.13 at width 32, 0.41 at 256, 0.28 at 512), so
@@ -319,18 +319,16 @@ def untransferred_warnings(proxy: Config, cfg: Config, proxy_widths: list[int],
     return warnings
 
 
-def transfers_across_depth(proxy: Config, target: Config) -> bool:
-    """Whether the tuned HPs carry over a change of depth: both completep, same base depth
-    and alpha (mupsweep/completep.py)."""
-    p, t = proxy.model, target.model
+def transfers_across_depth(p: ModelConfig, t: ModelConfig) -> bool:
+    """Whether the tuned HPs carry over a change of depth from proxy p to target t: both
+    completep, same base depth and alpha (mupsweep/completep.py)."""
     return (p.depth_parametrization == t.depth_parametrization == "completep"
             and base_depth_of(p) == base_depth_of(t) and p.depth_alpha == t.depth_alpha)
 
 
-def depth_warnings(proxy: Config, target: Config) -> list[str]:
-    """A depth parametrization, base depth or alpha that differs from the proxy's: the tuned
-    HPs then belong to another parametrization."""
-    p, t = proxy.model, target.model
+def depth_warnings(p: ModelConfig, t: ModelConfig) -> list[str]:
+    """A depth parametrization, base depth or alpha of target t that differs from proxy p's:
+    the tuned HPs then belong to another parametrization."""
     if p.depth_parametrization != t.depth_parametrization:
         return [f"proxy model.depth_parametrization={p.depth_parametrization} but target "
                 f"{t.depth_parametrization}: the tuned HPs belong to the proxy's parametrization"]

@@ -124,7 +124,7 @@ def test_ema_keeps_infshape_and_readout_runs():
     cfg = compose(["model.width=64"])
     torch.manual_seed(0)
     model = build_model(cfg.model, SPEC)
-    ema = make_ema(model, cfg, SPEC, torch.device("cpu"))
+    ema = make_ema(model, cfg.model, SPEC, torch.device("cpu"))
     for (name, p), e in zip(model.named_parameters(), ema.parameters(), strict=True):
         assert hasattr(e, "infshape"), name
         assert e.infshape.width_mult() == p.infshape.width_mult()

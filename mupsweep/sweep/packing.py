@@ -9,7 +9,7 @@ of those (`check_pack_settings` says so before any trial starts).
 
 from __future__ import annotations
 
-from mupsweep.config import Config, SweepParam, is_per_member, per_member_keys
+from mupsweep.config import Config, SweepConfig, SweepParam, is_per_member, per_member_keys
 from mupsweep.errors import UserError
 from mupsweep.group_setup import resolve_device
 
@@ -32,14 +32,14 @@ def check_pack_settings(cfg: Config, params: list[SweepParam]) -> None:
                         "sweep.pack=1 to compile each trial")
 
 
-def pruning_note(cfg: Config, budget: int) -> str | None:
+def pruning_note(sweep: SweepConfig, budget: int) -> str | None:
     """A warning when packs leave the pruner nothing to go on: Optuna's pruners judge a trial
     against trials that finished (Hyperband and successive halving size their rungs from the
     first; median waits for five), and the trials of the first pack all finish together. None
     when pruning is unaffected."""
-    if cfg.sweep.pack > 1 and cfg.sweep.pruner != "none" and cfg.sweep.pack >= budget:
-        return (f"sweep.pack={cfg.sweep.pack} packs all {budget} trials at once, so the "
-                f"{cfg.sweep.pruner} pruner, which needs finished trials, prunes none; pack "
+    if sweep.pack > 1 and sweep.pruner != "none" and sweep.pack >= budget:
+        return (f"sweep.pack={sweep.pack} packs all {budget} trials at once, so the "
+                f"{sweep.pruner} pruner, which needs finished trials, prunes none; pack "
                 "fewer (a third of the trials keeps most of the pruning)")
     return None
 

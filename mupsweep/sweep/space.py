@@ -13,6 +13,7 @@ from optuna.trial import Trial
 
 from mupsweep.config import (
     Config,
+    SweepConfig,
     SweepParam,
     check_config,
     set_by_path,
@@ -44,24 +45,24 @@ def default_params() -> list[SweepParam]:
     ]
 
 
-def given_params(cfg: Config) -> list[SweepParam] | None:
+def given_params(sweep: SweepConfig) -> list[SweepParam] | None:
     """`sweep.params` as SweepParams, or None when it is not given (the default space)."""
-    if cfg.sweep.params is None:
+    if sweep.params is None:
         return None
-    return [p if isinstance(p, SweepParam) else SweepParam(**p) for p in cfg.sweep.params]
+    return [p if isinstance(p, SweepParam) else SweepParam(**p) for p in sweep.params]
 
 
 def resolved_params(cfg: Config) -> list[SweepParam]:
     """The axes a study sweeps, unchecked: `sweep.params`, or the default space when it is not
     given (None) or empty (a base config recorded before None meant "not given" says []).
     `study.signature` reads a recorded config through this; `search_space` checks a new one."""
-    return given_params(cfg) or default_params()
+    return given_params(cfg.sweep) or default_params()
 
 
 def search_space(cfg: Config) -> list[SweepParam]:
     """`sweep.params`, or the default space when it is not given; each entry checked. An empty
     list given explicitly sweeps nothing: it is refused."""
-    params = given_params(cfg)
+    params = given_params(cfg.sweep)
     if params == []:
         raise UserError("sweep.params=[] sweeps nothing: every trial would train the same "
                         "config; drop sweep.params to sweep the default space (log2 optim.lr, "

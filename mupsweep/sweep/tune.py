@@ -108,12 +108,12 @@ def _run(cfg: Config, workers: int, opened: list[optuna.Study],
     opened.append(study)
     if cfg.sweep.sampler == "grid":
         enqueue_grid(study, params)  # here, once, so that workers starting together find it
-    budget = trial_budget(cfg, params)
+    budget = trial_budget(cfg.sweep, params)
     console = Console(stderr=True)
     if budget < cfg.sweep.n_trials:
         console.print(f"the grid has {budget} points: running {budget} trials, "
                       f"not sweep.n_trials={cfg.sweep.n_trials}", highlight=False)
-    note = pruning_note(cfg, budget)
+    note = pruning_note(cfg.sweep, budget)
     if note:
         console.print(f"warning: {note}", highlight=False)
     progress = _Progress(budget)

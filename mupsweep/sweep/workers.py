@@ -52,7 +52,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mupsweep.config import Config, SweepParam, from_dict, to_dict
+from mupsweep.config import Config, SweepConfig, SweepParam, from_dict, to_dict
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.errors import UserError
 from mupsweep.stopping import STOP_SIGNALS, deferred_stop, stop_once, stop_signals
@@ -74,11 +74,11 @@ EXIT_BAD_INPUT = 2  # a worker's exit code after a UserError (its line goes to t
 _logger = optuna.logging.get_logger("optuna.study.study")  # where study.optimize's lines go
 
 
-def trial_budget(cfg: Config, params: list[SweepParam]) -> int:
+def trial_budget(sweep: SweepConfig, params: list[SweepParam]) -> int:
     """n_trials, but never more than the grid has distinct points (each runs once)."""
-    if cfg.sweep.sampler == "grid":
-        return min(cfg.sweep.n_trials, len({point_key(p) for p in grid_points(params)}))
-    return cfg.sweep.n_trials
+    if sweep.sampler == "grid":
+        return min(sweep.n_trials, len({point_key(p) for p in grid_points(params)}))
+    return sweep.n_trials
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
@@ -139,7 +139,7 @@ def run_worker(cfg: Config, on_trial: Callable[[optuna.Study], None] | None = No
     params = search_space(cfg)
     check_pack_settings(cfg, params)
     study = open_study(cfg, params)
-    budget = trial_budget(cfg, params)
+    budget = trial_budget(cfg.sweep, params)
     failures = 0
     while True:
         fail_dead_trials(study, cfg)
