@@ -52,6 +52,7 @@ from mupsweep.config import (
     why_not_a_hyperparameter,
     with_overrides,
 )
+from mupsweep.drift import drift_octaves
 from mupsweep.errors import UserError
 from mupsweep.presets import (
     accepted_differences,
@@ -68,7 +69,6 @@ from mupsweep.sweep.storage import redact_text, redact_url
 from mupsweep.sweep.summary import (
     DRIFT_TOLERANCE_OCTAVES,
     check_summary,
-    drift_octaves,
     lr_by_width,
 )
 from mupsweep.transfer_cost import Cost, estimate_cost
@@ -355,7 +355,7 @@ def lr_drift(best: dict[str, Any]) -> tuple[list[dict[str, Any]], float | None, 
     """(each proxy width's best lr, their spread in octaves, a warning when it is over the
     tolerance): the best lr of each proxy width should agree."""
     rows = lr_by_width(best)
-    spread = drift_octaves(rows)
+    spread = drift_octaves(r["log2_lr"] for r in rows)
     if spread is not None and spread > DRIFT_TOLERANCE_OCTAVES:
         table = ", ".join(f"width {r['width']}: 2^{r['log2_lr']:.2f}" for r in rows)
         return rows, spread, [f"transfer looks unreliable: the best lr differs by {spread:.2f} "

@@ -13,7 +13,6 @@ import pytest
 from conftest import run_cli
 
 from mupsweep.drift import drift_octaves, parabola_vertex
-from mupsweep.sweep import summary
 from mupsweep.validate import (
     DEPTH,
     best_lr_per_size,
@@ -92,7 +91,7 @@ def test_drift_is_the_spread_of_the_per_size_optimum():
     assert drift_octaves([-7.0]) is None and drift_octaves([]) is None
     # report and transfer read the per-width best trial, validate the fitted optimum: one figure
     rows = [{"log2_lr": x} for x in (-7.0, -5.0, -7.0)]
-    assert summary.drift_octaves(rows) == 2.0
+    assert drift_octaves(r["log2_lr"] for r in rows) == 2.0
     bowl = {"study": "s", "proxy_widths": [32, 64, 128], "trials": [
         {"number": i, "state": "COMPLETE", "hparams": {"optim.lr": 2.0**e},
          "losses": {"32": 0.2 + 0.01 * (e + 7) ** 2, "64": 0.2 + 0.01 * (e + 5.5) ** 2,

@@ -1,7 +1,7 @@
 """The study summary: a sweep's result as one JSON object, the contract between `tune` and its
 readers (`transfer`, `report`, `validate`). Built from a study, written as best.json, loaded
-(a file, stdin or the study's storage), checked, and read (per-width best lr and its drift,
-as `mupsweep.drift` defines it).
+(a file, stdin or the study's storage), checked, and read (per-width best lr, whose
+spread is the drift `mupsweep.drift` defines).
 
     {"study", "storage" (password hidden), "parametrization", "value", "trial", "hparams"
      {config key: value}, "proxy_widths", "base_config", "cost" {"flops", "wall_time_s",
@@ -21,7 +21,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mupsweep import drift
 from mupsweep.config import from_dict
 from mupsweep.errors import UserError
 from mupsweep.sweep.retry import is_interrupted, is_surplus
@@ -302,8 +301,3 @@ def why_not_placed(rows: list[dict[str, Any]]) -> str | None:
                            "lrs tried there (the optimum may lie beyond)")
     return "; ".join(reasons) or None
 
-
-def drift_octaves(rows: list[dict[str, Any]]) -> float | None:
-    """The drift (`mupsweep.drift.drift_octaves`: max - min) of the per-width best log2 lr in
-    rows of `lr_by_width`; None with fewer than two widths."""
-    return drift.drift_octaves(r["log2_lr"] for r in rows)
