@@ -26,6 +26,7 @@ from mupsweep.config import Config, ModelConfig, to_yaml
 from mupsweep.data import ImageDataset, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
+from mupsweep.flops import config_flops_per_image
 from mupsweep.group import GroupWeights, check_packable
 from mupsweep.group_adamw import GroupAdamW, read_member_optimizers
 from mupsweep.metrics import MetricsLog, write_text
@@ -49,6 +50,8 @@ class TrainResult:
     run_dir: str = ""
     history: list[dict] = field(default_factory=list)  # [{"step", "validation_loss"}, ...]
     samples_path: str | None = None
+    # a user's model saved where its own code loads it (models/user.save_own_format), or why not
+    own_format: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -258,7 +261,9 @@ def _build(cfgs: list[Config], device: torch.device, rank: int, world: int,
     weights = GroupWeights(models)
     optimizer = GroupAdamW(weights, read_member_optimizers(models, cfgs), cfgs)
     ema = make_ema(models[0], cfg.model, conditioner.data_spec, device) if alone and tc.ema_decay > 0 else None
-    flops_per_step = training_flops(models[0].flops_per_image(conditioner.data_spec), tc.batch_size)
+    # counted on a meta-built copy (mupsweep.flops): the real model's hooks never see it
+    flops_per_step = training_flops(config_flops_per_image(cfg.model, conditioner.data_spec),
+                                    tc.batch_size)
     del models[1:]  # their weights are in the stack now
     members = []
     for member_cfg, (run_dir, lock), on_eval in zip(cfgs, opened, on_evals, strict=True):

@@ -66,15 +66,12 @@ def _data_spec(cfg: Config):
 def estimate_train_flops(cfg: Config) -> tuple[float, float]:
     """(FLOPs per image forward, FLOPs of the whole run = 3 x forward x batch x steps).
 
-    The model is built on the meta device: no memory, no init, any width."""
-    import torch
-
-    from mupsweep.models import get_model_class
+    The model is built on the meta device and its forward counted (`mupsweep.flops`): no
+    memory, no init, any width."""
+    from mupsweep.flops import config_flops_per_image
 
     spec = _data_spec(cfg)
-    with torch.device("meta"):
-        model = get_model_class(cfg.model.arch)(cfg.model, spec)
-    per_image = float(model.flops_per_image(spec))
+    per_image = float(config_flops_per_image(cfg.model, spec))
     return per_image, training_flops(per_image, cfg.train.batch_size) * cfg.train.steps
 
 

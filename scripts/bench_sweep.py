@@ -257,11 +257,11 @@ def one_pack(args: argparse.Namespace, width: int, tmp: str) -> dict:
 
 
 def model_flops_per_image(args: argparse.Namespace, width: int) -> int:
-    from mupsweep.parametrize import build_model, data_spec_of
+    from mupsweep.flops import config_flops_per_image
+    from mupsweep.parametrize import data_spec_of
 
     spec = data_spec_of(random_dataset(args))
-    with torch.device("meta"):
-        return build_model(member_config(args, width, 0, "unused").model, spec, "meta").flops_per_image(spec)
+    return config_flops_per_image(member_config(args, width, 0, "unused").model, spec)
 
 
 def member_memory(args: argparse.Namespace, width: int, k: int = 2) -> dict:

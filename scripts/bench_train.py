@@ -21,6 +21,7 @@ import torch
 
 from mupsweep.config import compose
 from mupsweep.diffusion import make_diffusion
+from mupsweep.flops import config_flops_per_image
 from mupsweep.models import DataSpec
 from mupsweep.parametrize import build_model, make_optimizer
 from mupsweep.util import training_flops
@@ -68,7 +69,7 @@ def make_step(overrides: list[str], spec: DataSpec, batch: int, device: torch.de
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = training_flops(model.flops_per_image(spec), batch)
+    flops = training_flops(config_flops_per_image(cfg.model, spec), batch)
     params = sum(p.numel() for p in model.parameters())
     return step, flops, params
 

@@ -178,7 +178,7 @@ LAYERS = [
     ("storage", ["mupsweep.sweep.storage", "mupsweep.sweep.optuna_adapter"]),
     ("model", ["mupsweep.parametrize", "mupsweep.models", "mupsweep.models.*", "mupsweep.data",
                "mupsweep.diffusion", "mupsweep.conditioning", "mupsweep.completep",
-               "mupsweep.text_settings"]),
+               "mupsweep.text_settings", "mupsweep.flops"]),
     ("config", ["mupsweep.config", "mupsweep.config.*"]),
     ("base", ["mupsweep", "mupsweep.sweep", "mupsweep.errors", "mupsweep.util", "mupsweep.roles",
               "mupsweep.stopping", "mupsweep.drift", "mupsweep.plots", "mupsweep.vendor",

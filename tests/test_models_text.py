@@ -17,6 +17,7 @@ from mupsweep.config import compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
+from mupsweep.flops import forward_flops_per_image
 from mupsweep.models import DataSpec
 from mupsweep.parametrize import (
     build_model,
@@ -124,7 +125,8 @@ def test_mup_and_sp_differ_in_init_only_and_flops_grow_with_width(arch):
     sp_model, _ = _build(arch, "sp", 64)
     assert [(n, p.shape) for n, p in mup_model.named_parameters()] == \
         [(n, p.shape) for n, p in sp_model.named_parameters()]
-    f64, f256 = mup_model.flops_per_image(SPEC), _build(arch, "mup", 256)[0].flops_per_image(SPEC)
+    f64 = forward_flops_per_image(mup_model, SPEC)
+    f256 = forward_flops_per_image(_build(arch, "mup", 256)[0], SPEC)
     assert 0 < f64 < f256 < 16 * f64
     assert isinstance(f64, int)
 

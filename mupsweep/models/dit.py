@@ -27,7 +27,6 @@ from mupsweep.models.layers import (
     attention_scale,
     get_2d_sincos_pos_embed,
     hidden_linear,
-    matmul_flops,
     modulate,
     residual,
     unpatchify,
@@ -108,24 +107,6 @@ class DiT(nn.Module):
     def stream_head(self) -> nn.Module:
         """The module whose first input is the residual stream after the last block."""
         return self.final_layer
-
-    def flops_per_image(self, data: DataSpec) -> int:
-        """Analytic forward FLOPs for one image (matmuls + attention); training is ~3x."""
-        D, N = self.cfg.width, (data.image_size // self.patch_size) ** 2
-        H = int(D * self.cfg.mlp_ratio)
-        per_block = (
-            matmul_flops(N, D, 3 * D) + matmul_flops(N, D, D)  # qkv, proj
-            + 2 * matmul_flops(N, D, N)  # q k^T and attn @ v (all heads together)
-            + matmul_flops(N, D, H) + matmul_flops(N, H, D)  # MLP
-            + matmul_flops(1, D, 6 * D)  # adaLN
-        )
-        patch = self.patch_size**2 * self.in_channels
-        return (
-            self.cfg.depth * per_block
-            + matmul_flops(N, patch, D)  # patch embed
-            + matmul_flops(1, 256, D) + matmul_flops(1, D, D)  # timestep MLP
-            + matmul_flops(1, D, 2 * D) + matmul_flops(N, D, self.patch_size**2 * self.out_channels)
-        )
 
 
 register("dit", DiT)

@@ -298,11 +298,6 @@ def unpatchify(x: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
     return x.reshape(x.shape[0], channels, h * p, w * p)
 
 
-def matmul_flops(m: int, k: int, n: int) -> int:
-    """Forward FLOPs of an (m x k) @ (k x n) product."""
-    return 2 * m * k * n
-
-
 # --------------------------------------------------------------------------------------------
 #          More role-tagged helpers (U-ViT, PixArt-alpha, MMDiT): norms, finite layers
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from mupsweep.models.layers import (
     hidden_linear,
     input_linear,
     key_mask,
-    matmul_flops,
     modulate,
     residual,
     rms_norm,
@@ -183,30 +182,6 @@ class MMDiT(nn.Module):
     def stream_head(self) -> nn.Module:
         """The module whose first input is the (image) residual stream after the last block."""
         return self.final_layer
-
-    def flops_per_image(self, data: DataSpec) -> int:
-        """Analytic forward FLOPs for one image; training is ~3x."""
-        D, N, L = self.cfg.width, (data.image_size // self.patch_size) ** 2, self.text_len
-        H = int(D * self.cfg.mlp_ratio)
-
-        def stream(n: int, pre_only: bool) -> int:
-            f = matmul_flops(n, D, 3 * D) + matmul_flops(1, D, (2 if pre_only else 6) * D)
-            if not pre_only:
-                f += matmul_flops(n, D, D) + matmul_flops(n, D, H) + matmul_flops(n, H, D)
-            return f
-
-        depth = self.cfg.depth
-        blocks = depth * (stream(N, False) + 2 * matmul_flops(N + L, D, N + L)) \
-            + (depth - 1) * stream(L, False) + stream(L, True)
-        p2 = self.patch_size**2
-        return (
-            blocks
-            + matmul_flops(N, p2 * self.in_channels, D)  # patch embed
-            + matmul_flops(1, 256, D) + matmul_flops(1, D, D)  # timestep MLP
-            + matmul_flops(1, self.pooled_dim, D) + matmul_flops(1, D, D)  # pooled MLP
-            + matmul_flops(L, self.text_dim, D)  # context embedder
-            + matmul_flops(1, D, 2 * D) + matmul_flops(N, D, p2 * self.out_channels)
-        )
 
 
 register("mmdit", MMDiT)

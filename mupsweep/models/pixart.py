@@ -48,7 +48,6 @@ from mupsweep.models.layers import (
     input_linear,
     input_parameter,
     key_mask,
-    matmul_flops,
     readout,
     residual,
     unpatchify,
@@ -198,25 +197,6 @@ class PixArt(nn.Module):
     def stream_head(self) -> nn.Module:
         """The module whose first input is the residual stream after the last block."""
         return self.final_layer
-
-    def flops_per_image(self, data: DataSpec) -> int:
-        """Analytic forward FLOPs for one image; training is ~3x."""
-        D, N, L = self.cfg.width, (data.image_size // self.patch_size) ** 2, self.text_len
-        H = int(D * self.cfg.mlp_ratio)
-        per_block = (
-            matmul_flops(N, D, 3 * D) + matmul_flops(N, D, D) + 2 * matmul_flops(N, D, N)  # self
-            + matmul_flops(N, D, D) + matmul_flops(L, D, 2 * D) + matmul_flops(N, D, D)  # cross
-            + 2 * matmul_flops(N, D, L)
-            + matmul_flops(N, D, H) + matmul_flops(N, H, D)  # MLP
-        )
-        p2 = self.patch_size**2
-        return (
-            self.cfg.depth * per_block
-            + matmul_flops(N, p2 * self.in_channels, D)  # patch embed
-            + matmul_flops(1, 256, D) + matmul_flops(1, D, D) + matmul_flops(1, D, 6 * D)  # t, t_block
-            + matmul_flops(L, self.text_dim, D) + matmul_flops(L, D, D)  # caption projection
-            + matmul_flops(N, D, p2 * self.out_channels)  # readout
-        )
 
 
 register("pixart", PixArt)

@@ -47,7 +47,6 @@ from mupsweep.models.layers import (
     hidden_linear,
     input_parameter,
     layer_norm,
-    matmul_flops,
     readout,
     residual,
     unpatchify,
@@ -144,27 +143,6 @@ class UViT(nn.Module):
     def stream_head(self) -> nn.Module:
         """The module whose first input is the residual stream after the last block."""
         return self.norm
-
-    def flops_per_image(self, data: DataSpec) -> int:
-        """Analytic forward FLOPs for one image (matmuls, attention, convs); training is ~3x."""
-        D, N = self.cfg.width, self.num_patches + EXTRAS
-        H = int(D * self.cfg.mlp_ratio)
-        per_block = (
-            matmul_flops(N, D, 3 * D) + matmul_flops(N, D, D)  # qkv, proj
-            + 2 * matmul_flops(N, D, N)  # q k^T and attn @ v
-            + matmul_flops(N, D, H) + matmul_flops(N, H, D)  # MLP
-        )
-        p2 = self.patch_size**2
-        flops = (
-            (2 * (self.cfg.depth // 2) + 1) * per_block
-            + (self.cfg.depth // 2) * matmul_flops(N, 2 * D, D)  # skip_linear
-            + matmul_flops(self.num_patches, p2 * self.in_channels, D)  # patch embed
-            + matmul_flops(1, 256, D) + matmul_flops(1, D, D)  # timestep MLP
-            + matmul_flops(N, D, p2 * self.out_channels)  # decoder_pred (extras included)
-        )
-        if self.final_layer is not None:
-            flops += matmul_flops(data.image_size**2, 9 * self.out_channels, self.out_channels)
-        return flops
 
 
 register("uvit", UViT)
