@@ -38,7 +38,7 @@ from mupsweep.cli_io import (
     train_config,
     usage_line,
 )
-from mupsweep.errors import UserError
+from mupsweep.errors import CheckFailed, UserError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="muP hyperparameter transfer for diffusion transformers.")
@@ -375,6 +375,7 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     import optuna
 
     from mupsweep.config import set_by_path
+    from mupsweep.coordcheck import gate
     from mupsweep.sweep.summary import study_summary
     from mupsweep.sweep.tune import SweepFailed
     from mupsweep.sweep.tune import tune as run_tune
@@ -387,6 +388,7 @@ def tune_cmd(overrides: list[str] = OVERRIDES, json_out: bool = JSON,
     if print_cfg:
         print_config(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial lines instead
+    gate(cfg, "tune")  # a model mupsweep converted to muP itself is checked before any sweep
     try:
         result = run_tune(cfg, workers=workers)
     except SweepFailed as e:  # best.json and trials.csv are written; show what there is
@@ -504,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse(usage_line(e), "--json" in args, 2)
     except UserError as e:
         refuse(str(e), "--json" in args, 2)
+    except CheckFailed as e:
+        refuse(str(e), "--json" in args, 1)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (stopping.Interrupted says what to do)
         say_interrupted(e, "interrupted")
     except Exception as e:

@@ -90,12 +90,12 @@ def print_config(cfg) -> None:
     pruner) are checked first, so --cfg refuses what the run would."""
     from mupsweep.config import to_yaml
     from mupsweep.data import DATASETS
-    from mupsweep.models import get_model_class
+    from mupsweep.models.user import find_model_class
     from mupsweep.rundir import without_passwords
     from mupsweep.sweep.space import search_space
     from mupsweep.sweep.study import make_pruner, make_sampler
 
-    get_model_class(cfg.model.arch)
+    find_model_class(cfg.model.arch)
     if cfg.data.name not in DATASETS:
         raise UserError(f"data.name={cfg.data.name!r}: unknown dataset; use one of {', '.join(DATASETS)}")
     make_sampler(cfg.sweep, search_space(cfg))

@@ -31,7 +31,9 @@ from torch import nn
 
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
-from mupsweep.errors import UserError
+from mupsweep.errors import CheckFailed, UserError
+from mupsweep.models.user import is_user_arch
+from mupsweep.parametrize import build_model, data_spec_of
 from mupsweep.report import check_output_dir, make_output_dir, plot_coord_check
 from mupsweep.train import train
 from mupsweep.util import atomic_write, is_full, os_reason
@@ -51,6 +53,7 @@ class ActivationRecorder:
         self.rows: list[dict] = []
         self._probe: tuple | None = None  # (args, kwargs) of the first training forward
         self._probing = False
+        self._training = False  # the forward running now is a training forward
         self._last_stream: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> None:
@@ -59,7 +62,11 @@ class ActivationRecorder:
         for name, module in model.tracked_modules().items():
             module.register_forward_hook(self._hook(name))
         if self.stream:
-            model.stream_head().register_forward_pre_hook(self._stream_hook)
+            head = model.stream_head()
+            if head is None:
+                raise UserError("coord-check --depths measures the residual stream before the "
+                                "readout; this model does not say where that is (stream_head)")
+            head.register_forward_pre_hook(self._stream_hook)
 
     def _row(self, name: str, step: int, l1: float) -> None:
         row = {"module": name, "step": step, "width": self.width, "seed": self.seed, "l1": l1}
@@ -68,7 +75,12 @@ class ActivationRecorder:
         self.rows.append(row)
 
     def _next_step(self, module: nn.Module, args, kwargs) -> None:
-        if not module.training or self._probing:
+        # the model's own mode, not each tracked module's: a user's model runs its inner
+        # modules in eval mode while it trains (models/user.UserModel.train)
+        if self._probing:
+            return
+        self._training = module.training
+        if not module.training:
             return
         self.step += 1
         if self.stream:
@@ -92,8 +104,12 @@ class ActivationRecorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
-            if module.training and output is not None and not self._probing:
-                self._row(name, self.step, output.detach().abs().mean().item())
+            # a block may return a tuple (diffusers' joint blocks: text and image streams)
+            tensors = [o for o in (output if isinstance(output, tuple | list) else [output])
+                       if isinstance(o, torch.Tensor)]
+            if self._training and tensors and not self._probing:
+                l1 = sum(o.detach().abs().mean().item() for o in tensors) / len(tensors)
+                self._row(name, self.step, l1)
         return hook
 
 
@@ -205,6 +221,42 @@ def coord_check(cfg: Config, out_dir: str | None = None, plot: bool = True,
     if out_dir is not None:
         _write_outputs(result, cfg, sizes, Path(out_dir), plot)
     return result
+
+
+def gate(cfg: Config, command: str) -> CoordCheckResult | None:
+    """Before `command` (tune, validate) spends compute on a model that mupsweep converted to
+    muP itself (a user's class, models/automup.py): CheckFailed (exit 1) when its attention is
+    written inline (a softmax over a score matrix outside F.scaled_dot_product_attention: no
+    muP scale, no attn_mult can reach it; found on meta tensors, nothing computed), or when its
+    coordinate check at cfg.coord's widths (a few steps) fails, naming the modules whose slope
+    fails. Never a model trained as SP in silence when muP was asked for. coord.gate=false
+    skips both."""
+    m = cfg.model
+    if m.parametrization != "mup" or not is_user_arch(m.arch) or not cfg.coord.gate:
+        return None
+    ahead = (f"Nothing was spent on {command}; coord.gate=false runs it anyway")
+    inline = build_model(m, data_spec_of(load_dataset(cfg.data)), "meta").inline_attention
+    if inline:
+        raise CheckFailed(
+            f"model.arch={m.arch} cannot be converted to muP: attention computed inline in "
+            f"{', '.join(inline[:3])}{' ...' if len(inline) > 3 else ''} keeps its own fixed "
+            "1/sqrt(head_dim) (muP needs 1/head_dim when the head dim grows, and model.attn_mult "
+            "would change nothing); call torch.nn.functional.scaled_dot_product_attention there "
+            f"and mupsweep gives it muP's scale. {ahead}")
+    result = coord_check(cfg, out_dir=None, plot=False)
+    if result.passed:
+        return result
+    failing = result.slopes[result.slopes["slope"].abs() > result.tolerance]
+    worst = (failing.assign(size=failing["slope"].abs()).sort_values("size", ascending=False)
+             .drop_duplicates("module"))
+    modules = ", ".join(f"{r.module} (slope {r.slope:+.2f} at step {int(r.step)})"
+                        for r in worst.head(4).itertuples())
+    raise CheckFailed(
+        f"model.arch={m.arch} is not muP after the automatic conversion: its coordinate check "
+        f"fails (max |slope| {result.max_abs_slope:.2f} > coord.tolerance={result.tolerance} at "
+        f"widths {cfg.coord.widths}) in {modules}; look for a layer that scales by the width "
+        "itself or a readout that is not an nn.Linear (`mupsweep coord-check` with the same "
+        f"overrides draws the plot). {ahead}")
 
 
 def _write_outputs(result: CoordCheckResult, cfg: Config, sizes: list[int], out: Path,

@@ -34,8 +34,19 @@ from mupsweep.conditioning import LabelConditioner, TextConditioner, text_condit
 from mupsweep.config import Config, ModelConfig, OptimConfig
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
-from mupsweep.models import DataSpec, get_model_class
+from mupsweep.models import DataSpec
+from mupsweep.models.automup import make_readouts, probe, set_readout_multipliers, tag_roles
 from mupsweep.models.layers import Readout
+from mupsweep.models.user import (
+    Sizes,
+    UserModel,
+    construct,
+    find_model_class,
+    forward_of,
+    is_user_arch,
+    load_user_class,
+    resolve_args,
+)
 from mupsweep.roles import ParamSpec, Role, get_spec
 from mupsweep.vendor.mup import MuAdamW, MuReadout, set_base_shapes
 
@@ -53,7 +64,7 @@ def data_spec_of(dataset: ImageDataset) -> DataSpec:
 
 def conditioning_of(arch: str) -> str:
     """"label" or "text": what the model class of `arch` is conditioned on."""
-    return getattr(get_model_class(arch), "conditioning", "label")
+    return getattr(find_model_class(arch), "conditioning", "label")
 
 
 def make_conditioner(cfg: Config, dataset: ImageDataset) -> LabelConditioner | TextConditioner:
@@ -108,12 +119,36 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
 def build_model(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | str = "cpu") -> nn.Module:
     """Build, set base shapes, initialize. The only way models are made in mupsweep."""
     cfg = resolve(cfg)
-    cls = get_model_class(cfg.arch)
-    model = cls(cfg, data_spec).to(device)
+    model = construct_at(cfg, data_spec, cfg.width, cfg.depth, device)
     attach_base_shapes(model, cfg, data_spec)
     check_residual_blocks(model, cfg)
     init_weights(model, cfg)
+    if isinstance(model, UserModel):
+        set_readout_multipliers(model, cfg.output_mult)
     return model
+
+
+def construct_at(cfg: ModelConfig, data_spec: DataSpec, width: int, depth: int,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """The model class of cfg.arch built at `width` and `depth`, nothing else done: a built-in
+    from its config, a user's class from model.args resolved at that size (models/user.py)."""
+    if not is_user_arch(cfg.arch):
+        sized = dataclasses.replace(cfg, width=width, depth=depth)
+        return find_model_class(cfg.arch)(sized, data_spec).to(device)
+    cls = load_user_class(cfg.arch)
+    forward = forward_of(cls, cfg.arch)  # before building: the cheaper mismatch first
+    keys = {k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, dict)}
+    args = resolve_args(cfg.args, Sizes({**keys, "width": width, "depth": depth}, data_spec))
+    with torch.device(device):
+        inner = construct(cls, cfg.arch, args)
+    return UserModel(inner, forward, data_spec.num_classes).to(device)
+
+
+def probe_inputs(data_spec: DataSpec, device: torch.device | str) -> tuple:
+    """(x, t, cond, drop) of batch 2 on `device`: what a forward is tried on."""
+    x = torch.zeros(2, data_spec.channels, data_spec.image_size, data_spec.image_size, device=device)
+    t = torch.zeros(2, dtype=torch.long, device=device)
+    return x, t, {"y": torch.zeros(2, dtype=torch.long, device=device)}, None
 
 
 def base_shape_widths(cfg: ModelConfig) -> tuple[int, int]:
@@ -126,6 +161,11 @@ def check_residual_blocks(model: nn.Module, cfg: ModelConfig) -> None:
     parameters; a model that does neither would train as plain muP without saying so."""
     if cfg.depth_parametrization == "none":
         return
+    if isinstance(model, UserModel):
+        raise UserError(f"model.depth_parametrization={cfg.depth_parametrization} with "
+                        f"model.arch={cfg.arch}: mupsweep cannot find and scale the residual "
+                        "branches of a model it did not write; use depth_parametrization=none "
+                        "(width transfer is automatic) or a built-in model")
     tagged = any(get_spec(n, p).residual_block for n, p in model.named_parameters())
     scaled = [m.residual_mult for m in model.modules() if hasattr(m, "residual_mult")]
     want = depth_scale(cfg).residual_mult
@@ -139,16 +179,44 @@ def attach_base_shapes(model: nn.Module, cfg: ModelConfig, data_spec: DataSpec) 
     """muP: base shapes from models at base_width and delta_width (built on the meta device,
     so no memory is spent). SP: every width multiplier is 1 (MuReadout is then a plain Linear
     times output_mult, and MuAdamW would equal AdamW)."""
+    if isinstance(model, UserModel):
+        return convert_user_model(model, cfg, data_spec)
     if cfg.parametrization == "sp":
         set_base_shapes(model, None, rescale_params=False)
         return
-    cls = get_model_class(cfg.arch)
-    base_width, delta_width = base_shape_widths(cfg)
-    with torch.device("meta"):
-        base = cls(dataclasses.replace(cfg, width=base_width), data_spec)
-        delta = cls(dataclasses.replace(cfg, width=delta_width), data_spec)
+    base, delta = base_and_delta(cfg, data_spec)
     set_base_shapes(model, base, delta=delta, rescale_params=False)
     check_roles(model)
+
+
+def base_and_delta(cfg: ModelConfig, data_spec: DataSpec) -> tuple[nn.Module, nn.Module]:
+    """The model at muP's base and delta widths, on the meta device (no memory spent)."""
+    base_width, delta_width = base_shape_widths(cfg)
+    return (construct_at(cfg, data_spec, base_width, cfg.depth, "meta"),
+            construct_at(cfg, data_spec, delta_width, cfg.depth, "meta"))
+
+
+def convert_user_model(model: UserModel, cfg: ModelConfig, data_spec: DataSpec) -> None:
+    """Automatic muP (models/automup.py): roles from base shapes, readouts scaled, attention
+    given muP's scale. Under SP the roles are derived the same way (for `inspect`), then every
+    width multiplier is set to 1 and the attention is left as written."""
+    base, delta = base_and_delta(cfg, data_spec)
+    # no MuReadout in a model written without muP: the readout is found below, not asserted
+    set_base_shapes(model, base, delta=delta, rescale_params=False, do_assert=False)
+    make_readouts(model, tag_roles(model, cfg.arch))
+    if cfg.parametrization == "sp":
+        set_base_shapes(model, None, rescale_params=False)
+        return
+    try:
+        seen = probe(base, probe_inputs(data_spec, "meta"))
+    except Exception as e:  # the user's forward: named in one line, as a constructor error is
+        raise UserError(f"model.arch={cfg.arch}: its forward failed on meta tensors of batch 2 "
+                        f"(mupsweep runs it there to find its attention and count FLOPs): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    model.attention_scale = (cfg.attn_mult, min(seen.attention_head_dims, default=None))
+    here = probe(construct_at(cfg, data_spec, cfg.width, cfg.depth, "meta"), probe_inputs(data_spec, "meta"))
+    model.head_dims = sorted(set(here.attention_head_dims))
+    model.inline_attention = sorted(set(here.inline_softmax))
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +252,8 @@ def init_rule(module: nn.Module, param: nn.Parameter, spec: ParamSpec, cfg: Mode
             return "normal", cfg.init_mult * spec.sp_std
         if kind == "fan_in":
             return "normal", cfg.init_mult / math.sqrt(fan_in)
+    if kind == "own":  # the constructor's init (a user's model), a weight's scaled by init_mult
+        return "scale", cfg.init_mult if param.ndim >= 2 else 1.0
     if kind == "zero":
         return "const", 0.0
     if kind == "one":
@@ -193,7 +263,8 @@ def init_rule(module: nn.Module, param: nn.Parameter, spec: ParamSpec, cfg: Mode
 
 @torch.no_grad()
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """(Re-)initialize every parameter from its tagged spec. Safe to call again."""
+    """Initialize every parameter from its tagged spec. Safe to call again, except on a user's
+    model under a "own" init with init_mult != 1 (that scales the weights once more)."""
     cfg = resolve(cfg)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -202,6 +273,9 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
                 p.normal_(0.0, std)
             elif dist == "uniform":  # std of U(-a, a) is a / sqrt(3)
                 p.uniform_(-std * math.sqrt(3.0), std * math.sqrt(3.0))
+            elif dist == "scale":  # the model's own init, once: build_model calls this once
+                if std != 1.0:
+                    p.mul_(std)
             else:
                 p.fill_(std)
     for module in model.modules():
@@ -272,8 +346,8 @@ def describe_parameters(model: nn.Module, cfg: ModelConfig, optimizer: torch.opt
                 "name": name,
                 "shape": tuple(p.shape),
                 "role": spec.role.value,
-                "init": f"{dist}" if dist != "const" else f"={std:g}",
-                "init_std": std if dist != "const" else 0.0,
+                "init": {"const": f"={std:g}", "scale": f"own x{std:g}"}.get(dist, dist),
+                "init_std": {"const": 0.0, "scale": math.nan}.get(dist, std),
                 "lr": lr_of[id(p)],
                 "lr_mult": lr_of[id(p)] / base_lr,
                 "width_mult": float(p.infshape.width_mult()) if p.infshape.ninf() else 1.0,

@@ -54,7 +54,7 @@ def load_preset(name: str, config_dir: str | Path | None = None) -> dict[str, An
         close = difflib.get_close_matches(name, presets, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
         raise UserError(f"--preset {name!r} is unknown; {hint}presets: {', '.join(presets)}")
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # model.args keeps its ${...}
     is_global = "@package _global_" in path.read_text().split("\n", 1)[0]
     return _flatten(node if is_global else {"model": node})
 

@@ -25,9 +25,11 @@ class ParamSpec:
     """How one parameter is initialized, under muP and under SP."""
 
     role: Role
-    mup_init: str = "fan_in"  # fan_in: N(0, mult/sqrt(fan_in)) | const: N(0, mult*std) | zero | one
+    # fan_in: N(0, mult/sqrt(fan_in)) | const: N(0, mult*std) | zero | one | own: the
+    # constructor's init kept (a user's model; models/automup.py), a weight's times mult
+    mup_init: str = "fan_in"
     std: float = 1.0  # for mup_init=const
-    sp_init: str = "xavier"  # xavier (uniform) | normal (N(0, sp_std)) | zero | one | fan_in
+    sp_init: str = "xavier"  # xavier (uniform) | normal (N(0, sp_std)) | zero | one | fan_in | own
     sp_std: float = 0.02
     adaln: bool = False  # an adaLN modulation weight: zero when model.adaln_zero
     # Inside a residual branch (attention, MLP, their norms and modulation): CompleteP's depth

@@ -37,6 +37,7 @@ from mupsweep.data import ImageDataset
 from mupsweep.group_setup import EvalCallback, Group, Member, TrainResult, setup, update_ema
 from mupsweep.images import save_sample_grid
 from mupsweep.metrics import write_text, writing
+from mupsweep.models.user import save_own_format
 from mupsweep.progress_display import Progress
 
 
@@ -304,6 +305,9 @@ def _finish(group: Group, m: Member) -> None:
         return
     if not result.diverged and group.checkpoints and tc.save:
         save_checkpoint(state, m.run_dir / "last.pt")
+        own = group.ema if group.ema is not None else group.weights.module
+        with writing(m.run_dir / "model"):
+            result.own_format = save_own_format(own, m.run_dir)  # a user's class loads it itself
         if tc.samples > 0:
             result.samples_path = str(m.run_dir / "samples.png")
             sample_model = group.ema if group.ema is not None else group.weights.module

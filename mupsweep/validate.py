@@ -26,6 +26,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from mupsweep.config import Config, SweepParam, check_config
+from mupsweep.coordcheck import gate
 from mupsweep.drift import drift_octaves, place_optimum
 from mupsweep.errors import UserError
 from mupsweep.plots import pyplot
@@ -125,6 +126,10 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     if axis is DEPTH and cfg.model.parametrization != "mup":
         raise UserError("validate --depths compares depth parametrizations of muP; "
                         f"model.parametrization={cfg.model.parametrization} is not muP")
+    if "mup" in (parametrizations or axis.parametrizations) or axis is DEPTH:
+        as_mup = copy.deepcopy(cfg)
+        as_mup.model.parametrization = "mup"
+        gate(as_mup, "validate")  # a model mupsweep converted to muP itself: is it muP at all?
     out = Path(out_dir or cfg.sweep.out_dir)
     result = ValidationResult(axis)
     if axis is DEPTH:

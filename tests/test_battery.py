@@ -38,7 +38,7 @@ WRONG_KIND = {  # for a key of this type: values that are never valid
 
 # A key's command: the one that reads it (a key refused at compose is refused by every command).
 COMMAND_OF_SECTION = {"coord": ["coord-check"], "sweep": ["tune"]}
-NOT_A_VALUE = {"provenance", "model.extra", "sweep.params"}  # free-form; hand-written below
+NOT_A_VALUE = {"provenance", "model.extra", "model.args", "sweep.params"}  # free-form; hand-written below
 
 
 def _leaf_keys() -> list[tuple[str, type]]:
@@ -146,6 +146,10 @@ HAND = [
     (["train", *QUICK, "model=pixart-tiny", "model.extra.text_dim=0"], 2, "text_dim"),
     (["train", *QUICK, "model=pixart-tiny", "model.extra.text_dim=1.7"], 2, "text_dim"),
     (["train", *QUICK, "+model.extra.bogus=1"], 2, "bogus"),
+    (["train", *QUICK, "model.args=5"], 2, "model.args=5"),
+    (["train", *QUICK, "+model.args.x=1"], 2, "model.args is for your own model class"),
+    (["train", *QUICK, "model.arch=nowhere.py:DiT"], 2, "no file nowhere.py"),
+    (["train", *QUICK, "model.arch=json:JSONDecoder"], 2, "not an nn.Module subclass"),
     (["train", *QUICK, "model.learn_sigma=2"], 2, "learn_sigma"),
     # sweep
     (["tune", *QUICK, "sweep.params=abc"], 2, "sweep.params"),

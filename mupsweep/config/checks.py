@@ -151,6 +151,9 @@ def arch_problems(m: ModelConfig) -> list[str]:
     """`model.extra` against what m.arch reads (`EXTRA_KEYS`), and each architecture's own rules.
     An architecture registered elsewhere (not in EXTRA_KEYS) checks its own keys."""
     keys = EXTRA_KEYS.get(m.arch)
+    if m.args and keys is not None:
+        return [f"model.args is for your own model class (model.arch=module.path:Class); "
+                f"model.arch={m.arch} is built in and reads none of it"]
     if keys is None:
         return []
     out: list[str] = []

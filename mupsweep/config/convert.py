@@ -22,17 +22,37 @@ from mupsweep.util import MISSING, first_line, get_dotted
 
 def to_config(node: Any) -> Config:
     """Merge a DictConfig into the schema (rejects unknown keys) and return a plain dataclass."""
+    node, args = _take_model_args(node)
     _check_booleans(node)
-    if isinstance(node, DictConfig):  # Hydra's node is typed by the loose schema: drop that type
-        node = OmegaConf.create(OmegaConf.to_container(node, resolve=False))
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, node)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UserError(unknown_key_message(e) or f"config error: {first_line(e)}") from None
+    if args is not None:
+        cfg.model.args = args
     check_config(cfg)
     return cfg
+
+
+def _take_model_args(node: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(the node without model.args, model.args as written). Its ${model.width}-style values
+    stay unresolved: mupsweep resolves them at every size it builds (models/user.py), where
+    OmegaConf would resolve them once, to the composed width, or fail on ${model.heads}."""
+    if isinstance(node, DictConfig):  # Hydra's node is typed by the loose schema: drop that type
+        node = OmegaConf.to_container(node, resolve=False)
+    if not isinstance(node, dict) or not isinstance(node.get("model"), dict) or "args" not in node["model"]:
+        return (OmegaConf.create(node) if isinstance(node, dict) else node), None
+    model = dict(node["model"])
+    args = model.pop("args")
+    if isinstance(args, DictConfig):
+        args = OmegaConf.to_container(args, resolve=False)
+    if args is None:
+        args = {}
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise UserError(f"model.args={args!r} must be a mapping of keyword arguments (name: value)")
+    return OmegaConf.create({**node, "model": model}), args
 
 
 # OmegaConf turns anything into a bool field's value: 2 and "yes" become true, 0 and "no" false.

@@ -78,8 +78,13 @@ DATA = ("the dataset is loaded once per study and every trial trains on it, so a
 
 @dataclass
 class ModelConfig:
-    # registry name: dit | uvit | pixart | mmdit
+    # built-in: dit | uvit | pixart | mmdit; your own class: my_pkg.models:MyDiT,
+    # path/to/file.py:MyDiT, or an entry point of the group mupsweep.models (models/user.py)
     arch: str = key("dit", non_empty=True, not_hp=STUDY_KIND)
+    # your own class's constructor keyword arguments; ${model.width}, ${model.heads} (= width /
+    # head_dim), ${model.depth}, any model key, ${data.image_size}, ${data.channels} and
+    # ${data.num_classes} are resolved at every width and depth mupsweep builds
+    args: dict[str, Any] = key(factory=dict)
     # mup | sp: the one switch between muP and standard param.
     parametrization: str = key("mup", choices=("mup", "sp"), not_hp=STUDY_KIND,
                                preset=PRESET_KEEPS_STUDY)
@@ -225,6 +230,9 @@ class CoordCheckConfig:
     # max |slope| of log2 mean|act| vs log2 width to pass
     tolerance: float = key(0.3, valid=POSITIVE)
     out_dir: str = key("runs/coord_check", non_empty=True)
+    # tune and validate run this check first on a model mupsweep converted to muP itself (your
+    # own class) and refuse it when it fails; false skips that (you have checked it yourself)
+    gate: bool = key(True)
 
 
 @dataclass

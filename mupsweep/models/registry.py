@@ -29,7 +29,13 @@ def register(name: str, cls: type[nn.Module]) -> None:
     _MODELS[name] = cls
 
 
+def is_registered(name: str) -> bool:
+    """True for a built-in (or registered) architecture name."""
+    return name in _MODELS
+
+
 def get_model_class(name: str) -> type[nn.Module]:
     if name not in _MODELS:
-        raise UserError(f"model.arch={name!r} is unknown; registered: {', '.join(sorted(_MODELS))}")
+        raise UserError(f"model.arch={name!r} is unknown; built in: {', '.join(sorted(_MODELS))}; "
+                        "or your own class as module.path:Class or path/to/file.py:Class")
     return _MODELS[name]
