@@ -48,6 +48,7 @@ from mupsweep.models.user import (
     resolve_args,
 )
 from mupsweep.roles import ParamSpec, Role, get_spec
+from mupsweep.text_settings import text_settings
 from mupsweep.vendor.mup import MuAdamW, MuReadout, set_base_shapes
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +65,8 @@ def data_spec_of(dataset: ImageDataset) -> DataSpec:
 
 def conditioning_of(arch: str) -> str:
     """"label" or "text": what the model class of `arch` is conditioned on."""
+    if is_user_arch(arch):  # read off its forward's parameters (models/user.FORWARDS)
+        return forward_of(load_user_class(arch), arch).conditioning
     return getattr(find_model_class(arch), "conditioning", "label")
 
 
@@ -134,9 +137,15 @@ def construct_at(cfg: ModelConfig, data_spec: DataSpec, width: int, depth: int,
     from its config, a user's class from model.args resolved at that size (models/user.py)."""
     if not is_user_arch(cfg.arch):
         sized = dataclasses.replace(cfg, width=width, depth=depth)
+        if str(device) == "meta":  # no init computed, and torch's global RNG left untouched
+            with torch.device("meta"):  # (.to: a buffer made from numpy is on the cpu)
+                return find_model_class(cfg.arch)(sized, data_spec).to("meta")
         return find_model_class(cfg.arch)(sized, data_spec).to(device)
     cls = load_user_class(cfg.arch)
     forward = forward_of(cls, cfg.arch)  # before building: the cheaper mismatch first
+    if forward.conditioning == "text" and not data_spec.text_dim:  # built without captions
+        settings = text_settings(cfg)  # (inspect, transfer's cost): the sizes model.extra says
+        data_spec = dataclasses.replace(data_spec, text_dim=settings.dim, text_len=settings.length)
     keys = {k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, dict)}
     args = resolve_args(cfg.args, Sizes({**keys, "width": width, "depth": depth}, data_spec))
     with torch.device(device):
@@ -144,11 +153,18 @@ def construct_at(cfg: ModelConfig, data_spec: DataSpec, width: int, depth: int,
     return UserModel(inner, forward, data_spec.num_classes).to(device)
 
 
-def probe_inputs(data_spec: DataSpec, device: torch.device | str) -> tuple:
-    """(x, t, cond, drop) of batch 2 on `device`: what a forward is tried on."""
+def probe_inputs(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | str) -> tuple:
+    """(x, t, cond, drop) of batch 2 on `device`: what a forward is tried on (captions of the
+    sizes model.extra says, for a text model)."""
     x = torch.zeros(2, data_spec.channels, data_spec.image_size, data_spec.image_size, device=device)
     t = torch.zeros(2, dtype=torch.long, device=device)
-    return x, t, {"y": torch.zeros(2, dtype=torch.long, device=device)}, None
+    cond = {"y": torch.zeros(2, dtype=torch.long, device=device)}
+    if conditioning_of(cfg.arch) == "text":
+        s = text_settings(cfg)
+        cond |= {"text": torch.zeros(2, s.length, s.dim, device=device),
+                 "mask": torch.ones(2, s.length, dtype=torch.bool, device=device),
+                 "pooled": torch.zeros(2, s.pooled_dim, device=device)}
+    return x, t, cond, None
 
 
 def base_shape_widths(cfg: ModelConfig) -> tuple[int, int]:
@@ -208,13 +224,13 @@ def convert_user_model(model: UserModel, cfg: ModelConfig, data_spec: DataSpec) 
         set_base_shapes(model, None, rescale_params=False)
         return
     try:
-        seen = probe(base, probe_inputs(data_spec, "meta"))
+        seen = probe(base, probe_inputs(cfg, data_spec, "meta"))
     except Exception as e:  # the user's forward: named in one line, as a constructor error is
         raise UserError(f"model.arch={cfg.arch}: its forward failed on meta tensors of batch 2 "
                         f"(mupsweep runs it there to find its attention and count FLOPs): "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     model.attention_scale = (cfg.attn_mult, min(seen.attention_head_dims, default=None))
-    here = probe(construct_at(cfg, data_spec, cfg.width, cfg.depth, "meta"), probe_inputs(data_spec, "meta"))
+    here = probe(construct_at(cfg, data_spec, cfg.width, cfg.depth, "meta"), probe_inputs(cfg, data_spec, "meta"))
     model.head_dims = sorted(set(here.attention_head_dims))
     model.inline_attention = sorted(set(here.inline_softmax))
 

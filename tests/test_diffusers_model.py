@@ -15,7 +15,13 @@ import torch
 from mupsweep.config import compose
 from mupsweep.coordcheck import coord_check
 from mupsweep.data import load_dataset
-from mupsweep.parametrize import build_model, data_spec_of, describe_parameters, make_optimizer
+from mupsweep.parametrize import (
+    build_model,
+    data_spec_of,
+    describe_parameters,
+    make_conditioner,
+    make_optimizer,
+)
 from mupsweep.train import train
 
 diffusers = pytest.importorskip("diffusers")  # the .[diffusers] extra (in .[dev])
@@ -36,9 +42,11 @@ def test_roles_of_diffusers_dit():
     assert len(model.tracked_modules()) == cfg.model.depth + 1  # every block and the readout
 
 
+@pytest.mark.parametrize("preset", ["diffusers-dit", "diffusers-pixart", "diffusers-sd3"])
 @pytest.mark.parametrize("parametrization,passes", [("mup", True), ("sp", False)])
-def test_coord_check_of_diffusers_dit(parametrization, passes):
-    result = coord_check(compose(["model=diffusers-dit", f"model.parametrization={parametrization}",
+def test_coord_check_of_diffusers_transformers(preset, parametrization, passes):
+    """Measured: muP 0.18 / 0.08 / 0.05, SP 1.11 / 0.87 / 1.00 (DiT / PixArt / SD3)."""
+    result = coord_check(compose([f"model={preset}", f"model.parametrization={parametrization}",
                                   *CHECK]), plot=False)
     assert result.passed is passes, (result.max_abs_slope, result.worst)
     if not passes:
@@ -80,3 +88,16 @@ def test_diffusers_dit_through_tune_transfer_and_two_process_train(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["steps"] == 3
     assert (tmp_path / "target" / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("preset,cls", [("diffusers-pixart", "PixArtTransformer2DModel"),
+                                        ("diffusers-sd3", "SD3Transformer2DModel")])
+def test_text_transformers_take_captions_and_save_for_diffusers(preset, cls, tmp_path):
+    cfg = compose([f"model={preset}", "train.steps=2", "train.eval_every=2",
+                   f"train.run_dir={tmp_path}/run", *QUIET])
+    model = build_model(cfg.model, make_conditioner(cfg, load_dataset(cfg.data)).data_spec)
+    assert model.conditioning == "text" and model.inline_attention == []
+    result = train(cfg)
+    assert result.validation_loss < result.initial_validation_loss
+    loaded = getattr(diffusers, cls).from_pretrained(f"{tmp_path}/run/model")
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())

@@ -150,8 +150,8 @@ EXTRA_KEYS: dict[str, dict[str, ExtraKey]] = {
 def arch_problems(m: ModelConfig) -> list[str]:
     """`model.extra` against what m.arch reads (`EXTRA_KEYS`), and each architecture's own rules.
     An architecture registered elsewhere (not in EXTRA_KEYS) checks its own keys."""
-    keys = EXTRA_KEYS.get(m.arch)
-    if m.args and keys is not None:
+    keys = extra_keys_of(m.arch)
+    if m.args and m.arch in EXTRA_KEYS:
         return [f"model.args is for your own model class (model.arch=module.path:Class); "
                 f"model.arch={m.arch} is built in and reads none of it"]
     if keys is None:
@@ -172,6 +172,13 @@ def arch_problems(m: ModelConfig) -> list[str]:
     return out
 
 
+def extra_keys_of(arch: str) -> dict[str, ExtraKey] | None:
+    """What `arch` reads from model.extra: a built-in's EXTRA_KEYS entry; a user's class
+    (module:Class) the text keys, which its caption conditioner reads when its forward takes
+    captions; None for an architecture registered elsewhere (it checks its own)."""
+    return EXTRA_KEYS.get(arch, TEXT_KEYS if ":" in arch else None)
+
+
 def model_extra(cfg: ModelConfig) -> dict[str, Any]:
     """`cfg.extra` with its architecture's defaults filled in, checked as check_config checks it
     (a UserError naming the key otherwise): what the model files and the text conditioner read,
@@ -179,7 +186,7 @@ def model_extra(cfg: ModelConfig) -> dict[str, Any]:
     problems = arch_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
-    defaults = {name: spec.default for name, spec in EXTRA_KEYS.get(cfg.arch, {}).items()}
+    defaults = {name: spec.default for name, spec in (extra_keys_of(cfg.arch) or {}).items()}
     return {**defaults, **cfg.extra}
 
 

@@ -179,19 +179,33 @@ def construct(cls: type[nn.Module], arch: str, args: dict[str, Any]) -> nn.Modul
 
 @dataclass(frozen=True)
 class Forward:
-    """One way of calling a user's forward: its leading parameter names and what it is given."""
+    """One way of calling a user's forward: its leading parameter names, and what each is
+    given (x, t, y: labels, text: caption tokens, pooled: the pooled caption vector)."""
 
     params: tuple[str, ...]  # the forward's leading parameter names
-    conditioning: str  # "label" | "none"
+    gives: tuple[str, ...]  # what mupsweep passes to each of them
     keywords: bool = False  # pass by name, plus return_dict=False (diffusers' models)
+    mask: str | None = None  # the parameter that takes the caption mask (1 = a real token)
     describe: str = ""
+
+    @property
+    def conditioning(self) -> str:
+        """"text" (a caption conditioner), "label" (labels, or nothing)."""
+        return "text" if "text" in self.gives else "label"
 
 
 FORWARDS = (
-    Forward(("x", "t", "y"), "label", describe="forward(x, t, y): DiT's, class labels"),
-    Forward(("hidden_states", "timestep", "class_labels"), "label", keywords=True,
+    Forward(("x", "t", "y"), ("x", "t", "y"), describe="forward(x, t, y): DiT's, class labels"),
+    Forward(("hidden_states", "timestep", "class_labels"), ("x", "t", "y"), keywords=True,
             describe="forward(hidden_states, timestep, class_labels): diffusers' DiT"),
-    Forward(("x", "t"), "none", describe="forward(x, t): unconditional"),
+    Forward(("hidden_states", "encoder_hidden_states", "timestep"), ("x", "text", "t"),
+            keywords=True, mask="encoder_attention_mask",
+            describe="forward(hidden_states, encoder_hidden_states, timestep): diffusers' PixArt"),
+    Forward(("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+            ("x", "text", "pooled", "t"), keywords=True,
+            describe="forward(hidden_states, encoder_hidden_states, pooled_projections, "
+                     "timestep): diffusers' SD3"),
+    Forward(("x", "t"), ("x", "t"), describe="forward(x, t): unconditional"),
 )
 
 
@@ -219,7 +233,7 @@ class UserModel(nn.Module):
         self.inner = inner
         self.call = forward
         self.num_classes = num_classes
-        self.conditioning = "label"
+        self.conditioning = forward.conditioning
         # muP's attention logit scale (automup.AttentionScale): (attn_mult, base head dim);
         # None leaves the model's attention as written (SP)
         self.attention_scale: tuple[float, int | None] | None = None
@@ -245,14 +259,23 @@ class UserModel(nn.Module):
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
               drop: torch.Tensor | None) -> torch.Tensor:
-        inputs = [x, t]
-        if self.call.conditioning == "label":
+        given = {"x": x, "t": t}
+        if "y" in self.call.gives:
             y = cond["y"]
-            if drop is not None:
+            if drop is not None:  # the null class, as DiT's label table has it
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-            inputs.append(y)
+            given["y"] = y
+        for name in ("text", "pooled"):
+            if name in self.call.gives:  # the null caption: zeros
+                v = cond[name]
+                keep = None if drop is None else (~drop).to(v.dtype).view(-1, *[1] * (v.ndim - 1))
+                given[name] = v if keep is None else v * keep
+        inputs = [given[name] for name in self.call.gives]
         if self.call.keywords:
-            out = self.inner(**dict(zip(self.call.params, inputs, strict=True)), return_dict=False)
+            kwargs = dict(zip(self.call.params, inputs, strict=True))
+            if self.call.mask is not None:
+                kwargs[self.call.mask] = cond["mask"].to(x.dtype)
+            out = self.inner(**kwargs, return_dict=False)
         else:
             out = self.inner(*inputs)
         if isinstance(out, tuple | list):

@@ -178,7 +178,8 @@ def train_trials(records: list[TrialRecord], cfg: Config,
             for k in members:
                 outcomes[k] = e
                 records[k].wall_time_s += (time.perf_counter() - t0) / len(members)
-            results = []
+            going = []  # every member has its outcome: the failure
+            break
         # what the members' shares leave out (setup, the last results) is split evenly
         overhead = (time.perf_counter() - t0 - sum(r.result.wall_time_s for r in results)) / len(members)
         for k, r in zip(members, results, strict=True):
