@@ -116,7 +116,7 @@ def test_cfg_of_a_resume_shows_the_runs_config(cli, tmp_path):
 
 
 @pytest.mark.parametrize("override, needles", [
-    ("model=dit-tny", ["unknown model 'dit-tny'", "did you mean dit-tiny?", "options: diffusers-dit, dit-b-2,"]),
+    ("model=dit-tny", ["unknown model 'dit-tny'", "did you mean dit-tiny?", "options: diffusers-dit, diffusers-pixart, diffusers-sd3, dit-b-2,"]),
     ("data=digit", ["unknown data 'digit'", "did you mean digits?", "fashion_mnist"]),
     ("model.widht=64", ["unknown key model.widht", "did you mean model.width?", "keys of model:"]),
     ("train.stesp=5", ["unknown key train.stesp", "did you mean train.steps?"]),
@@ -146,7 +146,7 @@ def test_help_lists_the_config_groups_and_the_search_space(tmp_path):
     write_preset(tmp_path / "configs")
     proc = run_in(tmp_path, "train", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert "model=: diffusers-dit, dit-b-2" in proc.stdout and "dit-tiny" in proc.stdout
+    assert "model=: diffusers-dit, diffusers-pixart, diffusers-sd3, dit-b-2" in proc.stdout and "dit-tiny" in proc.stdout
     assert "mine" in proc.stdout  # the user's own preset is listed too
     assert "sweep=: default, paper-grid" in proc.stdout
     tune = run_in(tmp_path, "tune", "--help")
