@@ -174,6 +174,21 @@ def test_sigterm_stops_tune_and_keeps_what_ran(tmp_path, workers):
     assert_requeued(storage, running, out)
 
 
+def test_the_parent_requeues_the_trial_of_a_worker_that_could_not(tmp_path):
+    """A worker killed mid-trial (out of memory, a scheduler's SIGKILL) cannot re-queue its
+    trial, and the other worker is mid-trial too: SIGTERM then leaves no trial RUNNING, as the
+    parent re-queues what its stopped workers left (CI once saw one left RUNNING)."""
+    out = tmp_path / "sweep"
+    storage = f"sqlite:///{out}/study.db"
+    proc = popen("tune", *RUN_2, f"sweep.out_dir={out}")
+    with frozen_mid_trial(proc, lambda: load(storage), 2, group=True) as running:
+        os.kill(running[0].user_attrs["worker"]["pid"], signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGTERM)
+    stderr = finish(proc, timeout=120)
+    assert_stopped(proc, stderr, "interrupted by SIGTERM")
+    assert_requeued(storage, running, out)
+
+
 def test_a_killed_parent_leaves_no_worker_training_alone(tmp_path):
     """SIGKILL (a scheduler's last word) cannot be handled; the workers get SIGTERM when their
     parent dies, re-queue their trials and exit."""

@@ -124,7 +124,8 @@ def _run(cfg: Config, workers: int, opened: list[optuna.Study],
             study = run_worker(cfg, on_trial=progress.update, dataset=dataset)
         else:
             del dataset  # each worker loads its own
-            exits = run_worker_processes(cfg, workers, on_poll=lambda: progress.update(study))
+            exits = run_worker_processes(cfg, workers, on_poll=lambda: progress.update(study),
+                                         study=study)
         progress.update(study)
     doc = write_outputs(study, Path(cfg.sweep.out_dir))
     bad_input = [e for e in exits if e.error]

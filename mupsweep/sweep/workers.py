@@ -22,10 +22,11 @@ or to the parent only. Either raises `Interrupted` (a KeyboardInterrupt) in the 
 the process that gets it; later SIGINTs and SIGTERMs are ignored meanwhile, so that the
 bookkeeping is not cut short. Each worker fails its running trial with reason "interrupted",
 re-queues it with the same parameters and exits quietly; the parent of `--workers` passes the
-signal on to every worker (one that only it got), waits for them and then propagates it, so
+signal on to every worker (one that only it got), waits for them, re-queues what a worker
+left RUNNING (one killed before it could, or whose write failed) and then propagates it, so
 no worker outlives it (nor its being killed: on Linux a worker gets SIGTERM when its parent
-dies). A signal that comes while a worker fails and re-queues a dead worker's trial waits
-until both are written (`deferred_stop`).
+dies). A signal that comes while a worker fails and re-queues a dead worker's trial, or
+tells the results of the trials it trained, waits until they are written (`deferred_stop`).
 
 Trials: a worker asks for up to K = sweep.pack trials at once (1 when not packing; never more
 than the budget leaves free), runs Optuna's heartbeat for each, trains them as one group
@@ -188,49 +189,53 @@ def _run_trials(study: optuna.Study, cfg: Config, params: list[SweepParam],
     done, running = _counts(study)
     asked: list[TrialRecord] = []
     finished: list[FrozenTrial] = []
-    with contextlib.ExitStack() as heartbeats:
-        try:
-            for _ in range(min(cfg.sweep.pack, budget - done - running)):
-                with warnings.catch_warnings():  # "heartbeat is for Study.optimize": we run it
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                    trial = study.ask()
-                surplus = _why_surplus(study, cfg, trial.number, budget)
-                if surplus:  # the budget or the grid point is taken: no more asks this round
-                    trial.set_user_attr("reason", surplus)
-                    finished.append(study.tell(trial, state=TrialState.FAIL))
-                    break
-                heartbeats.enter_context(heartbeat(study, trial))
-                # Who runs the trial: fail_dead_trials fails it when this process is gone.
-                trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-                try:
-                    asked.append(TrialRecord(trial, cfg, params))  # suggests its HPs
-                except Exception as e:
-                    trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
-                    _log_failed(trial.number, trial.params, e)
-                    finished.append(study.tell(trial, state=TrialState.FAIL))
-            if cfg.sweep.pack > 1:
+    try:
+        with contextlib.ExitStack() as heartbeats:
+            try:
+                for _ in range(min(cfg.sweep.pack, budget - done - running)):
+                    with warnings.catch_warnings():  # "heartbeat is for Study.optimize": we run it
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask()
+                    surplus = _why_surplus(study, cfg, trial.number, budget)
+                    if surplus:  # the budget or the grid point is taken: no more asks this round
+                        trial.set_user_attr("reason", surplus)
+                        finished.append(study.tell(trial, state=TrialState.FAIL))
+                        break
+                    heartbeats.enter_context(heartbeat(study, trial))
+                    # Who runs the trial: fail_dead_trials fails it when this process is gone.
+                    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+                    try:
+                        asked.append(TrialRecord(trial, cfg, params))  # suggests its HPs
+                    except Exception as e:
+                        trial.set_user_attr("reason", redact_text(first_line(f"{type(e).__name__}: {e}")))
+                        _log_failed(trial.number, trial.params, e)
+                        finished.append(study.tell(trial, state=TrialState.FAIL))
+                if cfg.sweep.pack > 1:
+                    for r in asked:
+                        r.trial.set_user_attr("pack_size", len(asked))
+                outcomes = train_trials(asked, cfg, dataset) if asked else []
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # a storage error: as study.optimize, fail the trials
                 for r in asked:
-                    r.trial.set_user_attr("pack_size", len(asked))
-            outcomes = train_trials(asked, cfg, dataset) if asked else []
-        except KeyboardInterrupt:  # fail each as "interrupted" and queue it again
-            for r in asked:
-                _requeue_interrupted(study, r.trial.number)
-            raise
-        except BaseException:  # a storage error: as study.optimize, fail the trials
-            for r in asked:
-                study.tell(r.trial, state=TrialState.FAIL, skip_if_finished=True)
-            raise
-    for r, outcome in zip(asked, outcomes, strict=True):
-        if isinstance(outcome, optuna.TrialPruned):
-            finished.append(study.tell(r.trial, state=TrialState.PRUNED))
-            _logger.info(f"Trial {r.trial.number} pruned. {outcome}")
-        elif isinstance(outcome, BaseException):
-            _log_failed(r.trial.number, r.trial.params, outcome)
-            finished.append(study.tell(r.trial, state=TrialState.FAIL))
-        else:
-            finished.append(study.tell(r.trial, outcome))
-            _logger.info(f"Trial {r.trial.number} finished with value: {outcome} and parameters: "
-                         f"{r.trial.params}.")
+                    study.tell(r.trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+    except KeyboardInterrupt:  # also while the heartbeats stop: fail each as "interrupted", queue it again
+        for r in asked:
+            _requeue_interrupted(study, r.trial.number)
+        raise
+    with deferred_stop():  # trained is told: a stop signal now waits until every result is written
+        for r, outcome in zip(asked, outcomes, strict=True):
+            if isinstance(outcome, optuna.TrialPruned):
+                finished.append(study.tell(r.trial, state=TrialState.PRUNED))
+                _logger.info(f"Trial {r.trial.number} pruned. {outcome}")
+            elif isinstance(outcome, BaseException):
+                _log_failed(r.trial.number, r.trial.params, outcome)
+                finished.append(study.tell(r.trial, state=TrialState.FAIL))
+            else:
+                finished.append(study.tell(r.trial, outcome))
+                _logger.info(f"Trial {r.trial.number} finished with value: {outcome} and parameters: "
+                             f"{r.trial.params}.")
     return finished
 
 
@@ -253,6 +258,20 @@ def _requeue_interrupted(study: optuna.Study, number: int) -> None:
             retry_trial(study, trial, max_retry=None)
     except Exception:  # noqa: BLE001 - a storage error here must not hide the interrupt
         pass
+
+
+def _requeue_trials_of(study: optuna.Study, pids: set[int]) -> None:
+    """The trials still RUNNING under processes `pids` of this host, which have all stopped:
+    failed "interrupted" and queued again, as each worker does for its own when it can."""
+    host = socket.gethostname()
+    try:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except Exception:  # noqa: BLE001 - the storage may be what is gone: the next run's check
+        return
+    for t in running:
+        worker = t.user_attrs.get("worker") or {}
+        if worker.get("host") == host and worker.get("pid") in pids:
+            _requeue_interrupted(study, t.number)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,14 +345,17 @@ def _sigterm_when_parent_dies(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None]) -> list[WorkerExit]:
+def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None],
+                         study: optuna.Study | None = None) -> list[WorkerExit]:
     """Run `workers` processes of `run_worker` on the study of `cfg` and wait for them all,
     calling on_poll() every POLL_S meanwhile. A worker that dies does not stop the others
     (its trial is failed and retried by them). Returns the workers that did not end normally.
 
     On Ctrl-C or SIGTERM (KeyboardInterrupt; `stop_signals` is on here): every worker gets the
     same signal (also when only this process got it), has STOP_WAIT_S to re-queue its trial,
-    is killed after that; then the interrupt propagates, and no worker is left running.
+    is killed after that; the trials the workers left RUNNING in `study` (one killed before it
+    could re-queue, or whose storage write failed) are re-queued here; then the interrupt
+    propagates, and no worker is left running.
     Should this process be killed (SIGKILL), its workers get SIGTERM (Linux) and stop alike."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DB handles
     errors = ctx.SimpleQueue()
@@ -361,6 +383,8 @@ def run_worker_processes(cfg: Config, workers: int, on_poll: Callable[[], None])
                 on_poll()
         except KeyboardInterrupt as e:
             _stop(procs, main, getattr(e, "signum", signal.SIGINT))
+            if study is not None:
+                _requeue_trials_of(study, {p.pid for p in procs if p.pid is not None})
             raise
     for p in procs:
         p.join()
