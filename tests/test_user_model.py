@@ -172,3 +172,32 @@ def test_own_file_through_the_whole_pipeline(user_dir):
     assert result["steps"] == 3 and result["own_format"].endswith("model.pt")
     written = (out / "target.yaml").read_text()
     assert "arch: dit_plain.py:DiT" in written and "${model.heads}" in written  # args stay symbolic
+
+
+def test_an_installed_package_names_its_model_by_entry_point(user_dir, monkeypatch):
+    """A package that declares its class in the entry point group `mupsweep.models` (here a
+    real distribution on PYTHONPATH: its dist-info's entry_points.txt) is found by that name
+    in the command, in spawned tune workers and in torchrun's ranks."""
+    site = user_dir / "site"
+    (site / "my_dits").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "dit_plain.py", site / "my_dits" / "__init__.py")
+    info = site / "my_dits-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-dits\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mupsweep.models]\nplain-dit = my_dits:DiT\n")
+    preset = (user_dir / "configs" / "model" / "my-dit.yaml").read_text()
+    (user_dir / "configs" / "model" / "installed-dit.yaml").write_text(
+        preset.replace("arch: dit_plain.py:DiT", "arch: plain-dit"))
+    (user_dir / "dit_plain.py").unlink()  # only the installed package has the class now
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    tune = cli(user_dir, "tune", "model=installed-dit", *SMALL_CHECK, "sweep.n_trials=2",
+               "sweep.sampler=random", "sweep.pruner=none", "sweep.proxy_widths=[32]",
+               f"sweep.out_dir={user_dir}/sweep", "train.steps=2", "train.eval_every=2",
+               "train.val_size=32", "train.batch_size=16", *QUIET, "--workers", "2", "--json")
+    assert tune.returncode == 0, tune.stderr[-2000:]
+    assert json.loads(tune.stdout)["cost"]["n_complete"] == 2
+    run = cli(user_dir, "train", "model=installed-dit", "train.steps=2", "train.batch_size=16",
+              "train.val_size=32", f"train.run_dir={user_dir}/run", *QUIET,
+              "--nproc-per-node", "2", "--json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["steps"] == 2
