@@ -24,19 +24,21 @@ m_L^-alpha (Table 1 of Dey et al. 2025); init and weight decay have no depth fac
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from mupsweep.completep import depth_scale
 from mupsweep.conditioning import LabelConditioner, TextConditioner, text_conditioner
-from mupsweep.config import Config, ModelConfig, OptimConfig
+from mupsweep.config import Config, ModelConfig, OptimConfig, model_extra
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
 from mupsweep.models import DataSpec
 from mupsweep.models.automup import make_readouts, probe, set_readout_multipliers, tag_roles
-from mupsweep.models.layers import Readout
+from mupsweep.models.layers import Readout, attention_scale
 from mupsweep.models.user import (
     Sizes,
     UserModel,
@@ -48,7 +50,7 @@ from mupsweep.models.user import (
     resolve_args,
 )
 from mupsweep.roles import ParamSpec, Role, get_spec
-from mupsweep.text_settings import text_settings
+from mupsweep.text_settings import text_dims, text_settings
 from mupsweep.vendor.mup import MuAdamW, MuReadout, set_base_shapes
 
 # --------------------------------------------------------------------------------------------
@@ -136,11 +138,12 @@ def construct_at(cfg: ModelConfig, data_spec: DataSpec, width: int, depth: int,
     """The model class of cfg.arch built at `width` and `depth`, nothing else done: a built-in
     from its config, a user's class from model.args resolved at that size (models/user.py)."""
     if not is_user_arch(cfg.arch):
-        sized = dataclasses.replace(cfg, width=width, depth=depth)
+        cls = find_model_class(cfg.arch)
+        args = builtin_args(cls, cfg, data_spec, width, depth)
         if str(device) == "meta":  # no init computed, and torch's global RNG left untouched
             with torch.device("meta"):  # (.to: a buffer made from numpy is on the cpu)
-                return find_model_class(cfg.arch)(sized, data_spec).to("meta")
-        return find_model_class(cfg.arch)(sized, data_spec).to(device)
+                return cls(**args).to("meta")
+        return cls(**args).to(device)
     cls = load_user_class(cfg.arch)
     forward = forward_of(cls, cfg.arch)  # before building: the cheaper mismatch first
     if forward.conditioning == "text" and not data_spec.text_dim:  # built without captions
@@ -151,6 +154,28 @@ def construct_at(cfg: ModelConfig, data_spec: DataSpec, width: int, depth: int,
     with torch.device(device):
         inner = construct(cls, cfg.arch, args)
     return UserModel(inner, forward, data_spec.num_classes).to(device)
+
+
+def builtin_args(cls: type[nn.Module], cfg: ModelConfig, data_spec: DataSpec, width: int,
+                 depth: int) -> dict[str, Any]:
+    """The keyword arguments of a built-in class for `cfg` at `width` and `depth`: the sizes,
+    the softmax scale of cfg's parametrization, CompleteP's residual multiplier, its
+    architecture's model.extra keys and caption sizes; each class is given those its
+    constructor names. The one place a ModelConfig becomes a model's arguments."""
+    known: dict[str, Any] = {
+        **model_extra(cfg),  # checked, defaults filled in (uvit's conv, a text model's sizes)
+        "image_size": data_spec.image_size, "in_channels": data_spec.channels,
+        "num_classes": data_spec.num_classes, "width": width, "depth": depth,
+        "head_dim": cfg.head_dim, "patch_size": cfg.patch_size, "mlp_ratio": cfg.mlp_ratio,
+        "learn_sigma": cfg.learn_sigma, "base_width": cfg.base_width,
+        "attn_scale": attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization),
+        "residual_mult": depth_scale(dataclasses.replace(cfg, width=width, depth=depth)).residual_mult,
+    }
+    if getattr(cls, "conditioning", "label") == "text":
+        text_dim, text_len = text_dims(cfg, data_spec)  # the conditioner's sizes must agree
+        known |= {"text_dim": text_dim, "text_len": text_len,
+                  "pooled_dim": text_settings(cfg).pooled_dim}
+    return {name: known[name] for name in inspect.signature(cls).parameters if name in known}
 
 
 def probe_inputs(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | str) -> tuple:

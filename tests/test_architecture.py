@@ -225,3 +225,15 @@ def test_layer_check_finds_an_upward_import():
     graph = {"mupsweep.config.schema": {"mupsweep.train"}, "mupsweep.train": {"mupsweep.config"}}
     assert layer_violations(graph) == [
         "mupsweep.config.schema (config) imports mupsweep.train (training)"]
+
+
+def test_model_files_know_nothing_of_mupsweeps_config():
+    """The built-in models are built by keyword arguments, as a user's class is
+    (`parametrize.builtin_args` is the one place a config becomes them): no model file
+    imports the config, CompleteP or the caption settings."""
+    graph = import_graph()
+    config_side = ("mupsweep.config", "mupsweep.completep", "mupsweep.text_settings")
+    found = [f"{module} imports {target}" for module, targets in sorted(graph.items())
+             if module.startswith("mupsweep.models") for target in sorted(targets)
+             if target.startswith(config_side)]
+    assert not found, "; ".join(found)

@@ -143,8 +143,9 @@ def test_inspect_shows_depth_factors():
 class _IgnoresDepth(DiT):
     """A model whose blocks never learn their multiplier: completep must refuse it."""
 
-    def __init__(self, cfg, data):
-        super().__init__(dataclasses.replace(cfg, depth_parametrization="none"), data)
+    def __init__(self, image_size, in_channels, num_classes, width, depth, head_dim,
+                 residual_mult=1.0):  # taken, never passed on: branches added x 1 at any depth
+        super().__init__(image_size, in_channels, num_classes, width, depth, head_dim)
 
 
 register("test-ignores-depth", _IgnoresDepth)

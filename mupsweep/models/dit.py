@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mupsweep.completep import depth_scale
-from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     Attention,
     FinalLayer,
@@ -31,7 +29,7 @@ from mupsweep.models.layers import (
     residual,
     unpatchify,
 )
-from mupsweep.models.registry import DataSpec, register
+from mupsweep.models.registry import register
 from mupsweep.roles import mark_residual_block
 
 
@@ -62,26 +60,30 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer with adaLN conditioning on timestep + class label."""
 
-    def __init__(self, cfg: ModelConfig, data: DataSpec):
+    def __init__(self, image_size: int, in_channels: int, num_classes: int, width: int, depth: int,
+                 head_dim: int, patch_size: int = 2, mlp_ratio: float = 4.0,
+                 learn_sigma: bool = False, attn_scale: float | None = None,
+                 residual_mult: float = 1.0):
+        """Sizes, and the two factors mupsweep sets by parametrization and depth
+        (parametrize.builtin_args): attn_scale, the softmax scale (default 1/sqrt(head_dim));
+        residual_mult, CompleteP's multiplier on every residual branch."""
         super().__init__()
-        self.cfg = cfg
-        self.in_channels = data.channels
-        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
-        self.patch_size = cfg.patch_size
-        D = cfg.width
-        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        D = width
+        scale = attention_scale(head_dim) if attn_scale is None else attn_scale
 
-        self.x_embedder = PatchEmbed(data.image_size, cfg.patch_size, data.channels, D)
+        self.x_embedder = PatchEmbed(image_size, patch_size, in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(data.num_classes, D)
-        grid = data.image_size // cfg.patch_size
+        self.y_embedder = LabelEmbedder(num_classes, D)
+        grid = image_size // patch_size
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
-        mult = depth_scale(cfg).residual_mult
         self.blocks = nn.ModuleList(
-            DiTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, mult) for _ in range(cfg.depth)
+            DiTBlock(D, head_dim, mlp_ratio, scale, residual_mult) for _ in range(depth)
         )
-        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
+        self.final_layer = FinalLayer(D, patch_size, self.out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:

@@ -114,7 +114,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def attention_scale(head_dim: int, attn_mult: float, parametrization: str) -> float:
+def attention_scale(head_dim: int, attn_mult: float = 1.0, parametrization: str = "sp") -> float:
     """The softmax scale, attn_mult / sqrt(head_dim), in both parametrizations."""
     # muP: 1/d anchored at the base head_dim, which is head_dim itself (width grows by heads),
     # so it equals 1/sqrt(head_dim); written sqrt(d)/d to keep the float runs have always had.

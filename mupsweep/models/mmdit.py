@@ -28,8 +28,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mupsweep.completep import depth_scale
-from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     FinalLayer,
     Mlp,
@@ -47,9 +45,8 @@ from mupsweep.models.layers import (
     rms_norm,
     unpatchify,
 )
-from mupsweep.models.registry import DataSpec, register
+from mupsweep.models.registry import register
 from mupsweep.roles import mark_residual_block
-from mupsweep.text_settings import text_dims, text_settings
 
 
 class StreamBlock(nn.Module):
@@ -119,31 +116,33 @@ class MMDiT(nn.Module):
 
     conditioning = "text"
 
-    def __init__(self, cfg: ModelConfig, data: DataSpec):
+    def __init__(self, image_size: int, in_channels: int, text_dim: int, text_len: int,
+                 pooled_dim: int, width: int, depth: int, head_dim: int, patch_size: int = 2,
+                 mlp_ratio: float = 4.0, learn_sigma: bool = False,
+                 attn_scale: float | None = None, residual_mult: float = 1.0):
+        """As DiT's, with captions of text_len tokens of text_dim and a pooled caption vector
+        of pooled_dim instead of labels."""
         super().__init__()
-        self.cfg = cfg
-        self.text_dim, self.text_len = text_dims(cfg, data)
-        self.pooled_dim = text_settings(cfg).pooled_dim
-        D, p = cfg.width, cfg.patch_size
-        self.in_channels = data.channels
-        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
+        self.text_dim, self.text_len, self.pooled_dim = text_dim, text_len, pooled_dim
+        D, p = width, patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = p
-        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(head_dim) if attn_scale is None else attn_scale
 
-        self.x_embedder = PatchEmbed(data.image_size, p, data.channels, D)
+        self.x_embedder = PatchEmbed(image_size, p, in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = nn.Sequential(  # pooled caption -> D (SD3's VectorEmbedder)
             input_linear(self.pooled_dim, D, sp_init="normal"), nn.SiLU(),
             hidden_linear(D, D, sp_init="normal"))
         self.context_embedder = input_linear(self.text_dim, D)
-        grid = data.image_size // p
+        grid = image_size // p
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
-        mult = depth_scale(cfg).residual_mult
         self.joint_blocks = nn.ModuleList(
-            JointBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, last=i == cfg.depth - 1,
-                       residual_mult=mult)
-            for i in range(cfg.depth))
+            JointBlock(D, head_dim, mlp_ratio, scale, last=i == depth - 1,
+                       residual_mult=residual_mult)
+            for i in range(depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)  # as DiT's: adaLN norm + readout
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],

@@ -33,8 +33,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mupsweep.completep import depth_scale
-from mupsweep.config import ModelConfig
 from mupsweep.models.layers import (
     Attention,
     Mlp,
@@ -52,9 +50,8 @@ from mupsweep.models.layers import (
     residual,
     unpatchify,
 )
-from mupsweep.models.registry import DataSpec, register
+from mupsweep.models.registry import register
 from mupsweep.roles import mark_residual_block
-from mupsweep.text_settings import text_dims
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -147,28 +144,32 @@ class PixArt(nn.Module):
 
     conditioning = "text"
 
-    def __init__(self, cfg: ModelConfig, data: DataSpec):
+    def __init__(self, image_size: int, in_channels: int, text_dim: int, text_len: int,
+                 width: int, depth: int, head_dim: int, base_width: int, patch_size: int = 2,
+                 mlp_ratio: float = 4.0, learn_sigma: bool = False,
+                 attn_scale: float | None = None, residual_mult: float = 1.0):
+        """As DiT's, with captions of text_len tokens of text_dim instead of labels; base_width:
+        muP's base width (the modulation tables' std is taken there)."""
         super().__init__()
-        self.cfg = cfg
-        D, p = cfg.width, cfg.patch_size
-        self.text_dim, self.text_len = text_dims(cfg, data)
-        self.in_channels = data.channels
-        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
+        D, p = width, patch_size
+        self.text_dim, self.text_len = text_dim, text_len
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = p
-        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        scale = attention_scale(head_dim) if attn_scale is None else attn_scale
         # muP: width-independent std (PixArt's 1/sqrt(D) taken at the base width); SP: 1/sqrt(D)
-        table_std = {"mup_std": cfg.base_width**-0.5, "sp_std": D**-0.5}
+        table_std = {"mup_std": base_width**-0.5, "sp_std": D**-0.5}
 
-        self.x_embedder = PatchEmbed(data.image_size, p, data.channels, D)
+        self.x_embedder = PatchEmbed(image_size, p, in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.t_block = nn.Sequential(nn.SiLU(), hidden_linear(D, 6 * D, sp_init="normal", adaln=True))
         self.y_embedder = CaptionEmbedder(self.text_dim, self.text_len, D)
-        grid = data.image_size // p
+        grid = image_size // p
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
-        mult = depth_scale(cfg).residual_mult
-        self.blocks = nn.ModuleList(PixArtBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, table_std, mult)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            PixArtBlock(D, head_dim, mlp_ratio, scale, table_std, residual_mult)
+            for _ in range(depth))
         self.final_layer = PixArtFinalLayer(D, p, self.out_channels, table_std)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],

@@ -34,8 +34,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mupsweep.completep import depth_scale
-from mupsweep.config import ModelConfig, model_extra
 from mupsweep.models.layers import (
     Attention,
     LabelEmbedder,
@@ -51,7 +49,7 @@ from mupsweep.models.layers import (
     residual,
     unpatchify,
 )
-from mupsweep.models.registry import DataSpec, register
+from mupsweep.models.registry import register
 from mupsweep.roles import mark_residual_block
 
 EXTRAS = 2  # tokens in front of the patches: time, label
@@ -83,32 +81,36 @@ class UViT(nn.Module):
 
     conditioning = "label"
 
-    def __init__(self, cfg: ModelConfig, data: DataSpec):
+    def __init__(self, image_size: int, in_channels: int, num_classes: int, width: int, depth: int,
+                 head_dim: int, patch_size: int = 2, mlp_ratio: float = 4.0,
+                 learn_sigma: bool = False, attn_scale: float | None = None,
+                 residual_mult: float = 1.0, conv: bool = False):
+        """As DiT's; depth is odd (depth // 2 in-blocks, a mid-block, depth // 2 out-blocks);
+        conv: the optional 3x3 C->C conv after the readout."""
         super().__init__()
-        self.cfg = cfg
-        extra = model_extra(cfg)  # checked (conv a bool, the depth odd: config._arch_problems)
-        D, p = cfg.width, cfg.patch_size
-        self.in_channels = data.channels
-        self.out_channels = data.channels * 2 if cfg.learn_sigma else data.channels
+        if depth % 2 == 0:
+            raise ValueError(f"U-ViT needs an odd depth, not {depth}")
+        D, p = width, patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = p
-        self.num_patches = (data.image_size // p) ** 2
-        scale = attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization)
+        self.num_patches = (image_size // p) ** 2
+        scale = attention_scale(head_dim) if attn_scale is None else attn_scale
 
-        self.patch_embed = PatchEmbed(data.image_size, p, data.channels, D)
+        self.patch_embed = PatchEmbed(image_size, p, in_channels, D)
         self.time_embed = TimestepEmbedder(D)
-        self.label_emb = LabelEmbedder(data.num_classes, D, sp_std=1.0)
+        self.label_emb = LabelEmbedder(num_classes, D, sp_std=1.0)
         self.pos_embed = input_parameter(1, EXTRAS + self.num_patches, D, mup_std=0.02, sp_std=0.02)
-        half, mult = cfg.depth // 2, depth_scale(cfg).residual_mult
+        half, mult = depth // 2, residual_mult
         self.in_blocks = nn.ModuleList(
-            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, residual_mult=mult) for _ in range(half))
-        self.mid_block = UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, residual_mult=mult)
+            UViTBlock(D, head_dim, mlp_ratio, scale, residual_mult=mult) for _ in range(half))
+        self.mid_block = UViTBlock(D, head_dim, mlp_ratio, scale, residual_mult=mult)
         self.out_blocks = nn.ModuleList(
-            UViTBlock(D, cfg.head_dim, cfg.mlp_ratio, scale, skip=True, residual_mult=mult)
+            UViTBlock(D, head_dim, mlp_ratio, scale, skip=True, residual_mult=mult)
             for _ in range(half))
         self.norm = layer_norm(D)
         self.decoder_pred = readout(D, p * p * self.out_channels)
-        self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) \
-            if extra["conv"] else None
+        self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) if conv else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:
