@@ -171,7 +171,7 @@ def builtin_args(cls: type[nn.Module], cfg: ModelConfig, data_spec: DataSpec, wi
         "attn_scale": attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization),
         "residual_mult": depth_scale(dataclasses.replace(cfg, width=width, depth=depth)).residual_mult,
     }
-    if getattr(cls, "conditioning", "label") == "text":
+    if conditioning_of(cfg.arch) == "text":
         text_dim, text_len = text_dims(cfg, data_spec)  # the conditioner's sizes must agree
         known |= {"text_dim": text_dim, "text_len": text_len,
                   "pooled_dim": text_settings(cfg).pooled_dim}

@@ -4,8 +4,9 @@ Two kinds of model meet it. mupsweep's own four (dit, uvit, pixart, mmdit) imple
 `DiffusionModel` directly and declare their muP roles where each layer is built
 (models/layers.py); like a user's class they are built by keyword arguments (sizes, the
 softmax scale, CompleteP's residual multiplier: `parametrize.builtin_args`, the one place a
-config becomes a model's arguments) and know nothing of mupsweep's config. A user's class (`model.arch=my_pkg.models:MyDiT` or `path/file.py:MyDiT`,
-models/user.py) needs none of that: mupsweep wraps it (`UserModel`) and derives the rest.
+config becomes a model's arguments) and know nothing of mupsweep's config. A user's class
+(`model.arch=my_pkg.models:MyDiT` or `path/file.py:MyDiT`, models/user.py) needs none of
+that: mupsweep wraps it (`UserModel`) and derives the rest.
 
 A user's class must:
 
