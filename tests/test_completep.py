@@ -33,8 +33,8 @@ def _cond(arch: str, batch: int) -> dict[str, torch.Tensor]:
 
 
 def _built(arch: str, **kw) -> tuple[torch.nn.Module, ModelConfig]:
-    depth, extra = ARCHS[arch]
-    cfg = ModelConfig(arch=arch, width=64, depth=kw.pop("depth", depth), extra=extra, **kw)
+    depth, extra = ARCHS[arch]  # extra: the caption keys of a text model
+    cfg = ModelConfig(arch=arch, width=64, depth=kw.pop("depth", depth), **extra, **kw)
     torch.manual_seed(0)
     return build_model(cfg, SPEC), cfg
 

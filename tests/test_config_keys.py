@@ -3,6 +3,7 @@ of keys the rest of mupsweep reads is derived from those declarations.
 
 The RECORDED_* values below are the hand-kept lists as they were before the declarations
 replaced them (config.RANGES / CAPS / CHOICES / NON_EMPTY / WIDTH_LISTS / RESULT_NEUTRAL,
+config.EXTRA_KEYS for the keys one architecture reads,
 sweep.study.NOT_IN_SIGNATURE, packed.PER_MEMBER_KEYS (now each key's per_member= rule), transfer.NOT_TRANSFERRED /
 PROXY_SHAPE_FIELDS / PRESET_SIZE_FIELDS, sweep.space.NOT_HYPERPARAMETERS), copied from that
 code: the derived lists must say exactly what they said. Change a key's rules on purpose, and
@@ -45,6 +46,8 @@ RECORDED_RANGES = {
     "model.base_width": AT_LEAST_1, "model.delta_width": AT_LEAST_1,
     "model.init_mult": POSITIVE, "model.output_mult": POSITIVE, "model.attn_mult": POSITIVE,
     "model.base_depth": AT_LEAST_1, "model.depth_alpha": Range(0.5, 1),
+    # model.extra's text keys (checks.TEXT_KEYS) until issue 17 made them model keys
+    "model.text_dim": AT_LEAST_1, "model.text_len": AT_LEAST_1, "model.pooled_dim": AT_LEAST_1,
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True), "data.split_seed": SEED,
     "data.image_size": AT_LEAST_1, "data.max_items": Range(2), "data.latent_scale": POSITIVE,
     "diffusion.num_timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
@@ -72,6 +75,8 @@ TIMESTEPS = (100_000, "DDPM and DiT use 1000; the schedule keeps tables of this 
 RECORDED_CAPS = {
     "model.width": WIDTH, "model.base_width": WIDTH, "model.delta_width": WIDTH,
     "model.head_dim": WIDTH, "model.depth": DEPTH, "model.base_depth": DEPTH,
+    "model.text_dim": WIDTH, "model.pooled_dim": WIDTH,
+    "model.text_len": (2**14, "T5's context is 512 tokens; PixArt-alpha uses 120, SD3 154"),
     "model.mlp_ratio": (64, "transformer MLPs are 4x the width"),
     "model.patch_size": (2**14, "no image is wider"),
     "data.image_size": (2**14, "one 16384^2 RGB image is 3 GiB of float32"),
@@ -82,11 +87,12 @@ RECORDED_CAPS = {
 RECORDED_CHOICES = {
     "model.parametrization": ("mup", "sp"),
     "model.depth_parametrization": ("none", "completep"),
+    "model.text_encoder": ("hash", "minilm", "file"),
     "diffusion.kind": ("ddpm", "rectified_flow"),
     "optim.schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16"),
 }
-RECORDED_NON_EMPTY = ("model.arch", "data.name", "data.root", "train.device", "train.run_dir",
+RECORDED_NON_EMPTY = ("model.arch", "model.text_file", "data.name", "data.root", "train.device", "train.run_dir",
                       "coord.out_dir", "sweep.study", "sweep.storage", "sweep.out_dir")
 RECORDED_WIDTH_LISTS = {"coord.widths": 2, "sweep.proxy_widths": 1}
 RECORDED_RESULT_NEUTRAL = (
@@ -161,6 +167,10 @@ def test_value_checks_are_the_recorded_ones_in_the_same_order():
     assert tuple(declared("non_empty")) == RECORDED_NON_EMPTY
     assert list(declared("min_widths").items()) == list(RECORDED_WIDTH_LISTS.items())
     assert list(declared("pattern")) == ["train.device"]
+    caption_models = ("pixart", "mmdit", "module:Class")
+    assert declared("read_by") == {"model.output_conv": ("uvit",),
+                                   **{f"model.{k}": caption_models for k in
+                                      ("text_encoder", "text_file", "text_dim", "text_len", "pooled_dim")}}
 
 
 def test_result_neutral_keys_are_the_recorded_ones():
@@ -194,7 +204,7 @@ def test_not_hyperparameters_are_the_recorded_ones():
     ("coord.lr", "a setting of coord-check, which no trial reads"),  # from its section
     ("data.root", RECORDED_NOT_HYPERPARAMETERS["data"]),
     ("optim.lr", None), ("model.init_mult", None), ("model.depth", None),
-    ("model.extra.conv", None), ("modelx", None),
+    ("model.output_conv", None), ("modelx", None),
 ])
 def test_why_not_a_hyperparameter_takes_the_most_specific_reason(key, why):
     assert why_not_a_hyperparameter(key) == why

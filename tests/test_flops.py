@@ -88,7 +88,7 @@ def test_flops_grow_quadratically_with_width(preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_text_sizes_come_from_the_model_when_the_spec_has_none(preset):
     """transfer's estimate builds from the data's shape alone (no conditioner): the model's
-    own caption sizes (model.extra) are used."""
+    own caption sizes (model.text_*) are used."""
     cfg = _model_cfg(preset)
     assert config_flops_per_image(cfg, SPEC) == config_flops_per_image(cfg, _spec(preset))
 

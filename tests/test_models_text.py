@@ -94,7 +94,7 @@ def _build(arch: str, par: str = "mup", width: int = 128, *extra: str):
 
 @pytest.mark.parametrize("arch", MODELS)
 def test_every_parameter_has_the_design_role(arch):
-    model, cfg = _build(arch, "mup", 128, *(["model.extra.conv=true"] if arch == "uvit" else []))
+    model, cfg = _build(arch, "mup", 128, *(["model.output_conv=true"] if arch == "uvit" else []))
     rows = describe_parameters(model, cfg.model, make_optimizer(model, cfg.model, cfg.optim))
     patterns = EXPECTED_ROLES[arch] + _COMMON
     for row in rows:
@@ -134,7 +134,7 @@ def test_mup_and_sp_differ_in_init_only_and_flops_grow_with_width(arch):
 def test_uvit_needs_an_odd_depth_and_runs_with_its_output_conv(tmp_path):
     with pytest.raises(UserError, match="odd depth"):
         train(compose(["model=uvit-tiny", "model.depth=4", *QUIET, f"train.run_dir={tmp_path}/a"]))
-    model, _ = _build("uvit", "mup", 64, "model.extra.conv=true")
+    model, _ = _build("uvit", "mup", 64, "model.output_conv=true")
     assert len(model.in_blocks) == 2 and len(model.out_blocks) == 2
     out = model(torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), {"y": torch.tensor([1, 2])})
     assert out.shape == (2, 1, 8, 8)
@@ -223,7 +223,7 @@ def test_embeddings_are_cached_and_not_reencoded(digits, tmp_path, monkeypatch):
     assert files[0].stat().st_mtime_ns == mtime
     torch.testing.assert_close(first.embeddings.tokens, second.embeddings.tokens)
     # another caption length is another cache entry
-    make_conditioner(compose(["model=mmdit-tiny", "model.extra.text_len=8"]), digits)
+    make_conditioner(compose(["model=mmdit-tiny", "model.text_len=8"]), digits)
     assert text.ENCODE_CALLS == before + 2 and len(list(tmp_path.glob("text-hash-*.npz"))) == 2
 
 
@@ -239,8 +239,8 @@ def _write_embeddings(path, K: int, L: int, dim: int, pooled_dim: int | None = N
 
 def test_file_encoder_reads_precomputed_embeddings(digits, tmp_path):
     path = _write_embeddings(tmp_path / "t5.npz", K=20, L=12, dim=48, pooled_dim=24)  # 2 per class
-    cfg = compose(["model=mmdit-tiny", "model.extra.text_encoder=file", f"model.extra.text_file={path}",
-                   "model.extra.text_dim=48", "model.extra.pooled_dim=24"])
+    cfg = compose(["model=mmdit-tiny", "model.text_encoder=file", f"model.text_file={path}",
+                   "model.text_dim=48", "model.pooled_dim=24"])
     cond = make_conditioner(cfg, digits)
     assert cond.embeddings.tokens.shape == (10, 2, 16, 48)  # padded to text_len 16
     out = cond(torch.tensor([1, 2]))
@@ -256,17 +256,17 @@ def test_minilm_without_the_extra_says_how_to_install(digits):
         pytest.skip("the optional text encoder is installed")
     except ImportError:
         pass
-    cfg = compose(["model=pixart-tiny", "model.extra.text_encoder=minilm", "model.extra.text_dim=384"])
+    cfg = compose(["model=pixart-tiny", "model.text_encoder=minilm", "model.text_dim=384"])
     with pytest.raises(UserError, match=re.escape("pip install '.[text]'")):
         make_conditioner(cfg, digits)
 
 
 def test_cli_mismatched_embedding_dim_is_one_line(tmp_path):
     path = _write_embeddings(tmp_path / "clip.npz", K=10, L=8, dim=32)
-    proc = run_cli("train", "model=pixart-tiny", "model.extra.text_encoder=file",
-                   f"model.extra.text_file={path}", *QUIET, "train.steps=1",
+    proc = run_cli("train", "model=pixart-tiny", "model.text_encoder=file",
+                   f"model.text_file={path}", *QUIET, "train.steps=1",
                    f"train.run_dir={tmp_path}/run")
-    assert_one_line_error(proc, "32", "model.extra.text_dim=64")
+    assert_one_line_error(proc, "32", "model.text_dim=64")
 
 
 def _image_folder(root, classes=("cat", "dog"), n=3):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY, assert_one_line_error, run_cli
 
 from mupsweep.config import compose
@@ -91,6 +92,28 @@ def test_resume_may_grow_steps_and_change_what_cannot_change_results(finished, c
     assert "steps: 6" in (finished / "config.yaml").read_text()
     assert_one_line_error(cli("train", "--resume", str(finished), "train.steps=5"),
                           "train.steps: 6 -> 5 (steps may only grow)")
+
+
+def test_a_run_saved_before_model_extra_went_still_resumes(finished):
+    """Until issue 17 a run saved its architecture's settings in model.extra (a dict) and had
+    no model.output_conv / text_* keys. Such a run (config.yaml and the checkpoint's config
+    written back in that format) resumes: the saved config is read as today's schema reads
+    it, so neither the dict nor a key added since counts as a difference."""
+    new_keys = ("output_conv", "text_encoder", "text_file", "text_dim", "text_len", "pooled_dim")
+
+    def as_before(config: dict) -> dict:
+        model = {k: v for k, v in config["model"].items() if k not in new_keys}
+        return {**config, "model": {**model, "extra": {}}}
+
+    path = finished / "config.yaml"
+    path.write_text(yaml.safe_dump(as_before(yaml.safe_load(path.read_text()))))
+    ckpt = torch.load(finished / "last.pt", weights_only=False)
+    torch.save({**ckpt, "config": as_before(ckpt["config"])}, finished / "last.pt")
+    assert "extra: {}" in path.read_text()
+    proc = run_cli("train", "--resume", str(finished), "train.steps=6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 6
+    assert "extra" not in path.read_text() and "text_dim: 64" in path.read_text()
 
 
 def test_checkpoint_of_another_config_is_refused(finished, tmp_path, cli):

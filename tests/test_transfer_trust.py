@@ -91,23 +91,23 @@ def test_accepted_difference_is_applied_and_recorded(tmp_path, doc):
 
 
 def test_text_model_preset_lists_its_text_settings(doc):
-    """PixArt/MMDiT presets carry their encoders' sizes in model.extra (and MMDiT, a global
+    """PixArt/MMDiT presets carry their encoders' sizes in model.text_* (and MMDiT, a global
     preset, diffusion.kind): a tiny proxy's 64-dim hash captions are not T5-XXL's 4096."""
     with pytest.raises(UserError) as e:
         transfer(proxy_doc(doc, "model=pixart-tiny"), preset="pixart")
     for needle in ("model.learn_sigma: proxy false, preset true",
-                   "model.extra.text_dim: proxy 64, preset 4096",
-                   "model.extra.text_len: proxy 16, preset 120"):
+                   "model.text_dim: proxy 64, preset 4096",
+                   "model.text_len: proxy 16, preset 120"):
         assert needle in str(e.value)
     with pytest.raises(UserError) as e:  # the global mmdit preset used to fail on model.model
         transfer(proxy_doc(doc, "model=mmdit-tiny"), preset="mmdit")
-    assert "model.extra.pooled_dim: proxy 64, preset 2048" in str(e.value)
+    assert "model.pooled_dim: proxy 64, preset 2048" in str(e.value)
     assert "diffusion.kind" not in str(e.value)  # both rectified flow: no difference
     accepted = transfer(proxy_doc(doc, "model=mmdit-tiny"), preset="mmdit", width=256, overrides=[
-        "model.extra.text_dim=4096", "model.extra.text_len=154", "model.extra.pooled_dim=2048"])
-    assert accepted.config.model.extra["text_dim"] == 4096
+        "model.text_dim=4096", "model.text_len=154", "model.pooled_dim=2048"])
+    assert accepted.config.model.text_dim == 4096
     assert set(accepted.provenance["accepted_differences"]) == {
-        "model.extra.text_dim", "model.extra.text_len", "model.extra.pooled_dim"}
+        "model.text_dim", "model.text_len", "model.pooled_dim"}
 
 
 def test_a_users_own_preset_is_a_transfer_preset(tmp_path, monkeypatch):

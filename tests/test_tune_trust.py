@@ -111,7 +111,6 @@ def test_every_key_that_changes_a_loss_is_in_the_signature(tmp_path):
         "train.val_seed=7": "train.val_seed 1234 -> 7",
         "optim.weight_decay=0.1": "optim.weight_decay",
         "train.eval_every=2": "train.eval_every 3 -> 2",
-        # (a model.extra key its arch does not read is now refused before any study opens)
         "sweep.params=[{name:optim.lr,low:-12,high:-8,log2:true}]": "sweep.params",
     }
     for override, needle in refused.items():

@@ -5,12 +5,12 @@ Hydra composition; `from mupsweep.config import X` for every name the rest of mu
     schema.py       the dataclasses: every key, its default, what it is, and its rules
     keys.py         lists of keys derived from the rules (result-neutral, signature, per pack
                     member, transfer, presets, not hyperparameters); config_differences
-    checks.py       check_config: every invalid value named; model.extra per architecture
+    checks.py       check_config: every invalid value named; the keys one architecture reads
     convert.py      a node into the schema (unknown keys, types, booleans) and back out
     composition.py  Hydra compose, the search path, overrides in memory, copy_preset
 """
 
-from mupsweep.config.checks import EXTRA_KEYS, ExtraKey, check_config, did_you_mean, model_extra
+from mupsweep.config.checks import check_config, did_you_mean
 from mupsweep.config.composition import (
     CONFIG_DIR,
     HYDRA_KEYS,
@@ -23,7 +23,7 @@ from mupsweep.config.composition import (
     hydra_sweep_param,
     with_overrides,
 )
-from mupsweep.config.convert import from_dict, set_by_path, to_dict, to_yaml
+from mupsweep.config.convert import as_today, from_dict, set_by_path, to_dict, to_yaml
 from mupsweep.config.keys import (
     config_differences,
     covers,
@@ -47,6 +47,7 @@ from mupsweep.config.rules import (
     section,
 )
 from mupsweep.config.schema import (
+    BUILTIN_ARCHS,
     Config,
     CoordCheckConfig,
     DataConfig,
@@ -59,13 +60,14 @@ from mupsweep.config.schema import (
 )
 
 __all__ = [
-    "CONFIG_DIR", "EXTRA_KEYS", "HYDRA_KEYS", "PRESET_KEEPS_PROXY", "PRESET_KEEPS_STUDY",
+    "as_today",
+    "BUILTIN_ARCHS", "CONFIG_DIR", "HYDRA_KEYS", "PRESET_KEEPS_PROXY", "PRESET_KEEPS_STUDY",
     "PRESET_SETS", "ROOT_CONFIG_DIR", "USER_CONFIG_DIR", "Config", "CoordCheckConfig",
-    "DataConfig", "DiffusionConfig", "ExtraKey", "KeyRules", "ModelConfig", "OptimConfig",
+    "DataConfig", "DiffusionConfig", "KeyRules", "ModelConfig", "OptimConfig",
     "Range", "SweepConfig", "SweepParam", "TrainConfig", "check_config", "compose",
     "config_differences", "config_groups", "covers", "config_search_path", "copy_preset", "did_you_mean",
     "from_dict", "hydra_sweep_param", "is_per_member", "key", "keys_outside_signature",
-    "keys_where", "model_extra", "not_hyperparameters", "per_member_keys", "preset_keys",
+    "keys_where", "not_hyperparameters", "per_member_keys", "preset_keys",
     "result_neutral_keys", "section", "set_by_path", "to_dict", "to_yaml", "untransferred_keys",
     "why_not_a_hyperparameter", "with_overrides",
 ]

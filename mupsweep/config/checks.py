@@ -1,8 +1,8 @@
 """check_config: every invalid value of a config named in one error, with what would be valid.
 
 Each key's own checks are the rules it declares in the schema (a range and a cap, names, not
-empty, a list of widths, a pattern); `model.extra` is checked against what its architecture
-reads (`EXTRA_KEYS`); checks across keys come last, one function per section they read.
+empty, a list of widths, a pattern, the architectures that read it); checks across keys come
+last, one function per section they read.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ import difflib
 import functools
 import types
 import typing
-from dataclasses import dataclass
-from typing import Any
 
 from mupsweep.config.keys import declared_rules, schema_fields
-from mupsweep.config.rules import POSITIVE, Range
+from mupsweep.config.rules import POSITIVE, YOUR_CLASS
 from mupsweep.config.schema import (
-    MAX_TOKENS,
+    BUILTIN_ARCHS,
     MAX_WIDTH,
     WIDTH_WHY,
     Config,
@@ -99,95 +97,41 @@ def width_list_problems(key: str, widths: list[int], least: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# model.extra: what each architecture reads
+# model: the keys one architecture reads, and each architecture's own rules
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ExtraKey:
-    """One key of `model.extra` that an architecture reads: its type, default and valid values."""
-
-    kind: type  # bool | int | str
-    default: Any
-    valid: Range | tuple[str, ...] | None = None  # int: a Range; str: the names; None: any
-    nullable: bool = False  # null is a value (it means the default described in `why`)
-    why: str = ""
-
-    def problem(self, value: Any) -> str | None:
-        """What `value` must be, when it is not valid; None when it is."""
-        if value is None and self.nullable:
-            return None
-        null = f" or null ({self.why})" if self.nullable else ""
-        if self.kind is bool:  # 2 or "yes" would be truthy: refused, never coerced
-            return None if isinstance(value, bool) else f"true or false{null}"
-        if self.kind is int:  # 1.7 or "64" would be cut or parsed: refused
-            ok = isinstance(value, int) and not isinstance(value, bool) and value in self.valid
-            return None if ok else self.valid.describe(integer=True) + null
-        if isinstance(self.valid, tuple):
-            return None if value in self.valid else "one of " + ", ".join(self.valid) + null
-        return None if isinstance(value, str) and value.strip() else f"a non-empty path{null}"
-
-
-# What each architecture reads from `model.extra` (the model files and the text conditioner read
-# these through `model_extra`, so a value they use is one that was checked). A key its
-# architecture does not read is refused: it would change nothing, in silence.
-TEXT_KEYS = {
-    "text_encoder": ExtraKey(str, "hash", ("hash", "minilm", "file")),
-    "text_file": ExtraKey(str, None, nullable=True, why="needed by text_encoder=file"),
-    "text_dim": ExtraKey(int, 64, Range(1, MAX_WIDTH)),  # caption token size (T5-XXL: 4096)
-    "text_len": ExtraKey(int, 16, Range(1, MAX_TOKENS)),  # caption tokens (PixArt-alpha: 120)
-    # the pooled caption vector (MMDiT's input; the conditioner checks it for every text model)
-    "pooled_dim": ExtraKey(int, None, Range(1, MAX_WIDTH), nullable=True, why="the text_dim"),
-}
-EXTRA_KEYS: dict[str, dict[str, ExtraKey]] = {
-    "dit": {},
-    "uvit": {"conv": ExtraKey(bool, False)},  # the optional 3x3 C->C output conv
-    "pixart": TEXT_KEYS,
-    "mmdit": TEXT_KEYS,
-}
+def reads(arch: str, readers: tuple[str, ...]) -> bool | None:
+    """Whether model.arch=`arch` reads a key declared `read_by=readers`: a built-in by name, a
+    user's class (module:Class) where YOUR_CLASS is listed; None (not known) for an
+    architecture registered elsewhere, which checks its own settings."""
+    if arch in BUILTIN_ARCHS:
+        return arch in readers
+    return YOUR_CLASS in readers if ":" in arch else None
 
 
 def arch_problems(m: ModelConfig) -> list[str]:
-    """`model.extra` against what m.arch reads (`EXTRA_KEYS`), and each architecture's own rules.
-    An architecture registered elsewhere (not in EXTRA_KEYS) checks its own keys."""
-    keys = extra_keys_of(m.arch)
-    if m.args and m.arch in EXTRA_KEYS:
-        return [f"model.args is for your own model class (model.arch=module.path:Class); "
-                f"model.arch={m.arch} is built in and reads none of it"]
-    if keys is None:
-        return []
+    """The model keys m.arch does not read, set to other than their default (they would change
+    nothing, in silence), and each architecture's own rules."""
     out: list[str] = []
-    for name, value in m.extra.items():
-        spec = keys.get(name)
-        if spec is None:
-            hint = did_you_mean(str(name), list(keys), "model.extra.")
-            reads = f"it reads {', '.join(keys)}" if keys else "it reads no model.extra keys"
-            out.append(f"unknown key model.extra.{name} for model.arch={m.arch}"
-                       f"{'; ' + hint if hint else ' '}({reads})")
-        elif (problem := spec.problem(value)) is not None:
-            out.append(f"model.extra.{name}={value!r} must be {problem}")
+    if m.args and m.arch in BUILTIN_ARCHS:
+        out.append(f"model.args is for your own model class (model.arch=module.path:Class); "
+                   f"model.arch={m.arch} is built in and reads none of it")
+    defaults = ModelConfig()
+    for key, r in declared_rules().items():
+        name = key.removeprefix("model.")
+        if r.read_by is None or not key.startswith("model.") or reads(m.arch, r.read_by) is not False:
+            continue
+        value = getattr(m, name)
+        if value != getattr(defaults, name):
+            who = ", ".join("your own class" if a == YOUR_CLASS else a for a in r.read_by)
+            shown = str(value).lower() if isinstance(value, bool) else value  # as written
+            out.append(f"{key}={shown} is not read by model.arch={m.arch} (only by {who}): "
+                       "it would change nothing; leave it out")
     if m.arch == "uvit" and m.depth >= 1 and m.depth % 2 == 0:
         out.append(f"model.depth={m.depth}: U-ViT needs an odd depth (depth//2 in-blocks, 1 "
                    f"mid-block, depth//2 out-blocks); try {m.depth + 1}")
     return out
-
-
-def extra_keys_of(arch: str) -> dict[str, ExtraKey] | None:
-    """What `arch` reads from model.extra: a built-in's EXTRA_KEYS entry; a user's class
-    (module:Class) the text keys, which its caption conditioner reads when its forward takes
-    captions; None for an architecture registered elsewhere (it checks its own)."""
-    return EXTRA_KEYS.get(arch, TEXT_KEYS if ":" in arch else None)
-
-
-def model_extra(cfg: ModelConfig) -> dict[str, Any]:
-    """`cfg.extra` with its architecture's defaults filled in, checked as check_config checks it
-    (a UserError naming the key otherwise): what the model files and the text conditioner read,
-    also when they are given a ModelConfig that was never composed."""
-    problems = arch_problems(cfg)
-    if problems:
-        raise UserError("; ".join(problems))
-    defaults = {name: spec.default for name, spec in (extra_keys_of(cfg.arch) or {}).items()}
-    return {**defaults, **cfg.extra}
 
 
 # --------------------------------------------------------------------------------------------

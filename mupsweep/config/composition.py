@@ -23,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mupsweep.config.checks import did_you_mean
-from mupsweep.config.convert import loose_schema, to_config, to_dict, unknown_key_message
+from mupsweep.config.convert import (
+    loose_schema,
+    model_extra_gone,
+    to_config,
+    to_dict,
+    unknown_key_message,
+)
 from mupsweep.config.schema import Config, SweepParam
 from mupsweep.errors import UserError
 from mupsweep.util import first_line
@@ -256,12 +262,14 @@ HYDRA_KEYS = {
 
 
 def _check_override_keys(overrides: list[str]) -> None:
-    """Refuse an override with no key, and Hydra's runtime keys (which would be ignored in
-    silence), naming mupsweep's equivalent."""
+    """Refuse an override with no key, Hydra's runtime keys (which would be ignored in
+    silence), naming mupsweep's equivalent, and model.extra (its keys are model keys now)."""
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if "=" in item and not key:
             raise UserError(f"override {item!r} has no key: write KEY=VALUE, e.g. model.width=128")
+        if key.split(".")[:2] == ["model", "extra"]:
+            raise UserError(model_extra_gone(key))
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             instead = next((v for k, v in HYDRA_KEYS.items() if key.startswith(k)), None)
             raise UserError(f"{item}: mupsweep runs no Hydra job, so Hydra's {key} would do "

@@ -22,7 +22,7 @@ from mupsweep.util import MISSING, first_line, get_dotted
 
 def to_config(node: Any) -> Config:
     """Merge a DictConfig into the schema (rejects unknown keys) and return a plain dataclass."""
-    node, args = _take_model_args(node)
+    node, args = _take_model_args(lift_model_extra(node))
     _check_booleans(node)
     schema = OmegaConf.structured(Config)
     try:
@@ -34,6 +34,52 @@ def to_config(node: Any) -> Config:
         cfg.model.args = args
     check_config(cfg)
     return cfg
+
+
+# Until issue 17, the keys one architecture reads lived in an untyped dict, model.extra; they
+# are model keys now, checked as every key is. A config saved before (a run directory's, a
+# study's, one transfer wrote) still loads: its model.extra entries become these keys.
+EXTRA_RENAMED = {"conv": "output_conv", "text_encoder": "text_encoder", "text_file": "text_file",
+                 "text_dim": "text_dim", "text_len": "text_len", "pooled_dim": "pooled_dim"}
+
+
+def lift_model_extra(node: Any) -> Any:
+    """`node` with a saved config's model.extra entries moved to their model keys
+    (EXTRA_RENAMED); an entry that was never one of them is left there, for the schema to
+    refuse by name."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    model = node.get("model") if isinstance(node, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("extra"), dict | DictConfig):
+        return node
+    model = dict(model)
+    extra = dict(model.pop("extra"))
+    for old, new in EXTRA_RENAMED.items():
+        if old in extra:
+            model[new] = extra.pop(old)
+    if extra:
+        model["extra"] = extra
+    return {**node, "model": model}
+
+
+def model_extra_gone(key: str) -> str:
+    """The line for model.extra or a key below it, written today: which model key to use."""
+    name = key.removeprefix("model.extra").lstrip(".")
+    now = f"model.{EXTRA_RENAMED[name]}" if name in EXTRA_RENAMED else "the model key itself"
+    return (f"{key}: model.extra is gone, its settings are model keys now; write {now} "
+            f"(output_conv for U-ViT's conv; text_encoder, text_file, text_dim, text_len, "
+            f"pooled_dim for a caption model)")
+
+
+def as_today(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a run's config.yaml, a checkpoint's) as today's schema reads it: keys
+    added since at their defaults, model.extra lifted; as saved (lifted) when it no longer
+    loads, for the caller's comparison to name what differs."""
+    lifted = lift_model_extra(saved)
+    try:
+        return to_dict(from_dict(lifted))
+    except UserError:
+        return lifted
 
 
 def _take_model_args(node: Any) -> tuple[Any, dict[str, Any] | None]:
@@ -133,6 +179,8 @@ def unknown_key_message(e: BaseException | None) -> str | None:
         full_key = found.group(1) if found else None
     if not full_key or "not in" not in str(e):
         return None
+    if str(full_key).split(".")[:2] == ["model", "extra"]:
+        return model_extra_gone(str(full_key))
     section, _, name = str(full_key).rpartition(".")
     keys = _schema_keys(section)
     if keys is None:
@@ -156,7 +204,7 @@ def from_dict(d: dict[str, Any] | DictConfig) -> Config:
 
 def set_by_path(cfg: Config, key: str, value: Any) -> None:
     """Set `model.width`-style keys on a Config dataclass (used by sweeps and coord-check);
-    a dict entry (model.extra.conv) is set or added."""
+    a dict entry (model.args.num_heads) is set or added."""
     section_key, _, name = key.rpartition(".")
     parent = get_dotted(cfg, section_key) if section_key else cfg
     if isinstance(parent, dict):

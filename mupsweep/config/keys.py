@@ -45,7 +45,7 @@ def declared_rules(cls: type = Config) -> types.MappingProxyType[str, KeyRules]:
 
 
 def ancestors(path: str) -> list[str]:
-    """The sections above a key: model.extra.x -> [model, model.extra]."""
+    """The sections above a key: coord.lr -> [coord]; a.b.c -> [a, a.b]."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 

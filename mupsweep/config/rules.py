@@ -6,7 +6,7 @@ A key's rules are declared with the key, in the schema (`mupsweep.config.schema`
 
 Every field of the schema goes through `key()` or `section()` (a test refuses one that does
 not), so a new key's author answers, at the key, the questions the rest of mupsweep asks of
-it: which values are valid, whether it changes a run's result, whether it belongs to a study's
+it: which values are valid, which architectures read it, whether it changes a run's result, whether it belongs to a study's
 signature, whether it may differ between the members of a pack, whether width transfer carries
 the tuned HPs over a change of it, what a model preset may do to it, and why it is no
 hyperparameter. `mupsweep.config.keys` derives every list of keys from these declarations.
@@ -29,6 +29,9 @@ RULES = "mupsweep.rules"  # the field metadata entry that holds a key's KeyRules
 PRESET_SETS = "sets"
 PRESET_KEEPS_PROXY = "keeps proxy"
 PRESET_KEEPS_STUDY = "keeps study"
+
+# In `read_by=`: a user's own class (model.arch=module:Class), which may read the key.
+YOUR_CLASS = "module:Class"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class KeyRules:
     non_empty: bool = False  # a path or name: "" is refused (it would mean "here" or "none")
     pattern: tuple[re.Pattern[str], str] | None = None  # (full match, what to use instead)
     min_widths: int | None = None  # a list of widths: at least this many, distinct, positive
+    # the model.arch values that read the key (YOUR_CLASS: any module:Class); set to other than
+    # its default under another architecture it is refused, as it would change nothing
+    read_by: tuple[str, ...] | None = None
     # -- what the rest of mupsweep does with the key
     neutral: bool | None = None  # True: cannot change what a run computes (resume ignores it)
     signature: bool | None = None  # False: out of a study's signature (cannot change a loss)

@@ -24,6 +24,7 @@ from mupsweep.config.rules import (
     PRESET_SETS,
     SEED,
     UNIT,
+    YOUR_CLASS,
     Range,
     key,
     section,
@@ -43,10 +44,16 @@ IMAGES_WHY = "every rank draws the whole global batch; published diffusion train
 MAX_TIMESTEPS = 100_000
 TIMESTEPS_WHY = "DDPM and DiT use 1000; the schedule keeps tables of this length"
 MAX_TOKENS = 2**14  # caption tokens (PixArt-alpha: 120, SD3: 154; T5's context is 512)
+TOKENS_CAP = (MAX_TOKENS, "T5's context is 512 tokens; PixArt-alpha uses 120, SD3 154")
 WIDTH_CAP = (MAX_WIDTH, WIDTH_WHY)
 DEPTH_CAP = (MAX_DEPTH, "the deepest trained transformers have 1000 layers (DeepNet)")
 IMAGES_CAP = (MAX_IMAGES, IMAGES_WHY)
 TIMESTEPS_CAP = (MAX_TIMESTEPS, TIMESTEPS_WHY)
+
+# The built-in architectures (mupsweep/models), and those that read captions (model.text_*):
+# PixArt-alpha, MMDiT and a user's class whose forward takes them.
+BUILTIN_ARCHS = ("dit", "uvit", "pixart", "mmdit")
+CAPTION_MODELS = ("pixart", "mmdit", YOUR_CLASS)
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -125,9 +132,20 @@ class ModelConfig:
     base_depth: int | None = key(None, valid=AT_LEAST_1, cap=DEPTH_CAP, not_hp=DEPTH_BASE)
     # 1 = CompleteP, 0.5 = depth-muP (Yang et al. 2023); in [0.5, 1]
     depth_alpha: float = key(1.0, valid=Range(0.5, 1), not_hp=DEPTH_BASE)
-    # Extra architecture-specific settings (U-ViT skips, PixArt/MMDiT text dims, ...), checked
-    # per architecture (mupsweep.config.checks.EXTRA_KEYS).
-    extra: dict[str, Any] = key(factory=dict)
+    # -- read by one architecture only (read_by): set under another, refused
+    # U-ViT's optional 3x3 C->C conv on the image after the readout
+    output_conv: bool = key(False, read_by=("uvit",))
+    # A caption model's conditioning (mupsweep/conditioning.py): the frozen caption encoder,
+    # hash | minilm | file (precomputed embeddings, in text_file)
+    text_encoder: str = key("hash", choices=("hash", "minilm", "file"), read_by=CAPTION_MODELS)
+    # text_encoder=file: the embeddings (.npz / .safetensors)
+    text_file: str | None = key(None, non_empty=True, read_by=CAPTION_MODELS)
+    # caption token size (T5-XXL: 4096, MiniLM: 384)
+    text_dim: int = key(64, valid=AT_LEAST_1, cap=WIDTH_CAP, read_by=CAPTION_MODELS)
+    # caption tokens (PixArt-alpha: 120, SD3: 154)
+    text_len: int = key(16, valid=AT_LEAST_1, cap=TOKENS_CAP, read_by=CAPTION_MODELS)
+    # the pooled caption vector's size (MMDiT's global input); None = text_dim
+    pooled_dim: int | None = key(None, valid=AT_LEAST_1, cap=WIDTH_CAP, read_by=CAPTION_MODELS)
 
 
 @dataclass

@@ -84,9 +84,9 @@ class UViT(nn.Module):
     def __init__(self, image_size: int, in_channels: int, num_classes: int, width: int, depth: int,
                  head_dim: int, patch_size: int = 2, mlp_ratio: float = 4.0,
                  learn_sigma: bool = False, attn_scale: float | None = None,
-                 residual_mult: float = 1.0, conv: bool = False):
+                 residual_mult: float = 1.0, output_conv: bool = False):
         """As DiT's; depth is odd (depth // 2 in-blocks, a mid-block, depth // 2 out-blocks);
-        conv: the optional 3x3 C->C conv after the readout."""
+        output_conv: the optional 3x3 C->C conv after the readout."""
         super().__init__()
         if depth % 2 == 0:
             raise ValueError(f"U-ViT needs an odd depth, not {depth}")
@@ -110,7 +110,7 @@ class UViT(nn.Module):
             for _ in range(half))
         self.norm = layer_norm(D)
         self.decoder_pred = readout(D, p * p * self.out_channels)
-        self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) if conv else None
+        self.final_layer = finite_conv(self.out_channels, self.out_channels, 3) if output_conv else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                 drop: torch.Tensor | None = None) -> torch.Tensor:

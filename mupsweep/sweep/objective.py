@@ -31,6 +31,7 @@ from mupsweep.parametrize import build_model, make_conditioner
 from mupsweep.rundir import new_run_dir, without_passwords
 from mupsweep.sweep.space import corners, suggest
 from mupsweep.sweep.storage import redact_text
+from mupsweep.text_settings import text_settings
 from mupsweep.train import train_group
 from mupsweep.util import first_line
 
@@ -137,7 +138,7 @@ def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDatas
     for width in cfg.sweep.proxy_widths:
         for hparams in [{}, *shape_axes]:
             run_cfg = trial_config(cfg, hparams, width, Path(cfg.sweep.out_dir) / "trials")
-            key = repr((run_cfg.model.arch, run_cfg.model.extra))
+            key = repr((run_cfg.model.arch, text_settings(run_cfg.model)))
             if key not in specs:
                 specs[key] = make_conditioner(run_cfg, dataset).data_spec
             spec = specs[key]
