@@ -2,7 +2,8 @@
 fixed validation triples every run of a study is measured on.
 
 Every rank of a DDP run and every member of a group draws through `draw_batch`, so a run's
-batches are the same whether it trains alone, on several ranks or in a pack.
+batches are the same whether it trains alone, on several ranks or in a pack, and whether its
+images are in memory or read from disk (`mupsweep.train_images`).
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ from mupsweep.parametrize import data_spec_of
 
 @dataclass
 class Batch:
-    """One global batch as a run draws it (`draw_batch`)."""
+    """This rank's part of one global batch as a run draws it (`draw_batch`)."""
 
     x0: torch.Tensor  # (B, C, H, W) images
     t: torch.Tensor  # (B,) timesteps
     noise: torch.Tensor  # (B, C, H, W)
     drop: torch.Tensor  # (B,) bool: conditioning nulled (classifier-free guidance)
     cond: dict[str, torch.Tensor]  # the model's conditioning, from the labels
-
-    def part(self, rows: slice) -> Batch:
-        """This rank's rows of the global batch (DDP)."""
-        return Batch(self.x0[rows], self.t[rows], self.noise[rows], self.drop[rows],
-                     {k: v[rows] for k, v in self.cond.items()})
 
 
 def draw_indices(num_images: int, batch_size: int, gen_index: torch.Generator) -> torch.Tensor:
@@ -47,20 +43,22 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def draw_batch(cfg: Config, run_data: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor,
+def draw_batch(cfg: Config, x0: torch.Tensor, y: torch.Tensor, local: slice,
                diffusion: GaussianDiffusion | RectifiedFlow, conditioner: Conditioner,
                gen_noise: torch.Generator) -> Batch:
-    """The global batch of images `idx` (`draw_indices`, on the device) of run_data = (train_x,
-    train_y), with what gen_noise draws for it in this order: timesteps, noise, dropout, caption
-    templates."""
-    train_x, train_y = run_data
-    device, B = train_x.device, idx.shape[0]
-    x0, y = train_x[idx], train_y[idx]  # (B, C, H, W), (B,)
+    """This rank's part of one global batch: its images x0 (b, C, H, W) (rows `local` of the
+    batch), the labels y (B,) of the whole batch, and what gen_noise draws for the whole batch
+    in this order: timesteps, noise, dropout, caption templates, flips (data.hflip). Every rank
+    draws all B, so the slices of the ranks make one run's batch."""
+    device, B = x0.device, y.shape[0]
     t = diffusion.sample_timesteps(B, gen_noise, device)  # (B,)
-    noise = torch.randn(x0.shape, generator=gen_noise, device=device)
+    noise = torch.randn((B, *x0.shape[1:]), generator=gen_noise, device=device)
     drop = torch.rand(B, generator=gen_noise, device=device) < cfg.model.class_dropout
     cond = conditioner(y, gen_noise)  # text models draw a caption template per sample
-    return Batch(x0, t, noise, drop, cond)
+    if cfg.data.hflip:  # drawn last: a run without flips draws what it drew before they existed
+        flip = (torch.rand(B, generator=gen_noise, device=device) < 0.5)[local]
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    return Batch(x0, t[local], noise[local], drop[local], {k: v[local] for k, v in cond.items()})
 
 
 class FixedValidationSet:

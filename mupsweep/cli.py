@@ -483,6 +483,33 @@ def report(best: str = BEST,
                      "history": str(md.parent / "history.png")})
 
 
+@app.command()
+def encode(images: Path = typer.Argument(..., help="an image folder: one sub-folder per class"),
+           out_dir: Path = typer.Argument(..., help="where the latent shards go (data.root)"),
+           vae: Path = typer.Option(..., "--vae", help="a diffusers AutoencoderKL directory "
+                                    "(save_pretrained); never downloaded"),
+           image_size: int = typer.Option(256, "--image-size", help="center-crop and resize to this"),
+           batch_size: int = typer.Option(32, "--batch-size", help="images per VAE call"),
+           shard_size: int = typer.Option(10_000, "--shard-size", help="images per shard file"),
+           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+           json_out: bool = JSON) -> None:
+    """Encode an image folder into VAE latents, in .npy shards that data=latents reads from
+    disk; run it again to finish an interrupted encode (finished shards are kept)."""
+    from mupsweep.encode import encode as run_encode
+    from mupsweep.group_setup import resolve_device
+
+    result = run_encode(images, out_dir, vae, image_size=image_size, batch_size=batch_size,
+                        shard_size=shard_size, device=str(resolve_device(device)),
+                        progress=sys.stderr.isatty())
+    kept = f" ({result.shards_kept} kept from an earlier run)" if result.shards_kept else ""
+    err.print(f"[bold]done[/]  {result.items} images of {result.classes} classes -> "
+              f"{result.shards} shard(s){kept} of latents {tuple(result.latent_shape)} in "
+              f"{result.out_dir}, {result.wall_time_s:.1f} s; train on them with: "
+              f"{result.train_args()}", highlight=False, soft_wrap=True)
+    if json_out:
+        print_json(result.to_dict())
+
+
 # --------------------------------------------------------------------------------------------
 # entry point: turn bad input into one line and exit code 2
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,18 @@
-"""Datasets: load a whole (small) dataset into memory and split it into train / validation.
+"""Datasets: open a dataset, split it into train / validation, and hold each split in memory
+or leave it on disk to be read batch by batch.
 
 Every dataset goes through the same three steps:
 
-1. a loader from the `DATASETS` registry opens the source and returns a `_Pool`: how many
-   items there are, the class names, and a `take(indices)` that decodes just those items;
+1. a loader from the `DATASETS` registry opens the source and returns a `_Pool`: every item's
+   label, the class names, one image's shape, and a `read(positions)` that decodes just those
+   images;
 2. `split_indices` shuffles 0..N-1 with `cfg.split_seed`, keeps `cfg.max_items`, and cuts off
    the validation tail, so the same config always gives the same split;
-3. `load_dataset` takes both parts and returns an `ImageDataset` of float32 tensors.
+3. `load_dataset` returns an `ImageDataset`: the labels in memory, and each split's images as a
+   float32 tensor (`data.stream=never`, and `auto` for a set under `IN_MEMORY_LIMIT_BYTES`) or
+   as `LazyImages` read when indexed (`always`, and `auto` for a large set on disk). Training
+   reads lazy images through a DataLoader (`mupsweep.streamed`); the same positions give the
+   same images either way, so a run's result does not depend on the choice.
 
 Images are scaled to [-1, 1] (the range the diffusion code assumes); latents are returned as
 stored times `cfg.latent_scale`. Nothing here touches the network. Every bad input raises a
@@ -15,7 +21,9 @@ one-line `UserError` naming the path or key and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import math
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -26,9 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mupsweep.array_files import FileRows, npy_rows, safetensors_rows
 from mupsweep.config import DataConfig
 from mupsweep.errors import UserError
 from mupsweep.util import first_line
+from mupsweep.vae import RECORD, recorded_latent_scale
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -39,16 +49,37 @@ FASHION_NAMES = [
 ]  # fmt: skip
 
 
+# A split of more than this (as float32) is left on disk under data.stream=auto.
+IN_MEMORY_LIMIT_BYTES = 2 * 2**30
+
+
+class LazyImages:
+    """One split's images left where they are stored, decoded when indexed: `images[idx]` gives
+    the float32 tensor an in-memory split's `images[idx]` gives. For a dataset too large to hold
+    in memory; picklable, so DataLoader workers read it in parallel."""
+
+    def __init__(self, read: Callable[[np.ndarray], torch.Tensor], positions: np.ndarray,
+                 item_shape: tuple[int, int, int]):
+        self.read = read  # pool positions -> (n, C, H, W) float32
+        self.positions = positions  # (N,) this split's items, as positions in the pool
+        self.shape = torch.Size((len(positions), *item_shape))
+        self.ndim, self.dtype = 4, torch.float32
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.read(self.positions[np.asarray(idx)])
+
+
 @dataclass
 class ImageDataset:
-    """A whole dataset held in memory as tensors.
+    """A dataset split into train and validation: labels in memory, images in memory (a
+    tensor) or on disk (`LazyImages`, read when indexed)."""
 
-    Our datasets are small and latents are pre-extracted, so everything fits in memory.
-    """
-
-    train_images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1] (latents: stored * latent_scale)
+    train_images: torch.Tensor | LazyImages  # (N, C, H, W) float32 in [-1, 1] (latents: stored * latent_scale)
     train_labels: torch.Tensor  # (N,) int64 class ids in [0, num_classes)
-    val_images: torch.Tensor
+    val_images: torch.Tensor | LazyImages
     val_labels: torch.Tensor
     class_names: list[str]  # human names, e.g. "zero".."nine" for digits
 
@@ -83,24 +114,36 @@ class ImageDataset:
 
 @dataclass
 class _Pool:
-    """Every item of a dataset before the split; `take` decodes only the items asked for."""
+    """Every item of a dataset before the split: all labels (8 bytes an item), and `read`,
+    which decodes only the images asked for."""
 
-    size: int
+    labels: np.ndarray  # (N,) int64 class ids
     class_names: list[str]
-    take: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # idx -> (images, labels)
+    item_shape: tuple[int, int, int]  # (C, H, W) of one image
+    read: Callable[[np.ndarray], torch.Tensor]  # positions -> (n, C, H, W) float32
+    on_disk: bool  # read from files (may be left there), not from arrays already in memory
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+
+class _ArrayRead:
+    """`read` of images already in memory (a class, not a closure: workers unpickle it)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __call__(self, positions: np.ndarray) -> torch.Tensor:
+        return self.images[torch.as_tensor(positions, dtype=torch.int64)].contiguous()
 
 
 def _array_pool(images: np.ndarray | torch.Tensor, labels: np.ndarray,
                 class_names: list[str]) -> _Pool:
     """A pool over arrays already in memory (images float32, already scaled)."""
     images = torch.as_tensor(images, dtype=torch.float32)
-    labels_t = torch.as_tensor(labels, dtype=torch.int64)
-
-    def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.as_tensor(idx, dtype=torch.int64)
-        return images[i].contiguous(), labels_t[i].contiguous()
-
-    return _Pool(len(labels_t), class_names, take)
+    return _Pool(np.asarray(labels, dtype=np.int64), class_names, tuple(images.shape[1:]),
+                 _ArrayRead(images), on_disk=False)
 
 
 def split_indices(n: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -145,16 +188,20 @@ def _check_image_size(cfg: DataConfig) -> None:
         raise UserError(f"data.image_size={cfg.image_size} must be a positive integer (or null)")
 
 
+class _ResizedRead:
+    def __init__(self, read: Callable[[np.ndarray], torch.Tensor], size: int):
+        self.inner, self.size = read, size
+
+    def __call__(self, positions: np.ndarray) -> torch.Tensor:
+        return _resize(self.inner(positions), self.size)
+
+
 def _resized_pool(pool: _Pool, size: int | None) -> _Pool:
-    """Wrap a pool of pixel images so `take` returns them resized to `size`."""
+    """Wrap a pool of pixel images so `read` returns them resized to `size`."""
     if size is None:
         return pool
-
-    def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = pool.take(idx)
-        return _resize(images, size), labels
-
-    return _Pool(pool.size, pool.class_names, take)
+    return dataclasses.replace(pool, item_shape=(pool.item_shape[0], size, size),
+                               read=_ResizedRead(pool.read, size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,15 +290,16 @@ def _load_fashion_mnist(cfg: DataConfig) -> _Pool:
 # --------------------------------------------------------------------------------------------
 
 
-def _list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """All image files under root/<class>/ with their class ids; hidden entries ignored."""
+def list_image_folder(root: Path, what: str = "data.root=") -> tuple[list[Path], list[int], list[str]]:
+    """All image files under root/<class>/ with their class ids; hidden entries ignored.
+    `what` names root in an error ("data.root=", or "" for a command's argument)."""
     if not root.is_dir():
-        raise UserError(f"data.root={root}: not a directory "
-                        "(image_folder expects a folder of class sub-folders of images)")
+        raise UserError(f"{what}{root}: not a directory "
+                        "(expected a folder of class sub-folders of images)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise UserError(f"data.root={root}: no class sub-folders "
-                        "(image_folder expects root/<class name>/<image files>)")
+        raise UserError(f"{what}{root}: no class sub-folders "
+                        "(expected root/<class name>/<image files>)")
     paths, labels = [], []
     for class_id, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir()
@@ -264,7 +312,7 @@ def _list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
-def _read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
+def read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
     """Decode, center-crop to a square, resize -> (C, size, size) float32 in [-1, 1]."""
     from PIL import Image, ImageOps
 
@@ -286,18 +334,27 @@ def _read_image(path: Path, size: int, grayscale: bool) -> np.ndarray:
     return _uint8_to_unit(x)
 
 
+class _FolderRead:
+    """`read` of an image folder: decode, crop and resize the images asked for."""
+
+    def __init__(self, paths: list[Path], size: int, grayscale: bool):
+        self.paths, self.size, self.grayscale = paths, size, grayscale
+
+    def __call__(self, positions: np.ndarray) -> torch.Tensor:
+        if len(positions) == 0:
+            return torch.empty(0, 1 if self.grayscale else 3, self.size, self.size)
+        return torch.from_numpy(np.stack([read_image(self.paths[i], self.size, self.grayscale)
+                                          for i in positions]))
+
+
 def _load_image_folder(cfg: DataConfig) -> _Pool:
-    """A folder of class sub-folders; only the images selected by the split are decoded."""
+    """A folder of class sub-folders; only the images asked for are decoded."""
     root = _require_root(cfg)
-    paths, labels, classes = _list_image_folder(root)
+    paths, labels, classes = list_image_folder(root)
     size = cfg.image_size or 32
-    labels_arr = np.asarray(labels, dtype=np.int64)
-
-    def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images = np.stack([_read_image(paths[i], size, cfg.grayscale) for i in idx])
-        return torch.from_numpy(images), torch.from_numpy(labels_arr[idx])
-
-    return _Pool(len(paths), classes, take)
+    channels = 1 if cfg.grayscale else 3
+    return _Pool(np.asarray(labels, dtype=np.int64), classes, (channels, size, size),
+                 _FolderRead(paths, size, cfg.grayscale), on_disk=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,30 +385,85 @@ def read_named_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
     raise UserError(f"{path}: expected a .npz or .safetensors file")
 
 
-def _read_latent_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(latents, labels) as numpy arrays from one of the three supported layouts."""
+class _LatentRead:
+    """`read` of stored latents: rows of one or more shards (`array_files.FileRows`) as
+    float32 times data.latent_scale; a row that is not finite is refused by file and row."""
+
+    def __init__(self, shards: list[FileRows], scale: float):
+        self.shards, self.scale = shards, scale
+        self.starts = np.cumsum([0] + [len(shard) for shard in shards])  # shard k: starts[k]..
+
+    def __call__(self, positions: np.ndarray) -> torch.Tensor:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = torch.empty(len(positions), *self.shards[0].shape[1:])
+        shard_of = np.searchsorted(self.starts, positions, side="right") - 1
+        for k in np.unique(shard_of):
+            where = np.nonzero(shard_of == k)[0]
+            rows = self.shards[k].read(positions[where] - self.starts[k]).float()
+            finite = torch.isfinite(rows).flatten(1).all(dim=1)
+            if not finite.all():
+                row = int(positions[where][~finite.numpy()][0] - self.starts[k])
+                raise UserError(f"{self.shards[k].path}: latents contain NaN or inf (row {row})")
+            out[torch.from_numpy(where)] = rows * self.scale
+        return out
+
+
+LATENT_LAYOUTS = ("a .npz / .safetensors file with 'latents' and 'labels', or a directory with "
+                  "latents.npy and labels.npy, or shards latents-00000.npy, labels-00000.npy, ...")
+
+
+def _latent_shards(root: Path) -> list[tuple[FileRows, FileRows]]:
+    """(latents, labels) rows of every shard of `root`, in the order of their names: a
+    directory's latents*.npy files, each with the labels*.npy of the same suffix, or one
+    .safetensors file."""
     if root.is_dir():
-        arrays = {}
-        for key in ("latents", "labels"):
-            path = root / f"{key}.npy"
-            if not path.is_file():
-                raise UserError(f"{path}: not found (latents directory expects "
-                                "latents.npy (N,C,H,W) and labels.npy (N,))")
-            try:
-                arrays[key] = np.load(path, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                raise UserError(f"{path}: not a readable .npy file ({first_line(e)})") from None
-        return arrays["latents"], arrays["labels"]
-    if root.suffix in (".npz", ".safetensors"):
-        arrays = read_named_arrays(root, ("latents", "labels"))
-    else:
-        raise UserError(f"data.root={root}: expected a .npz or .safetensors file, or a directory "
-                        "with latents.npy and labels.npy")
-    for key in ("latents", "labels"):
-        if key not in arrays:
-            raise UserError(f"{root}: no array named {key!r} (expected 'latents' (N,C,H,W) "
-                            "and 'labels' (N,))")
-    return arrays["latents"], arrays["labels"]
+        files = sorted(root.glob("latents*.npy"))
+        if not files:
+            raise UserError(f"{root / 'latents.npy'}: not found (a latents directory holds "
+                            "latents.npy (N,C,H,W) and labels.npy (N,), or shards "
+                            "latents-00000.npy + labels-00000.npy, ...)")
+        pairs = []
+        for path in files:
+            labels_path = path.with_name("labels" + path.name[len("latents"):])
+            if not labels_path.is_file():
+                raise UserError(f"{labels_path}: not found (the labels of {path.name})")
+            pairs.append((npy_rows(path), npy_rows(labels_path)))
+        return pairs
+    if root.suffix == ".safetensors":
+        latents, labels = safetensors_rows(root, "latents"), safetensors_rows(root, "labels")
+        for key, rows in (("latents", latents), ("labels", labels)):
+            if rows is None:
+                raise UserError(f"{root}: no array named {key!r} (expected 'latents' (N,C,H,W) "
+                                "and 'labels' (N,))")
+        return [(latents, labels)]
+    raise UserError(f"data.root={root}: expected {LATENT_LAYOUTS}")
+
+
+def _check_latent_shapes(path: Path, shape: tuple[int, ...], labels_shape: tuple[int, ...],
+                         first: tuple[Path, tuple[int, ...]] | None) -> None:
+    """One shard's shapes: (N, C, H, H) latents with (N,) labels, and rows shaped as the first
+    shard's."""
+    if len(shape) != 4:
+        raise UserError(f"{path}: latents have shape {shape}, expected 4 dims (N,C,H,W)")
+    if shape[2] != shape[3]:
+        raise UserError(f"{path}: latents are {shape[2]}x{shape[3]}, expected square (H == W)")
+    if len(labels_shape) != 1:
+        raise UserError(f"{path}: labels have shape {labels_shape}, expected 1 dim (N,)")
+    if labels_shape[0] != shape[0]:
+        raise UserError(f"{path}: {labels_shape[0]} labels for {shape[0]} latents, "
+                        "expected one label per latent")
+    if shape[0] == 0:
+        raise UserError(f"{path}: no latents (an empty shard)")
+    if first is not None and shape[1:] != first[1][1:]:
+        raise UserError(f"{path}: latents of shape {shape[1:]} per item, but {first[0].name} "
+                        f"has {first[1][1:]}: every shard must hold latents of one shape")
+
+
+def _check_labels(path: Path, labels: np.ndarray) -> None:
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels have dtype {labels.dtype}, expected integers")
+    if len(labels) and labels.min() < 0:
+        raise UserError(f"{path}: label {int(labels.min())}, expected class ids >= 0")
 
 
 def _latent_class_names(root: Path, num_labels: int) -> list[str]:
@@ -369,31 +481,44 @@ def _latent_class_names(root: Path, num_labels: int) -> list[str]:
 
 
 def _load_latents(cfg: DataConfig) -> _Pool:
-    """Pre-extracted latents, scaled by `cfg.latent_scale` (SD VAE: 0.18215)."""
+    """Pre-extracted latents, scaled by `cfg.latent_scale` (SD VAE: 0.18215). A .npz is read
+    whole; .npy shards and .safetensors are left on disk and read a row at a time."""
     root = _require_root(cfg)
-    latents, labels = _read_latent_arrays(root)
-    if latents.ndim != 4:
-        raise UserError(f"{root}: latents have shape {latents.shape}, expected 4 dims (N,C,H,W)")
-    if latents.shape[2] != latents.shape[3]:
-        raise UserError(f"{root}: latents are {latents.shape[2]}x{latents.shape[3]}, "
-                        "expected square (H == W)")
-    if labels.ndim != 1:
-        raise UserError(f"{root}: labels have shape {labels.shape}, expected 1 dim (N,)")
-    if len(labels) != len(latents):
-        raise UserError(f"{root}: {len(labels)} labels for {len(latents)} latents, "
-                        "expected one label per latent")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{root}: labels have dtype {labels.dtype}, expected integers")
-    if len(labels) and labels.min() < 0:
-        raise UserError(f"{root}: label {int(labels.min())}, expected class ids >= 0")
-    if cfg.image_size is not None and cfg.image_size != latents.shape[-1]:
+    recorded = recorded_latent_scale(root)
+    if recorded is not None and not math.isclose(cfg.latent_scale, recorded, rel_tol=1e-6):
+        raise UserError(f"data.latent_scale={cfg.latent_scale:g}: {root} was encoded by a VAE "
+                        f"whose scaling factor is {recorded:g} ({RECORD}); set "
+                        f"data.latent_scale={recorded:g}")
+    if root.suffix == ".npz":
+        arrays = read_named_arrays(root, ("latents", "labels"))
+        for key in ("latents", "labels"):
+            if key not in arrays:
+                raise UserError(f"{root}: no array named {key!r} (expected 'latents' (N,C,H,W) "
+                                "and 'labels' (N,))")
+        shards = [(root, arrays["latents"].shape, root, arrays["labels"])]
+    else:
+        files = _latent_shards(root)
+        shards = [(latents.path, latents.shape, labels.path,
+                   labels.read(np.arange(len(labels))).numpy()) for latents, labels in files]
+    first = None
+    for path, shape, labels_path, labels in shards:
+        _check_latent_shapes(path, tuple(shape), labels.shape, first)
+        _check_labels(labels_path, labels)
+        first = first or (path, tuple(shape))
+    item_shape = tuple(first[1][1:])
+    if cfg.image_size is not None and cfg.image_size != item_shape[-1]:
         raise UserError(f"data.image_size={cfg.image_size}: latents cannot be resized; "
-                        f"use null (stored latents are {latents.shape[-1]}x{latents.shape[-1]})")
-    if not np.isfinite(latents).all():
-        raise UserError(f"{root}: latents contain NaN or inf")
-    names = _latent_class_names(root, int(labels.max()) + 1 if len(labels) else 0)
-    scaled = torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)) * cfg.latent_scale
-    return _array_pool(scaled, labels.astype(np.int64), names)
+                        f"use null (stored latents are {item_shape[-1]}x{item_shape[-1]})")
+    labels = np.concatenate([labels for *_, labels in shards]).astype(np.int64)
+    names = _latent_class_names(root, int(labels.max()) + 1)
+    if root.suffix == ".npz":
+        latents = arrays["latents"]
+        if not np.isfinite(latents).all():
+            raise UserError(f"{root}: latents contain NaN or inf")
+        scaled = torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)) * cfg.latent_scale
+        return _array_pool(scaled, labels, names)
+    read = _LatentRead([latents for latents, _ in files], cfg.latent_scale)
+    return _Pool(labels, names, item_shape, read, on_disk=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,11 +547,7 @@ DATASETS: dict[str, _Source] = {
         builtin_shape=(28, 1, 10),
     ),
     "image_folder": _Source(_load_image_folder, "a folder of class sub-folders of images"),
-    "latents": _Source(
-        _load_latents,
-        "a .npz / .safetensors file with 'latents' and 'labels', or a directory with "
-        "latents.npy and labels.npy",
-    ),
+    "latents": _Source(_load_latents, LATENT_LAYOUTS),
 }
 
 
@@ -448,17 +569,31 @@ def _require_root(cfg: DataConfig) -> Path:
     return path
 
 
+def stays_on_disk(cfg: DataConfig, pool_on_disk: bool, train_bytes: int) -> bool:
+    """Whether the splits' images are left on disk (`LazyImages`) rather than held in memory."""
+    if cfg.stream == "auto":
+        return pool_on_disk and train_bytes > IN_MEMORY_LIMIT_BYTES
+    return cfg.stream == "always"
+
+
 def load_dataset(cfg: DataConfig) -> ImageDataset:
-    """Load `cfg.name`, split it deterministically, and return in-memory tensors."""
+    """Open `cfg.name` and split it deterministically; the images are decoded into memory
+    now, or left on disk to be read when indexed (`stays_on_disk`)."""
     if cfg.name not in DATASETS:
         raise UserError(f"data.name={cfg.name!r}: unknown dataset; use one of "
                         f"{', '.join(DATASETS)}")
     _check_image_size(cfg)
     pool = DATASETS[cfg.name].load(cfg)
     train_idx, val_idx = split_indices(pool.size, cfg)
-    train_images, train_labels = pool.take(train_idx)
-    val_images, val_labels = pool.take(val_idx)
-    return ImageDataset(train_images, train_labels, val_images, val_labels, pool.class_names)
+    labels = torch.from_numpy(pool.labels)
+    train_bytes = len(train_idx) * int(np.prod(pool.item_shape)) * 4
+    if stays_on_disk(cfg, pool.on_disk, train_bytes):
+        train_images = LazyImages(pool.read, train_idx, pool.item_shape)
+        val_images = LazyImages(pool.read, val_idx, pool.item_shape)
+    else:
+        train_images, val_images = pool.read(train_idx), pool.read(val_idx)
+    return ImageDataset(train_images, labels[train_idx], val_images, labels[val_idx],
+                        pool.class_names)
 
 
 # --------------------------------------------------------------------------------------------

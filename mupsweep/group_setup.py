@@ -23,7 +23,7 @@ from mupsweep.batches import FixedValidationSet
 from mupsweep.checkpoint import RunState, restore
 from mupsweep.conditioning import Conditioner
 from mupsweep.config import Config, ModelConfig, to_yaml
-from mupsweep.data import ImageDataset, load_dataset
+from mupsweep.data import ImageDataset, LazyImages, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
 from mupsweep.flops import config_flops_per_image
@@ -33,7 +33,9 @@ from mupsweep.metrics import MetricsLog, write_text
 from mupsweep.models import DataSpec
 from mupsweep.parametrize import build_model, make_conditioner
 from mupsweep.rundir import RunDirLock, open_run_dir, without_passwords
+from mupsweep.train_images import ImagesInMemory, StreamedImages
 from mupsweep.util import training_flops
+from mupsweep.vae import check_vae_for
 
 EvalCallback = Callable[[int, float], None]
 
@@ -139,8 +141,8 @@ class Group:
     diffusion: GaussianDiffusion | RectifiedFlow
     val_set: FixedValidationSet
     forward_model: nn.Module  # the model as a run alone calls it: DDP-wrapped and/or compiled
-    train_x: torch.Tensor  # (N, C, H, W) every training image, on the device
-    train_y: torch.Tensor  # (N,)
+    train_images: ImagesInMemory | StreamedImages  # (N, C, H, W): a step's rows on the device
+    train_y: torch.Tensor  # (N,) every training label, on the device
     local: slice  # this rank's part of the global batch
     flops_per_step: float  # per member
     checkpoints: bool  # a group of one on rank 0 writes last.pt; a pack never does
@@ -173,7 +175,8 @@ class Group:
         self.members = [self.members[k] for k in keep]
 
     def close(self) -> None:
-        """Close every member's metrics and release its run directory."""
+        """Stop reading images, close every member's metrics and release its run directory."""
+        self.train_images.close()
         for m in self.everyone:
             m.metrics.close()
             if m.lock is not None:
@@ -247,6 +250,8 @@ def _build(cfgs: list[Config], device: torch.device, rank: int, world: int,
     """`setup` once the run directories are settled (each cfg.train.run_dir the resolved one)."""
     cfg, tc, alone = cfgs[0], cfgs[0].train, len(cfgs) == 1
     dataset = dataset or load_dataset(cfg.data)
+    if cfg.data.vae is not None:  # checked now, not when the samples are drawn at the end
+        check_vae_for(cfg.data.vae, dataset.channels)
     conditioner = make_conditioner(cfg, dataset).to(device)
     diffusion = make_diffusion(cfg.diffusion)
     models = []
@@ -287,6 +292,7 @@ def _build(cfgs: list[Config], device: torch.device, rank: int, world: int,
         members.append(Member(member_cfg, state, run_dir, lock, metrics, on_eval,
                               TrainResult(math.nan, math.nan, state.step, 0.0, 0.0, run_dir=str(run_dir))))
 
+    local = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
     forward_model: nn.Module = weights.module
     if world > 1:
         forward_model = nn.parallel.DistributedDataParallel(
@@ -299,7 +305,17 @@ def _build(cfgs: list[Config], device: torch.device, rank: int, world: int,
         diffusion=diffusion,
         val_set=FixedValidationSet(dataset, diffusion, tc.val_size, tc.val_seed, device, conditioner),
         forward_model=forward_model,
-        train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
-        local=slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world),
+        train_images=_training_images(dataset, members, cfg, local, device),
+        train_y=dataset.train_labels.to(device), local=local,
         flops_per_step=flops_per_step, checkpoints=alone and rank == 0,
     )
+
+
+def _training_images(dataset: ImageDataset, members: list[Member], cfg: Config, local: slice,
+                     device: torch.device) -> ImagesInMemory | StreamedImages:
+    """The training images on the device, or a loader reading them from disk from the members'
+    generators as they stand (after a resume: as restored)."""
+    if isinstance(dataset.train_images, LazyImages):
+        return StreamedImages(dataset.train_images, [m.state.gen_index for m in members],
+                              cfg.train.batch_size, local, cfg.data.num_workers, device)
+    return ImagesInMemory(dataset.train_images, device)

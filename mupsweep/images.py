@@ -7,6 +7,7 @@ The training loop writes one at the end of a run (`train.samples`); kept apart f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,10 +50,12 @@ def image_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image
 def save_sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | RectifiedFlow,
                      spec: DataSpec, n: int, cfg: DiffusionConfig, path: Path, seed: int,
                      device: torch.device, class_names: list[str] | None = None,
-                     conditioner: Conditioner | None = None) -> Path:
+                     conditioner: Conditioner | None = None,
+                     decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Sample n images (labels cycle through the classes) with CFG and save a PNG grid.
     `conditioner` (mupsweep.conditioning) turns the labels into the model's cond dict (text models:
-    each class's first caption); None: {"y": labels}."""
+    each class's first caption); None: {"y": labels}. `decode` turns latents into images (a
+    VAE); without it, latents are shown as their first channel, and the grid's title says so."""
     was_training = model.training
     model.eval()
     g = torch.Generator(device).manual_seed(seed)
@@ -61,13 +64,35 @@ def save_sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion | Rect
     cond = conditioner(labels) if conditioner is not None else {"y": labels}
     images = diffusion.sample(model, noise, cond, cfg_scale=cfg.cfg_scale)
     model.train(was_training)
+    if decode is not None:
+        images = decode(images)
     nrow = min(spec.num_classes, n)
-    upscale = max(1, 64 // spec.image_size)
+    upscale = max(1, 64 // images.shape[-1])
     grid = image_grid(images, nrow=nrow, upscale=upscale)
     if class_names:  # column c holds class c: name it above the column
         grid = label_columns(grid, [class_names[c] for c in range(nrow)])
+    if images.shape[1] not in (1, 3):
+        grid = title(grid, raw_latents_note(images.shape[1]))
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path
+
+
+def raw_latents_note(channels: int) -> str:
+    return f"raw latents: channel 0 of {channels} (data.vae=DIR decodes them)"
+
+
+def title(grid: Image.Image, text: str) -> Image.Image:
+    """The grid with a white strip on top holding `text` (cut to fit)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    out = Image.new(grid.mode, (grid.width, grid.height + 14), 255 if grid.mode == "L" else (255, 255, 255))
+    out.paste(grid, (0, 14))
+    draw = ImageDraw.Draw(out)
+    while text and draw.textlength(text, font=font) > grid.width - 4:
+        text = text[:-1]
+    draw.text((2, 1), text, fill=0 if grid.mode == "L" else (0, 0, 0), font=font)
+    return out
 
 
 def label_columns(grid: Image.Image, names: list[str]) -> Image.Image:

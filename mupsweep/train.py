@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +36,11 @@ from mupsweep.checkpoint import save_checkpoint
 from mupsweep.config import Config, TrainConfig
 from mupsweep.data import ImageDataset
 from mupsweep.group_setup import EvalCallback, Group, Member, TrainResult, setup, update_ema
-from mupsweep.images import save_sample_grid
+from mupsweep.images import raw_latents_note, save_sample_grid
 from mupsweep.metrics import write_text, writing
 from mupsweep.models.user import save_own_format
 from mupsweep.progress_display import Progress
+from mupsweep.vae import decode_latents, load_vae
 
 
 @dataclass
@@ -61,10 +63,12 @@ def train_step(group: Group) -> torch.Tensor:
     wait for the accelerator every step."""
     tc, members = group.cfg.train, group.members
     # Each member's whole global batch, identical on every rank; each rank keeps its slice.
-    idx = to_device(torch.stack([draw_indices(group.train_x.shape[0], tc.batch_size, m.state.gen_index)
-                                 for m in members]), group.device)  # (K, B)
-    batches = [draw_batch(m.cfg, (group.train_x, group.train_y), idx[k], group.diffusion,
-                          group.conditioner, m.state.gen_noise).part(group.local)
+    idx = torch.stack([draw_indices(len(group.train_images), tc.batch_size, m.state.gen_index)
+                       for m in members])  # (K, B) on the CPU
+    x0 = group.train_images.rows(idx[:, group.local], [group.everyone.index(m) for m in members])
+    y = group.train_y[to_device(idx, group.device)]  # (K, B)
+    batches = [draw_batch(m.cfg, x0[k], y[k], group.local, group.diffusion, group.conditioner,
+                          m.state.gen_noise)
                for k, m in enumerate(members)]
     with group.autocast():
         losses = group.weights.losses(group.forward_model, group.diffusion, batches)  # (K,)
@@ -315,9 +319,21 @@ def _finish(group: Group, m: Member) -> None:
                 save_sample_grid(sample_model, group.diffusion, group.spec, tc.samples,
                                  m.cfg.diffusion, Path(result.samples_path), seed=tc.seed,
                                  device=group.device, class_names=group.dataset.class_names,
-                                 conditioner=group.conditioner)
+                                 conditioner=group.conditioner, decode=latent_decoder(m.cfg, group))
     if group.rank == 0:
         write_text(m.run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+
+
+def latent_decoder(cfg: Config, group: Group) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """data.vae's decoder of the model's latents into images (latents are trained scaled by
+    data.latent_scale: the VAE gets them unscaled); None without one, and then the grid shows
+    raw latents, which the log says too."""
+    if cfg.data.vae is None:
+        if group.spec.channels not in (1, 3) and group.rank == 0:
+            sys.stderr.write(f"samples.png: {raw_latents_note(group.spec.channels)}\n")
+        return None
+    vae = load_vae(cfg.data.vae, group.device, what="data.vae=")
+    return lambda latents: decode_latents(vae, latents / cfg.data.latent_scale)
 
 
 def final_validation_loss(history: list[dict], steps: int, diverged: bool) -> float:

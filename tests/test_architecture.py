@@ -168,16 +168,17 @@ def test_private_name_finder_finds_one():
 # layers below it. Every module has a place here, so a new module must be given one.
 LAYERS = [
     ("entry", ["mupsweep.__main__", "mupsweep.cli", "mupsweep.cli_io", "mupsweep.launch"]),
-    ("commands", ["mupsweep.demo", "mupsweep.validate", "mupsweep.coordcheck", "mupsweep.report"]),
+    ("commands", ["mupsweep.demo", "mupsweep.validate", "mupsweep.coordcheck", "mupsweep.report",
+                  "mupsweep.encode"]),
     ("transfer", ["mupsweep.transfer", "mupsweep.transfer_cost", "mupsweep.presets"]),
     ("sweep", ["mupsweep.sweep.*"]),
     ("training", ["mupsweep.train", "mupsweep.training", "mupsweep.training.*", "mupsweep.group*",
-                  "mupsweep.batches", "mupsweep.checkpoint", "mupsweep.metrics",
+                  "mupsweep.batches", "mupsweep.train_images", "mupsweep.checkpoint", "mupsweep.metrics",
                   "mupsweep.progress_display", "mupsweep.images", "mupsweep.rundir"]),
     # Storage URLs are read (and their passwords hidden) by the run directory, below training.
     ("storage", ["mupsweep.sweep.storage", "mupsweep.sweep.optuna_adapter"]),
     ("model", ["mupsweep.parametrize", "mupsweep.models", "mupsweep.models.*", "mupsweep.data",
-               "mupsweep.diffusion", "mupsweep.conditioning", "mupsweep.completep",
+               "mupsweep.array_files", "mupsweep.vae", "mupsweep.diffusion", "mupsweep.conditioning", "mupsweep.completep",
                "mupsweep.text_settings", "mupsweep.flops"]),
     ("config", ["mupsweep.config", "mupsweep.config.*"]),
     ("base", ["mupsweep", "mupsweep.sweep", "mupsweep.errors", "mupsweep.util", "mupsweep.roles",

@@ -50,6 +50,7 @@ RECORDED_RANGES = {
     "model.text_dim": AT_LEAST_1, "model.text_len": AT_LEAST_1, "model.pooled_dim": AT_LEAST_1,
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True), "data.split_seed": SEED,
     "data.image_size": AT_LEAST_1, "data.max_items": Range(2), "data.latent_scale": POSITIVE,
+    "data.num_workers": NON_NEGATIVE,
     "diffusion.num_timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
     "diffusion.beta_end": Range(0, 1, True, True), "diffusion.sample_steps": AT_LEAST_1,
     "diffusion.cfg_scale": NON_NEGATIVE,
@@ -80,6 +81,7 @@ RECORDED_CAPS = {
     "model.mlp_ratio": (64, "transformer MLPs are 4x the width"),
     "model.patch_size": (2**14, "no image is wider"),
     "data.image_size": (2**14, "one 16384^2 RGB image is 3 GiB of float32"),
+    "data.num_workers": (256, "a worker is a process"),
     "diffusion.num_timesteps": TIMESTEPS, "diffusion.sample_steps": TIMESTEPS,
     "train.batch_size": IMAGES, "train.val_size": IMAGES, "train.samples": IMAGES,
     "coord.batch_size": IMAGES,
@@ -88,15 +90,16 @@ RECORDED_CHOICES = {
     "model.parametrization": ("mup", "sp"),
     "model.depth_parametrization": ("none", "completep"),
     "model.text_encoder": ("hash", "minilm", "file"),
+    "data.stream": ("auto", "always", "never"),
     "diffusion.kind": ("ddpm", "rectified_flow"),
     "optim.schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16"),
 }
-RECORDED_NON_EMPTY = ("model.arch", "model.text_file", "data.name", "data.root", "train.device", "train.run_dir",
+RECORDED_NON_EMPTY = ("model.arch", "model.text_file", "data.name", "data.root", "data.vae", "train.device", "train.run_dir",
                       "coord.out_dir", "sweep.study", "sweep.storage", "sweep.out_dir")
 RECORDED_WIDTH_LISTS = {"coord.widths": 2, "sweep.proxy_widths": 1}
 RECORDED_RESULT_NEUTRAL = (
-    "train.progress", "train.tensorboard", "train.log_every", "train.eval_every",
+    "data.stream", "data.num_workers", "data.vae", "train.progress", "train.tensorboard", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.device", "train.compile", "train.samples", "train.save",
     "train.run_dir", "train.resume", "coord", "sweep", "provenance")
 RECORDED_NOT_IN_SIGNATURE = (
@@ -104,7 +107,7 @@ RECORDED_NOT_IN_SIGNATURE = (
     "sweep.sampler", "sweep.pruner", "sweep.heartbeat_s", "sweep.grace_s", "sweep.max_retry",
     "sweep.pack", "train.progress", "train.tensorboard", "train.log_every", "train.device",
     "train.compile", "train.run_dir", "train.resume", "train.save", "train.samples",
-    "train.ckpt_every", "diffusion.sample_steps", "diffusion.cfg_scale", "model.width", "coord",
+    "train.ckpt_every", "data.stream", "data.num_workers", "data.vae", "diffusion.sample_steps", "diffusion.cfg_scale", "model.width", "coord",
     "provenance",
 )
 RECORDED_PER_MEMBER_KEYS = ("model.init_mult", "model.output_mult", "model.class_dropout", "optim",

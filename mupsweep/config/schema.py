@@ -164,6 +164,19 @@ class DataConfig:
     max_items: int | None = key(None, valid=Range(2))
     # latents: multiply stored latents by this (SD VAE: 0.18215)
     latent_scale: float = key(1.0, valid=POSITIVE)
+    # where the images live while training: auto (on disk when a latent set or an image folder
+    # is over 2 GiB as float32, else in memory) | always (on disk, read batch by batch) |
+    # never (decoded into memory at start). The same batches either way.
+    stream: str = key("auto", choices=("auto", "always", "never"), neutral=True, signature=False)
+    # processes reading batches from disk ahead of training (data.stream); 0: read in the
+    # training process
+    num_workers: int = key(2, valid=NON_NEGATIVE, cap=(256, "a worker is a process"),
+                           neutral=True, signature=False)
+    # flip each training image left-right with probability 1/2 (DiT's ImageNet recipe)
+    hflip: bool = key(False)
+    # latents: a diffusers AutoencoderKL directory (save_pretrained) that decodes sample grids
+    # into images; null shows the latents' first channel
+    vae: str | None = key(None, non_empty=True, neutral=True, signature=False)
 
 
 @dataclass
