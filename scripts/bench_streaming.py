@@ -73,7 +73,7 @@ def peak_rss(folder: Path, stream: str, steps: int) -> dict:
         proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *overrides], capture_output=True,
                               text=True)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1]}
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -139,9 +139,9 @@ def main() -> None:
             n = (folder / "latents.npy").stat().st_size // ITEM_BYTES
             streamed = peak_rss(folder, "always", args.steps)
             held = peak_rss(folder, "never", args.steps) if size == min(sizes) else None
-            held_text = f"{held['trainer_mb']:.0f} MB" if held and "error" not in held else "not run"
-            print(f"| {size:g} GB | {n} | {streamed.get('trainer_mb', 0):.0f} MB | "
-                  f"{streamed.get('workers_mb', 0):.0f} MB | {held_text} |", flush=True)
+            held_text = f"{held['trainer_mb']:.0f} MB" if held else "not run"
+            print(f"| {size:g} GB | {n} | {streamed['trainer_mb']:.0f} MB | "
+                  f"{streamed['workers_mb']:.0f} MB | {held_text} |", flush=True)
 
     folder = latent_set(root, min(sizes))
     loader = loader_samples_per_s(folder, args.batch_size, args.workers, steps=200)

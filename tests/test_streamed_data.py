@@ -5,10 +5,9 @@ memory does not grow with the dataset. Real digits stored as latent files; no mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,49 +233,25 @@ def test_ddp_on_streamed_data_matches_one_process_in_memory(shards, tmp_path):
 # Memory
 # --------------------------------------------------------------------------------------------
 
-PEAK_RSS = textwrap.dedent("""
-    import json, resource, sys
-    from mupsweep.config import compose
-    from mupsweep.train import train
-    train(compose(sys.argv[1:]))
-    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec, so a process
-    # started by a big parent would report the parent's peak
-    status = open("/proc/self/status").read()
-    peak_kb = int(status.split("VmHWM:")[1].split()[0])
-    print(json.dumps({
-        "trainer_mb": peak_kb / 1024,
-        "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-""")
-
-
-def peak_rss_mb(*overrides: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *overrides], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def bench_streaming():
+    """scripts/bench_streaming.py, whose measurement this test runs at a smaller size."""
+    path = Path(__file__).parents[1] / "scripts" / "bench_streaming.py"
+    spec = importlib.util.spec_from_file_location("bench_streaming", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_memory_of_a_streamed_run_does_not_grow_with_the_dataset(tmp_path):
-    """A 320 MB latent set (20000 x 4 x 32 x 32 float32, random: only its size matters here):
+    """A 0.3 GiB latent set (4 x 32 x 32 float32 items, random: only its size matters here):
     read from disk, the trainer's and each worker's peak RSS stay far below the file; held in
-    memory (the same run with data.stream=never) the trainer's peak grows by at least the file,
-    so the measure can tell the two apart."""
-    n, chunk = 20_000, 2_000
-    latents = np.lib.format.open_memmap(tmp_path / "latents.npy", mode="w+", dtype=np.float32,
-                                        shape=(n, 4, 32, 32))
-    rng = np.random.default_rng(0)
-    for i in range(0, n, chunk):
-        latents[i:i + chunk] = rng.standard_normal((chunk, 4, 32, 32), dtype=np.float32)
-    latents.flush()
-    del latents
-    np.save(tmp_path / "labels.npy", np.arange(n) % 10)
-    file_mb = (tmp_path / "latents.npy").stat().st_size / 2**20
-    common = [*TINY, "model.patch_size=4", "train.steps=30", "train.eval_every=30",
-              "train.batch_size=32", "train.val_size=32", "train.save=false",
-              "data.name=latents", f"data.root={tmp_path}"]
-    streamed = peak_rss_mb(*common, "data.stream=always", "data.num_workers=2",
-                           f"train.run_dir={tmp_path}/a")
-    in_memory = peak_rss_mb(*common, "data.stream=never", f"train.run_dir={tmp_path}/b")
+    memory (the same run with data.stream=never) the trainer's peak grows by more than the
+    file, so the measure can tell the two apart."""
+    bench = bench_streaming()
+    folder = bench.latent_set(tmp_path, 0.3)
+    file_mb = (folder / "latents.npy").stat().st_size / 2**20
+    streamed = bench.peak_rss(folder, "always", steps=30)
+    in_memory = bench.peak_rss(folder, "never", steps=30)
     measured = (streamed, in_memory, file_mb)
     assert in_memory["trainer_mb"] - streamed["trainer_mb"] > file_mb, measured
     assert in_memory["trainer_mb"] - streamed["workers_mb"] > file_mb, measured
