@@ -49,6 +49,8 @@ FASHION_NAMES = [
 ]  # fmt: skip
 
 
+UNCONDITIONAL = "unconditional"  # the one class of data.unconditional=true
+
 # A split of more than this (as float32) is left on disk under data.stream=auto.
 IN_MEMORY_LIMIT_BYTES = 2 * 2**30
 
@@ -290,21 +292,29 @@ def _load_fashion_mnist(cfg: DataConfig) -> _Pool:
 # --------------------------------------------------------------------------------------------
 
 
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def list_image_folder(root: Path, what: str = "data.root=") -> tuple[list[Path], list[int], list[str]]:
-    """All image files under root/<class>/ with their class ids; hidden entries ignored.
-    `what` names root in an error ("data.root=", or "" for a command's argument)."""
+    """All image files under root/<class>/ with their class ids; hidden entries ignored. A
+    folder of images without class sub-folders is one class, named after it (unconditional
+    data). `what` names root in an error ("data.root=", or "" for a command's argument)."""
     if not root.is_dir():
         raise UserError(f"{what}{root}: not a directory "
                         "(expected a folder of class sub-folders of images)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise UserError(f"{what}{root}: no class sub-folders "
-                        "(expected root/<class name>/<image files>)")
+        files = _images_in(root)
+        if not files:
+            raise UserError(f"{what}{root}: no class sub-folders and no images (expected "
+                            f"root/<class name>/<image files>, or {'/'.join(IMAGE_EXTENSIONS)} "
+                            "files in root for one class)")
+        return files, [0] * len(files), [root.name]
     paths, labels = [], []
     for class_id, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
+        files = _images_in(root / name)
         if not files:  # an empty class would still count in num_classes; refuse it
             raise UserError(f"{root / name}: no images (expected {'/'.join(IMAGE_EXTENSIONS)})")
         paths += files
@@ -584,6 +594,9 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
                         f"{', '.join(DATASETS)}")
     _check_image_size(cfg)
     pool = DATASETS[cfg.name].load(cfg)
+    if cfg.unconditional:  # one class: the model learns p(x), and its label is a constant
+        pool = dataclasses.replace(pool, labels=np.zeros_like(pool.labels),
+                                   class_names=[UNCONDITIONAL])
     train_idx, val_idx = split_indices(pool.size, cfg)
     labels = torch.from_numpy(pool.labels)
     train_bytes = len(train_idx) * int(np.prod(pool.item_shape)) * 4
@@ -618,7 +631,9 @@ def default_captions(class_names: list[str], dataset_name: str) -> list[list[str
     """Three caption templates per class, in class-id order."""
     captions = []
     for name in class_names:
-        if dataset_name == "digits":
+        if class_names == [UNCONDITIONAL]:  # data.unconditional: no class to name
+            captions.append(["an image", "a picture", "a photo"])
+        elif dataset_name == "digits":
             captions.append([f"a handwritten digit {name}", f"the number {name} written by hand",
                              f"a small grayscale image of {_a(name)}"])
         elif dataset_name == "fashion_mnist":

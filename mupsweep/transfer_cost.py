@@ -56,7 +56,7 @@ def _data_spec(cfg: Config):
     if (shape := builtin_shape(cfg.data.name)) is not None:
         size, channels, classes = shape
         return DataSpec(image_size=cfg.data.image_size or size, channels=channels,
-                        num_classes=classes)
+                        num_classes=1 if cfg.data.unconditional else classes)
     from mupsweep.data import load_dataset
     from mupsweep.parametrize import data_spec_of
 

@@ -291,3 +291,28 @@ def test_default_captions():
     assert default_captions(["golden_retriever"], "image_folder")[0][0] == (
         "an image of golden retriever"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# unconditional data
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_folder_of_images_without_class_folders_is_one_class(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(root / f"{i}.png")
+    ds = load_dataset(DataConfig(name="image_folder", root=str(root), image_size=8))
+    assert ds.class_names == ["photos"] and ds.num_classes == 1
+    assert len(ds.train_images) + len(ds.val_images) == 4
+    assert set(ds.train_labels.tolist()) == {0}
+
+
+def test_unconditional_ignores_the_labels():
+    labelled = load_dataset(DataConfig())
+    ds = load_dataset(DataConfig(unconditional=True))
+    assert ds.class_names == ["unconditional"] and ds.num_classes == 1
+    assert set(ds.train_labels.tolist()) == set(ds.val_labels.tolist()) == {0}
+    assert torch.equal(ds.train_images, labelled.train_images)  # the same split
+    assert default_captions(ds.class_names, "digits") == [["an image", "a picture", "a photo"]]

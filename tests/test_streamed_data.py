@@ -255,3 +255,16 @@ def test_memory_of_a_streamed_run_does_not_grow_with_the_dataset(tmp_path):
     measured = (streamed, in_memory, file_mb)
     assert in_memory["trainer_mb"] - streamed["trainer_mb"] > file_mb, measured
     assert in_memory["trainer_mb"] - streamed["workers_mb"] > file_mb, measured
+
+
+def test_an_unconditional_run_learns_one_class(tmp_path):
+    """data.unconditional: the model's label table holds one class (and the null class), and
+    the run learns p(x) from the digits without their labels."""
+    cfg = compose([*SHORT, "train.steps=40", "train.eval_every=40", "data.unconditional=true",
+                   "train.save=true", "train.samples=2", "diffusion.sample_steps=2",
+                   f"train.run_dir={tmp_path}"])
+    result = train(cfg)
+    assert result.validation_loss < 0.8 * result.initial_validation_loss
+    weights = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    tables = [v for k, v in weights.items() if "y_embedder" in k or "label" in k]
+    assert tables and tables[0].shape[0] == 2, [k for k in weights if "embed" in k]

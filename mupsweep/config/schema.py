@@ -174,6 +174,9 @@ class DataConfig:
                            neutral=True, signature=False)
     # flip each training image left-right with probability 1/2 (DiT's ImageNet recipe)
     hflip: bool = key(False)
+    # ignore the labels: every item is of one class, so the model learns p(x) (a folder of
+    # images without class sub-folders is one class already)
+    unconditional: bool = key(False)
     # latents: a diffusers AutoencoderKL directory (save_pretrained) that decodes sample grids
     # into images; null shows the latents' first channel
     vae: str | None = key(None, non_empty=True, neutral=True, signature=False)
