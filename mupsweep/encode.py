@@ -2,7 +2,8 @@
 shards, through a VAE from a local directory: what `data=latents` reads, from disk, at any size.
 
 The output directory holds `latents-00000.npy` + `labels-00000.npy`, ... (`shard_size` images
-each, in the folder's sorted order), `class_names.txt`, the VAE's record `vae.json` (its
+each, in the folder's sorted order), `class_names.txt` (and the folder's captions file, for
+text models), the VAE's record `vae.json` (its
 scaling factor: `data.latent_scale` must match it) and `encode.json` (the job). Each shard is
 written atomically when finished, so an interrupted encode run again with the same arguments
 keeps the finished shards and encodes the rest; another job into the same directory is
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mupsweep.conditioning import CAPTION_FILES
 from mupsweep.data import list_image_folder, read_image
 from mupsweep.errors import UserError
-from mupsweep.util import atomic_write, atomic_write_text
+from mupsweep.util import atomic_write, atomic_write_bytes, atomic_write_text
 from mupsweep.vae import RECORD, encode_images, load_vae, scaling_factor
 
 JOB = "encode.json"
@@ -95,6 +97,9 @@ def encode(image_root: str | Path, out_dir: str | Path, vae_dir: str | Path,
     _check_same_job(out, job)
     atomic_write_text(out / JOB, json.dumps({"job": job}, indent=2) + "\n")
     atomic_write_text(out / "class_names.txt", "\n".join(classes) + "\n")
+    for name in CAPTION_FILES:  # a text model reads the folder's captions beside the latents
+        if (root / name).is_file():
+            atomic_write_bytes(out / name, (root / name).read_bytes())
     atomic_write_text(out / RECORD, json.dumps(
         {"vae": job["vae"], "scaling_factor": scaling_factor(vae), "image_size": image_size},
         indent=2) + "\n")

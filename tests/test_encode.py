@@ -50,6 +50,7 @@ def image_folder(tmp_path_factory):
             pixels = ((image[0].numpy() + 1) * 127.5).round().astype(np.uint8)
             Image.fromarray(pixels).convert("RGB").save(folder / f"{count[label]}.png")
             count[label] += 1
+    (root / "captions.txt").write_text("a zero|the digit zero\na one\na two\n")  # one line a class
     return root
 
 
@@ -72,6 +73,7 @@ def test_encode_writes_shards_that_train_with_decoded_samples(vae_dir, image_fol
     assert np.allclose(np.load(out / "latents-00000.npy")[0], want[0].numpy(), atol=1e-5)
     assert np.load(out / "labels-00002.npy").tolist() == [2] * 6  # items 24..29
     assert (out / "class_names.txt").read_text().split() == ["digit0", "digit1", "digit2"]
+    assert (out / "captions.txt").read_text() == (image_folder / "captions.txt").read_text()
 
     # a run on them, its samples decoded through the VAE into 16x16 RGB images
     run = run_cli("train", *TINY, "data=latents", f"data.root={out}", "data.latent_scale=0.5",

@@ -112,6 +112,7 @@ def test_auto_keeps_a_small_set_in_memory(shards):
     ("shapes", "latents-00002.npy: latents of shape (1, 4, 4) per item"),
     ("truncated", "latents-00001.npy: "),
     ("no labels", "labels-00002.npy: not found"),
+    ("garbage", "latents-00001.npy: not a readable .npy file"),
     ("negative label", "labels-00000.npy: label -1, expected class ids >= 0"),
     ("class names", "class_names.txt: 3 class names, expected at least 10"),
 ])
@@ -127,6 +128,8 @@ def test_a_bad_shard_is_named(tmp_path, damage, needle):
     elif damage == "truncated":
         path = tmp_path / "latents-00001.npy"
         path.write_bytes(path.read_bytes()[:-10])
+    elif damage == "garbage":
+        (tmp_path / "latents-00001.npy").write_bytes(b"not an array")
     elif damage == "no labels":
         (tmp_path / "labels-00002.npy").unlink()
     elif damage == "negative label":
