@@ -54,6 +54,15 @@ class FileRows:
             self._pid = os.getpid()
         return self._fd
 
+    def read_all(self) -> torch.Tensor:
+        """Every row, in one read (a shard's labels)."""
+        size = len(self) * self.row_bytes
+        chunk = os.pread(self._open(), size, self.offset) if size else b""
+        if len(chunk) != size:
+            raise UserError(f"{self.path}: truncated (expected {size} bytes of data)")
+        out = torch.frombuffer(bytearray(chunk), dtype=self.dtype) if size else torch.empty(0, dtype=self.dtype)
+        return out.reshape(self.shape)
+
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """Rows `rows` (positions in 0..len-1) as one tensor (len(rows), *shape[1:])."""
         fd, size = self._open(), self.row_bytes

@@ -509,7 +509,7 @@ def _load_latents(cfg: DataConfig) -> _Pool:
     else:
         files = _latent_shards(root)
         shards = [(latents.path, latents.shape, labels.path,
-                   labels.read(np.arange(len(labels))).numpy()) for latents, labels in files]
+                   labels.read_all().numpy()) for latents, labels in files]
     first = None
     for path, shape, labels_path, labels in shards:
         _check_latent_shapes(path, tuple(shape), labels.shape, first)

@@ -99,7 +99,9 @@ class StreamedImages:
         if not torch.equal(torch.as_tensor(positions)[members], idx):
             raise RuntimeError("the streamed batch is not the step's: the loader's generators "
                                "parted from the members' (a bug in mupsweep)")
-        return x[members].to(self.device, non_blocking=True)
+        if len(members) < x.shape[0]:  # members stay in order: fewer means some left
+            x = x[members]  # (a copy, no longer pinned: only after a member left a pack)
+        return x.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         """Stop the workers."""
