@@ -124,8 +124,10 @@ def train(overrides: list[str] = OVERRIDES, config: Path = CONFIG, json_out: boo
     if int(os.environ.get("RANK", "0")) != 0:
         return
     status = "[red]diverged:[/] " + escape(result.reason) if result.diverged else "[bold]done[/]"
+    others = "".join(f", {name} {value:.4g}" for name, value in result.metrics.items()
+                     if name != "validation_loss")
     err.print(f"{status}  validation loss {result.initial_validation_loss:.4f} -> "
-              f"{result.validation_loss:.4f} in {result.steps} steps, {result.wall_time_s:.1f} s; "
+              f"{result.validation_loss:.4f}{others} in {result.steps} steps, {result.wall_time_s:.1f} s; "
               f"run dir {result.run_dir}" + (f", samples {result.samples_path}" if result.samples_path else ""),
               highlight=False, soft_wrap=True)
     if json_out:
@@ -447,7 +449,9 @@ def transfer_cmd(best: str = BEST, overrides: list[str] = OVERRIDES,
     result = run_transfer(doc, width=width, preset=preset, overrides=overrides, steps=steps,
                           force=force, depth=depth, config_dir=config_dir)
     if result.unreliable:
-        print_lr_by_width(result.drift)
+        from mupsweep.sweep.summary import objective_of
+
+        print_lr_by_width(result.drift, objective_of(doc))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     err.print(escape(result.cost_line), highlight=False, soft_wrap=True)

@@ -184,13 +184,16 @@ def choices(text: str, flag: str, allowed: tuple[str, ...], usage: str) -> tuple
 
 
 def print_best_trials(doc: dict, top: int = 10) -> None:
+    from mupsweep.sweep.summary import objective_of, sign_of
+
+    objective, sign = objective_of(doc), sign_of(doc)
     rows = sorted((t for t in doc["trials"] if t["state"] == "COMPLETE" and t["value"] is not None),
-                  key=lambda t: t["value"])[:top]
-    table = Table(title=f"study {doc['study']} ({doc['parametrization']}): best trials",
+                  key=lambda t: sign * t["value"])[:top]
+    table = Table(title=f"study {doc['study']} ({doc['parametrization']}): best trials by {objective}",
                   title_justify="left")
     keys = list(doc["hparams"]) or (list(rows[0]["hparams"]) if rows else [])
     widths = [str(w) for w in doc["proxy_widths"]]
-    for col in ["trial", "value", *[f"loss w{w}" for w in widths], *keys]:
+    for col in ["trial", objective, *[f"w{w}" for w in widths], *keys]:
         table.add_column(col, justify="right")
     for t in rows:
         table.add_row(str(t["number"]), f"{t['value']:.4f}",
@@ -200,8 +203,10 @@ def print_best_trials(doc: dict, top: int = 10) -> None:
     print_wide(table)
     c = doc["cost"]
     extra = "".join(f", {c[k]} {k[2:]}" for k in ("n_interrupted", "n_surplus") if c.get(k))
+    measuring = f" ({c['eval_time_s']:.0f} s measuring {objective})" if c.get("eval_time_s") else ""
     err.print(f"{c['n_complete']} complete, {c['n_pruned']} pruned, {c['n_failed']} failed{extra}; "
-              f"{c['flops']:.3g} FLOPs, {c['wall_time_s']:.0f} s of training; storage {doc['storage']}",
+              f"{c['flops']:.3g} FLOPs, {c['wall_time_s']:.0f} s of training{measuring}; "
+              f"storage {doc['storage']}",
               highlight=False, soft_wrap=True)
 
 
@@ -225,9 +230,9 @@ def summary_argument(best: str | None, storage: str | None, study: str | None,
     return load_summary(best), overrides
 
 
-def print_lr_by_width(rows: list[dict]) -> None:
-    table = Table(title="best lr per proxy width", title_justify="left")
-    for col in ("width", "best lr", "log2 lr", "loss", "trials"):
+def print_lr_by_width(rows: list[dict], objective: str = "validation_loss") -> None:
+    table = Table(title=f"best lr per proxy width, by {objective}", title_justify="left")
+    for col in ("width", "best lr", "log2 lr", objective, "trials"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["width"]), f"{r['lr']:.3g}", f"{r['log2_lr']:+.2f}", f"{r['loss']:.4f}",

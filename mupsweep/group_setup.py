@@ -26,6 +26,7 @@ from mupsweep.config import Config, ModelConfig, to_yaml
 from mupsweep.data import ImageDataset, LazyImages, load_dataset
 from mupsweep.diffusion import GaussianDiffusion, RectifiedFlow, make_diffusion
 from mupsweep.errors import UserError
+from mupsweep.evaluation import check_metrics
 from mupsweep.flops import config_flops_per_image
 from mupsweep.group import GroupWeights, check_packable
 from mupsweep.group_adamw import GroupAdamW, read_member_optimizers
@@ -37,12 +38,14 @@ from mupsweep.train_images import ImagesInMemory, StreamedImages
 from mupsweep.util import training_flops
 from mupsweep.vae import check_vae_for
 
-EvalCallback = Callable[[int, float], None]
+# on_eval(step, values): after each evaluation, the values measured ({metric name: value},
+# validation_loss always; mupsweep.evaluation)
+EvalCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
 class TrainResult:
-    validation_loss: float  # at the last step (the sweep objective)
+    validation_loss: float  # at the last step
     initial_validation_loss: float  # at step 0, before any update
     steps: int  # steps actually trained
     wall_time_s: float  # this process's training time (a resumed run adds its earlier time)
@@ -54,6 +57,10 @@ class TrainResult:
     samples_path: str | None = None
     # a user's model saved where its own code loads it (models/user.save_own_format), or why not
     own_format: str = ""
+    # every metric measured at the last step ({name: value}, validation_loss included): a
+    # sweep's objective is one of them
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_time_s: dict[str, float] = field(default_factory=dict)  # seconds spent measuring each
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -146,6 +153,7 @@ class Group:
     local: slice  # this rank's part of the global batch
     flops_per_step: float  # per member
     checkpoints: bool  # a group of one on rank 0 writes last.pt; a pack never does
+    metric_cache: dict = field(default_factory=dict)  # what the metrics compute once (evaluation.MetricInputs)
 
     @property
     def spec(self) -> DataSpec:
@@ -252,6 +260,7 @@ def _build(cfgs: list[Config], device: torch.device, rank: int, world: int,
     dataset = dataset or load_dataset(cfg.data)
     if cfg.data.vae is not None:  # checked now, not when the samples are drawn at the end
         check_vae_for(cfg.data.vae, dataset.channels)
+    check_metrics(cfg, dataset)  # a metric that cannot be measured is refused before step 1
     conditioner = make_conditioner(cfg, dataset).to(device)
     diffusion = make_diffusion(cfg.diffusion)
     models = []

@@ -77,6 +77,10 @@ class MetricsLog:
                 self.tb.add_scalar("lr/base", value, step)
             elif key.startswith("lr_"):
                 self.tb.add_scalar(f"lr/{key[3:]}", value, step)
+            elif key.endswith("_time_s") and key != "time_s":  # a metric's cost
+                self.tb.add_scalar(f"eval_time_s/{key[:-len('_time_s')]}", value, step)
+            elif key not in ("step", "time_s"):  # another metric of the evaluation
+                self.tb.add_scalar(f"validation/{key}", value, step)
         if "time_s" in record:
             if self.last_log is not None and record["time_s"] > self.last_log[1]:
                 rate = (step - self.last_log[0]) / (record["time_s"] - self.last_log[1])

@@ -18,6 +18,8 @@ from mupsweep.sweep.summary import (
     DRIFT_TOLERANCE_OCTAVES,
     complete_trials,
     lr_by_width,
+    objective_of,
+    sign_of,
     why_not_placed,
     width_losses,
 )
@@ -104,7 +106,8 @@ def lr_points(best_doc: dict) -> tuple[dict[int, list[tuple[float, float, dict]]
 
 
 def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
-    """Validation loss vs log2 lr per proxy width, each width's best marked (a star).
+    """The objective (validation loss unless the study names another metric) vs log2 lr per
+    proxy width, each width's best marked (a star).
 
     Under muP the minima line up across widths: the picture that shows transfer works. When
     only the lr varies (a grid, or the demo) each width is one curve; when other HPs vary too
@@ -113,24 +116,26 @@ def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
     plt = pyplot()
     points, varying = lr_points(best_doc)
     par = best_doc.get("parametrization", "?")
-    title = f"{best_doc.get('study', 'study')} ({par}): loss vs lr per proxy width (* = best)"
+    objective, sign = objective_of(best_doc), sign_of(best_doc)
+    title = f"{best_doc.get('study', 'study')} ({par}): {objective} vs lr per proxy width (* = best)"
     if not varying or not points:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(1, len(points))))
         for color, (w, pts) in zip(colors, sorted(points.items()), strict=False):
             curve: dict[float, float] = {}
             for lr, loss, _ in pts:  # repeats of one lr (seeds): the best
-                curve[lr] = min(loss, curve.get(lr, math.inf))
+                if lr not in curve or sign * loss < sign * curve[lr]:
+                    curve[lr] = loss
             x = [math.log2(lr) for lr in curve]
             y = list(curve.values())
             ax.plot(x, y, marker="o", ms=4, lw=1.5, color=color, label=f"width {w}")
-            i = int(np.argmin(y))
+            i = int(np.argmin(sign * np.asarray(y)))
             ax.plot([x[i]], [y[i]], marker="*", ms=16, color=color, markeredgecolor="black", zorder=5)
         if not points:
             ax.text(0.5, 0.5, "no complete trials with optim.lr", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_xlabel("log2 learning rate")
-        ax.set_ylabel("validation loss")
+        ax.set_ylabel(objective.replace("_", " "))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if points:
@@ -153,13 +158,13 @@ def plot_lr_vs_loss(best_doc: dict, path: Path) -> Path:
             y = [loss for _, loss, _ in pts]
             sc = ax.scatter(x, y, c=[shade(hp.get(key)) for _, _, hp in pts], cmap="viridis",
                             norm=norm, s=28, edgecolors="none")
-            i = int(np.argmin(y))
+            i = int(np.argmin(sign * np.asarray(y)))
             ax.plot([x[i]], [y[i]], marker="*", ms=16, color="none", markeredgecolor="black",
                     zorder=5)
             ax.set_title(f"width {w}")
             ax.set_xlabel("log2 learning rate")
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("validation loss")
+        axes[0].set_ylabel(objective.replace("_", " "))
         others = ", ".join(varying[1:])
         fig.colorbar(sc, ax=axes, label=f"log2 {key}")
         fig.suptitle(title + (f"\nalso varying, not shown: {others}" if others else ""), fontsize=10)
@@ -179,7 +184,9 @@ def plot_history(best_doc: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if xs:
         ax.plot(xs, ys, "o", ms=5, alpha=0.7, label="complete trial")
-        ax.step(xs, np.minimum.accumulate(ys), where="post", color="C3", lw=2, label="best so far")
+        sign = sign_of(best_doc)
+        best_so_far = sign * np.minimum.accumulate(sign * np.asarray(ys))
+        ax.step(xs, best_so_far, where="post", color="C3", lw=2, label="best so far")
     if px:
         ax.plot(px, py, "x", color="gray", label="pruned (last reported loss)")
     if failed:  # no loss to draw: failed, or pruned before any report (older best.json too)
@@ -190,7 +197,7 @@ def plot_history(best_doc: dict, path: Path) -> Path:
     if not done:
         ax.text(0.5, 0.5, "no complete trials", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("trial number")
-    ax.set_ylabel("objective (validation loss)")
+    ax.set_ylabel(f"objective ({objective_of(best_doc).replace('_', ' ')})")
     ax.set_title(f"{best_doc.get('study', 'study')}: optimization history")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -264,11 +271,14 @@ def _report_markdown(best_doc: dict, lr_png: Path, hist_png: Path, top: int) -> 
     lines = [f"# Sweep report: {d.get('study', '?')}", "",
              f"- parametrization: **{d.get('parametrization')}**",
              f"- proxy widths: {', '.join(map(str, d.get('proxy_widths', [])))}",
+             f"- objective: {objective_of(d)} ({d.get('direction') or 'minimize'})",
              f"- best trial: {_best_line(d)}",
              f"- storage: {d.get('storage')}"]
     cost = d.get("cost") or {}
     if cost:
-        lines.append(f"- cost: {_fmt(cost.get('flops'))} FLOPs, {_fmt(cost.get('wall_time_s'))} s; "
+        measuring = (f" ({_fmt(cost['eval_time_s'])} s of it measuring {objective_of(d)})"
+                     if cost.get("eval_time_s") else "")
+        lines.append(f"- cost: {_fmt(cost.get('flops'))} FLOPs, {_fmt(cost.get('wall_time_s'))} s{measuring}; "
                      f"{_fmt(cost.get('n_complete'))} complete, {_fmt(cost.get('n_pruned'))} pruned, "
                      f"{_fmt(cost.get('n_failed'))} failed")
     lines += ["", "## Best hyperparameters", ""]
@@ -278,7 +288,7 @@ def _report_markdown(best_doc: dict, lr_png: Path, hist_png: Path, top: int) -> 
 
     rows = lr_by_width(d)
     lines += ["", "## Best learning rate per proxy width", ""]
-    lines += _md_table(["width", "best lr", "log2 lr", "loss", "trials"],
+    lines += _md_table(["width", "best lr", "log2 lr", objective_of(d), "trials"],
                        [[r["width"], r["lr"], r["log2_lr"], r["loss"], r["trials"]] for r in rows])
     spread, unplaced = drift_octaves(r["log2_lr"] for r in rows), why_not_placed(rows)
     if spread is not None and unplaced:
@@ -292,10 +302,10 @@ def _report_markdown(best_doc: dict, lr_png: Path, hist_png: Path, top: int) -> 
 
     widths = [str(w) for w in d.get("proxy_widths", [])]
     hp_keys = sorted({k for t in d.get("trials", []) for k in (t.get("hparams") or {})})
-    ranked = sorted(complete_trials(d), key=lambda t: t["value"])[:top]
+    ranked = sorted(complete_trials(d), key=lambda t: sign_of(d) * t["value"])[:top]
     lines += ["", f"## Top {len(ranked)} trials by value", ""]
     lines += _md_table(
-        ["trial", "value", *hp_keys, *(f"loss@{w}" for w in widths), "FLOPs", "wall s"],
+        ["trial", objective_of(d), *hp_keys, *(f"w{w}" for w in widths), "FLOPs", "wall s"],
         [[t.get("number"), t.get("value"), *((t.get("hparams") or {}).get(k) for k in hp_keys),
           *((t.get("losses") or {}).get(w) for w in widths), t.get("flops"), t.get("wall_time_s")]
          for t in ranked])

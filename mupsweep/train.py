@@ -1,8 +1,8 @@
 """The training loop, whose unit is a group of K >= 1 runs: `train(cfg)` is a group of one (full
 runs, proxy trials, coordinate checks), `train_group(cfgs)` a pack of sweep trials.
 
-A sweep trial is a short run with an `on_eval` callback that reports the validation loss to
-Optuna (and may raise to prune). Under torchrun a group of one runs DDP: every rank draws the
+A sweep trial is a short run with an `on_eval` callback that reports its objective to Optuna
+(and may raise to prune). Under torchrun a group of one runs DDP: every rank draws the
 whole global batch from the same generators and keeps its slice, so the averaged gradient
 equals the single-process one. K > 1 members train as one model with stacked weights
 (`group.GroupWeights`), each with its own seed, generators, HPs, lr schedule, metrics, on_eval
@@ -11,7 +11,8 @@ and the others go on as before.
 
 Read top to bottom: `group_setup.setup` builds a `Group` (members, weights, optimizer, data,
 resume), `train_step` takes one optimizer step of every member, `evaluate` measures the fixed
-validation loss, and `train_group` loops them. Everything a checkpoint holds is one member's
+validation loss and the metrics of eval.metrics (`mupsweep.evaluation`), and `train_group`
+loops them. Everything a checkpoint holds is one member's
 `checkpoint.RunState` (a group of one only). The losses stay on the device between sync points
 (log, eval and checkpoint steps, and the last): reading them every step would make the host
 wait for the accelerator each step.
@@ -35,6 +36,7 @@ from mupsweep.batches import draw_batch, draw_indices, to_device
 from mupsweep.checkpoint import save_checkpoint
 from mupsweep.config import Config, TrainConfig
 from mupsweep.data import ImageDataset
+from mupsweep.evaluation import METRICS, VALIDATION_LOSS, MetricInputs, measured_names
 from mupsweep.group_setup import EvalCallback, Group, Member, TrainResult, setup, update_ema
 from mupsweep.images import raw_latents_note, save_sample_grid
 from mupsweep.metrics import write_text, writing
@@ -103,23 +105,60 @@ def validation_losses(group: Group) -> list[float]:
     return (totals / n).tolist()
 
 
+def measure_metrics(group: Group, k: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Member k's values of the metrics of eval.metrics, and the seconds each took. Measured on
+    its EMA when it keeps one (as its sample grid is drawn). Under DDP every rank measures and
+    rank 0's values stand, so every rank takes the same decision on them."""
+    names = measured_names(group.cfg)
+    if not names:
+        return {}, {}
+    m = group.members[k]
+    if group.ema is not None:
+        model = group.ema
+    else:
+        model = group.member_model(k) if group.weights.stacked else group.weights.module
+    inputs = MetricInputs(model, m.cfg, group.dataset, group.diffusion, group.conditioner,
+                          group.device, group.metric_cache)
+    was_training = model.training
+    model.eval()
+    values, seconds = {}, {}
+    for name in names:
+        start = time.perf_counter()
+        with group.autocast():
+            value = float(METRICS[name].measure(inputs))
+        if group.world > 1:
+            shared = torch.tensor([value], dtype=torch.float64, device=group.device)
+            dist.broadcast(shared, 0)
+            value = shared.item()
+        values[name], seconds[name] = value, time.perf_counter() - start
+    model.train(was_training)
+    return values, seconds
+
+
 def evaluate(group: Group) -> list[int]:
-    """The fixed validation loss of every member, recorded in its history and metrics.jsonl,
-    then handed to its on_eval (which may raise to prune); returns the positions of the
-    members that stay (not pruned, not diverged)."""
+    """Every member's fixed validation loss, and after step 0 its other metrics, recorded in
+    its history and metrics.jsonl (with each metric's cost), then handed to its on_eval
+    (which may raise to prune); returns the positions of the members that stay (not pruned,
+    not diverged)."""
     staying = []
     for k, (m, val) in enumerate(zip(group.members, validation_losses(group), strict=True)):
         step = m.state.step
-        m.state.history.append({"step": step, "validation_loss": val})
-        m.metrics.write({"step": step, "validation_loss": val})
+        values, seconds = {VALIDATION_LOSS: val}, {}
+        if step > 0:  # before any update there is nothing to measure but the start
+            more, seconds = measure_metrics(group, k)
+            values.update(more)
+        for name, s in seconds.items():
+            m.result.eval_time_s[name] = m.result.eval_time_s.get(name, 0.0) + s
+        m.state.history.append({"step": step, **values})
+        m.metrics.write({"step": step, **values, **{f"{n}_time_s": s for n, s in seconds.items()}})
         if m.on_eval is not None:
             try:
-                m.on_eval(step, val)
+                m.on_eval(step, values)
             except Exception as e:  # the member's own decision (a pruned trial): it leaves
                 m.error = e
                 continue
         if step > 0:
-            reason = validation_divergence(val, m.state.history[0]["validation_loss"], step,
+            reason = validation_divergence(val, m.state.history[0][VALIDATION_LOSS], step,
                                            m.cfg.train.diverge_factor)
             if reason:
                 m.result.diverged, m.result.reason = True, reason
@@ -201,13 +240,13 @@ def validation_divergence(val: float, initial: float, step: int, factor: float) 
 def train(cfg: Config, on_eval: EvalCallback | None = None,
           dataset: ImageDataset | None = None,
           on_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
-    """Train `cfg` and return its final validation loss.
+    """Train `cfg` and return its result (its final validation loss and other metrics).
 
     The run writes in train.run_dir (null: a new runs/train/<date>_<time>), which it locks.
     A directory that already holds a run is refused unless train.resume is true and the
     config matches; then the run continues from run_dir/last.pt (`rundir`, `checkpoint`).
 
-    on_eval(step, validation_loss) runs after every evaluation (a sweep reports to Optuna
+    on_eval(step, values) runs after every evaluation (a sweep reports to Optuna
     there and may raise to prune: the exception comes out of train()); on_model(model) runs
     once the model is built (the coordinate check registers its hooks there)."""
     (outcome,) = train_group([cfg], [on_eval], dataset, on_model)
@@ -221,7 +260,7 @@ def train_group(cfgs: list[Config], on_evals: list[EvalCallback | None] | None =
                 on_model: Callable[[nn.Module], None] | None = None) -> list[MemberOutcome]:
     """Train `cfgs` as one group; return each member's outcome, in the order given.
 
-    on_evals[k](step, validation_loss) runs after member k's every evaluation; if it raises an
+    on_evals[k](step, values) runs after member k's every evaluation; if it raises an
     Exception, member k leaves the group there and the exception is its outcome's `error`
     (anything else, such as KeyboardInterrupt, stops the group). More than one member: they
     may differ only in the per-member keys (`config.per_member_keys`), and each one's wall time is its share of the
@@ -303,8 +342,9 @@ def _finish(group: Group, m: Member) -> None:
     result.flops = float(group.flops_per_step * state.step)
     result.history = state.history
     if state.history:
-        result.initial_validation_loss = state.history[0]["validation_loss"]
-    result.validation_loss = final_validation_loss(state.history, state.step, result.diverged)
+        result.initial_validation_loss = state.history[0][VALIDATION_LOSS]
+    result.metrics = final_metrics(state.history, state.step, result.diverged)
+    result.validation_loss = result.metrics[VALIDATION_LOSS]
     if m.error is not None:
         return
     if not result.diverged and group.checkpoints and tc.save:
@@ -336,11 +376,12 @@ def latent_decoder(cfg: Config, group: Group) -> Callable[[torch.Tensor], torch.
     return lambda latents: decode_latents(vae, latents / cfg.data.latent_scale)
 
 
-def final_validation_loss(history: list[dict], steps: int, diverged: bool) -> float:
-    """A run's result: its last validation loss; inf for a run that diverged on a non-finite
-    training loss, whose last weights were never evaluated (an earlier evaluation must not
-    stand for them)."""
-    last = history[-1] if history else {"step": -1, "validation_loss": math.nan}
-    if diverged and not (last["step"] == steps and math.isfinite(last["validation_loss"])):
-        return math.inf
-    return last["validation_loss"]
+def final_metrics(history: list[dict], steps: int, diverged: bool) -> dict[str, float]:
+    """A run's result: its last evaluation's values; each metric's worst (inf for a loss) for
+    a run that diverged on a non-finite training loss, whose last weights were never evaluated
+    (an earlier evaluation must not stand for them)."""
+    last = history[-1] if history else {"step": -1, VALIDATION_LOSS: math.nan}
+    values = {k: v for k, v in last.items() if k != "step"}
+    if diverged and not (last["step"] == steps and all(math.isfinite(v) for v in values.values())):
+        return {k: METRICS[k].worst if k in METRICS else math.inf for k in values}
+    return values

@@ -70,6 +70,7 @@ from mupsweep.sweep.summary import (
     DRIFT_TOLERANCE_OCTAVES,
     check_summary,
     lr_by_width,
+    objective_of,
 )
 from mupsweep.transfer_cost import Cost, estimate_cost
 from mupsweep.util import atomic_write_text, get_dotted, output_dir_problem
@@ -358,8 +359,9 @@ def lr_drift(best: dict[str, Any]) -> tuple[list[dict[str, Any]], float | None, 
     spread = drift_octaves(r["log2_lr"] for r in rows)
     if spread is not None and spread > DRIFT_TOLERANCE_OCTAVES:
         table = ", ".join(f"width {r['width']}: 2^{r['log2_lr']:.2f}" for r in rows)
-        return rows, spread, [f"transfer looks unreliable: the best lr differs by {spread:.2f} "
-                              f"octaves across proxy widths ({table}); check the parametrization "
+        return rows, spread, [f"transfer looks unreliable: the best lr by {objective_of(best)} "
+                              f"differs by {spread:.2f} octaves across proxy widths ({table}); "
+                              "check the parametrization "
                               "(mupsweep coord-check) or tune longer"]
     return rows, spread, []
 
@@ -375,6 +377,7 @@ def provenance(best: dict[str, Any], proxy: Config, cfg: Config, preset: str | N
         "study": best.get("study"),
         "storage": redact_url(best.get("storage")),
         "trial": best.get("trial"),
+        "objective": objective_of(best),
         "value": best.get("value"),
         "parametrization": best["parametrization"],
         "proxy_widths": [int(w) for w in best["proxy_widths"]],

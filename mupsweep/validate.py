@@ -29,6 +29,7 @@ from mupsweep.config import Config, SweepParam, check_config
 from mupsweep.coordcheck import gate
 from mupsweep.drift import drift_octaves, place_optimum
 from mupsweep.errors import UserError
+from mupsweep.evaluation import metric_named
 from mupsweep.plots import pyplot
 from mupsweep.sweep.packing import packs_by_default
 from mupsweep.sweep.space import LOG2_SUFFIX, MAX_TRAINABLE_LR, grid_points, point_key, search_space
@@ -70,9 +71,11 @@ class Verdict:
     drift_octaves: float | None
     bigger_is_better: bool  # the loss at the optimum falls with every step along the axis
     why_not: str | None = None  # why there is no drift figure: an optimum on the grid edge, ...
+    objective: str = "validation_loss"  # what "loss" is: the metric the grid's trials measured
 
     def summary(self) -> dict:
-        return {self.axis.compared.replace(" ", "_"): self.parametrization, "drift_octaves": self.drift_octaves,
+        return {self.axis.compared.replace(" ", "_"): self.parametrization, "objective": self.objective,
+                "drift_octaves": self.drift_octaves,
                 "judged": self.drift_octaves is not None, "why_not": self.why_not,
                 self.axis.better.replace(" ", "_"): self.bigger_is_better,
                 "best": self.best.to_dict(orient="records")}
@@ -123,6 +126,9 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     `default_pack`. Depth grids train as sweep.pack says."""
     axis = DEPTH if depths is not None else WIDTH
     check_grid(widths, log2_lrs, seeds, depths)
+    if metric_named(cfg.sweep.objective).direction != "minimize":  # the optimum's fit minimizes
+        raise UserError(f"validate places each size's optimum of a metric to minimize; "
+                        f"sweep.objective={cfg.sweep.objective} is to be maximized")
     if axis is DEPTH and cfg.model.parametrization != "mup":
         raise UserError("validate --depths compares depth parametrizations of muP; "
                         f"model.parametrization={cfg.model.parametrization} is not muP")
@@ -150,7 +156,8 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
             tables.append(table.assign(depth=run.model.depth) if axis is DEPTH else table)
         if len(tables) < len(runs):
             continue
-        result.verdicts[par] = judge(pd.concat(tables, ignore_index=True), par, axis)
+        result.verdicts[par] = judge(pd.concat(tables, ignore_index=True), par, axis,
+                                     cfg.sweep.objective)
         atomic_write_text(out / f"{axis.stem}_{par}.csv", result.verdicts[par].table.to_csv(index=False))
     if result.incomplete:
         return result
@@ -386,7 +393,8 @@ def best_lr_per_size(table: pd.DataFrame, axis: Axis = WIDTH) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(axis.name).reset_index(drop=True)
 
 
-def judge(table: pd.DataFrame, parametrization: str, axis: Axis = WIDTH) -> Verdict:
+def judge(table: pd.DataFrame, parametrization: str, axis: Axis = WIDTH,
+          objective: str = "validation_loss") -> Verdict:
     """Judge one parametrization's losses (`loss_table`, with a depth column along depth). An
     optimum on the edge of the grid is only a bound (the true one may lie beyond it), and a
     size where every lr diverged has none: no drift figure then."""
@@ -394,7 +402,7 @@ def judge(table: pd.DataFrame, parametrization: str, axis: Axis = WIDTH) -> Verd
     better = bool(np.all(np.diff(best["loss_at_best"].to_numpy()) < 0))
     why = why_not_judged(best, axis.name)
     drift = None if why else drift_octaves(best["fit_log2_lr"])
-    return Verdict(axis, parametrization, table, best, drift, better, why)
+    return Verdict(axis, parametrization, table, best, drift, better, why, objective)
 
 
 def why_not_judged(best: pd.DataFrame, axis: str) -> str | None:
@@ -420,7 +428,7 @@ def _values(rows: pd.DataFrame, axis: str) -> str:
 
 
 def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
-    """One panel per parametrization: validation loss vs log2 lr, a curve per size (seed mean,
+    """One panel per parametrization: the objective vs log2 lr, a curve per size (seed mean,
     band = seed std), each size's fitted optimum dotted. Along depth one more panel: the loss
     at the optimum vs depth ("deeper is better?")."""
     plt = pyplot()
@@ -448,7 +456,7 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
         if ax is not lr_panels[0]:
             ax.sharey(lr_panels[0])
             ax.tick_params(axis="y", which="both", labelleft=False)
-    lr_panels[0].set_ylabel("validation loss")
+    lr_panels[0].set_ylabel(_label(verdicts))
     lr_panels[-1].legend(fontsize=8)
     if axis is DEPTH:
         _plot_loss_at_optimum(panels[0][-1], verdicts, joint)
@@ -458,6 +466,10 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _label(verdicts: dict[str, Verdict]) -> str:
+    return next(iter(verdicts.values())).objective.replace("_", " ")
 
 
 def _size_label(size, axis: Axis, joint: bool) -> str:
@@ -473,7 +485,7 @@ def _plot_loss_at_optimum(ax, verdicts: dict[str, Verdict], joint: bool) -> None
                     capsize=3, label=par)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("depth" + (" (width grows with it)" if joint else ""))
-    ax.set_ylabel("validation loss at the optimum")
+    ax.set_ylabel(f"{_label(verdicts)} at the optimum")
     ax.set_title("deeper is better?")
     ax.legend(fontsize=8)
 
@@ -485,7 +497,7 @@ def validation_markdown(verdicts: dict[str, Verdict], base_depth: int | None = N
     axis = next(iter(verdicts.values())).axis
     by_depth = axis is DEPTH
     lines = _md_row([axis.compared, *axis.shape, "best log2 lr (grid)", "best log2 lr (fit)",
-                     "loss at best", "seed std"], header=True)
+                     f"{_label(verdicts)} at best", "seed std"], header=True)
     for par, v in verdicts.items():
         for r in v.best.itertuples():
             lines += _md_row([par, *(getattr(r, c) for c in axis.shape), f"{r.best_log2_lr:g}",
@@ -494,7 +506,7 @@ def validation_markdown(verdicts: dict[str, Verdict], base_depth: int | None = N
     if by_depth:
         lines += [f"base depth {base_depth}", ""]
     lines += _md_row([axis.compared, "drift (octaves, fit)", axis.better,
-                      *(["loss at best, first -> last"] if by_depth else [])], header=True)
+                      *([f"{_label(verdicts)} at best, first -> last"] if by_depth else [])], header=True)
     for par, v in verdicts.items():
         first, last = v.best["loss_at_best"].iloc[0], v.best["loss_at_best"].iloc[-1]
         lines += _md_row([par, v.drift_text, "yes" if v.bigger_is_better else "no",

@@ -27,7 +27,7 @@ def steps_per_second(overrides: list[str], steps: int) -> float:
                        "train.save=false", "train.resume=false", "train.val_size=8",
                        f"train.steps={steps}", f"train.eval_every={steps}", f"train.run_dir={tmp}",
                        *overrides])
-        train(cfg, on_eval=lambda step, loss: marks.append(time.perf_counter()))
+        train(cfg, on_eval=lambda step, values: marks.append(time.perf_counter()))
     return steps / (marks[-1] - marks[0])
 
 

@@ -111,7 +111,7 @@ def train_samples_per_s(folder: Path, model: str, batch_size: int, steps: int) -
                        f"train.batch_size={batch_size}", "train.val_size=8",
                        "data.name=latents", f"data.root={folder}", "data.stream=always",
                        f"train.run_dir={run_dir}/run"])
-        train(cfg, on_eval=lambda step, loss: marks.append(time.perf_counter()))
+        train(cfg, on_eval=lambda step, values: marks.append(time.perf_counter()))
     return steps * batch_size / (marks[-1] - marks[0])
 
 

@@ -63,6 +63,8 @@ RECORDED_RANGES = {
     "train.log_every": AT_LEAST_1, "train.ckpt_every": NON_NEGATIVE,
     "train.ema_decay": Range(0, 1, high_open=True), "train.samples": NON_NEGATIVE,
     "train.diverge_factor": Range(1, low_open=True),
+    "eval.samples": Range(2), "eval.sample_steps": AT_LEAST_1, "eval.cfg_scale": NON_NEGATIVE,
+    "eval.seed": SEED,
     "coord.steps": AT_LEAST_1, "coord.seeds": AT_LEAST_1, "coord.lr": POSITIVE,
     "coord.batch_size": AT_LEAST_1, "coord.tolerance": POSITIVE,
     "sweep.n_trials": AT_LEAST_1, "sweep.seed": SEED, "sweep.heartbeat_s": NON_NEGATIVE,
@@ -84,6 +86,7 @@ RECORDED_CAPS = {
     "data.num_workers": (256, "a worker is a process"),
     "diffusion.num_timesteps": TIMESTEPS, "diffusion.sample_steps": TIMESTEPS,
     "train.batch_size": IMAGES, "train.val_size": IMAGES, "train.samples": IMAGES,
+    "eval.samples": IMAGES, "eval.sample_steps": TIMESTEPS,
     "coord.batch_size": IMAGES,
 }
 RECORDED_CHOICES = {
@@ -96,19 +99,20 @@ RECORDED_CHOICES = {
     "train.precision": ("fp32", "bf16"),
 }
 RECORDED_NON_EMPTY = ("model.arch", "model.text_file", "data.name", "data.root", "data.vae", "train.device", "train.run_dir",
-                      "coord.out_dir", "sweep.study", "sweep.storage", "sweep.out_dir")
+                      "eval.inception_weights", "eval.cache_dir",
+                      "coord.out_dir", "sweep.study", "sweep.storage", "sweep.out_dir", "sweep.objective")
 RECORDED_WIDTH_LISTS = {"coord.widths": 2, "sweep.proxy_widths": 1}
 RECORDED_RESULT_NEUTRAL = (
     "data.stream", "data.num_workers", "data.vae", "train.progress", "train.tensorboard", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.device", "train.compile", "train.samples", "train.save",
-    "train.run_dir", "train.resume", "coord", "sweep", "provenance")
+    "train.run_dir", "train.resume", "eval", "coord", "sweep", "provenance")
 RECORDED_NOT_IN_SIGNATURE = (
     "sweep.n_trials", "sweep.storage", "sweep.out_dir", "sweep.study", "sweep.seed",
     "sweep.sampler", "sweep.pruner", "sweep.heartbeat_s", "sweep.grace_s", "sweep.max_retry",
     "sweep.pack", "train.progress", "train.tensorboard", "train.log_every", "train.device",
     "train.compile", "train.run_dir", "train.resume", "train.save", "train.samples",
     "train.ckpt_every", "data.stream", "data.num_workers", "data.vae", "diffusion.sample_steps", "diffusion.cfg_scale", "model.width", "coord",
-    "provenance",
+    "provenance", "eval.cache_dir",
 )
 RECORDED_PER_MEMBER_KEYS = ("model.init_mult", "model.output_mult", "model.class_dropout", "optim",
                             "train.seed", "train.run_dir", "train.diverge_factor")
@@ -132,6 +136,7 @@ RECORDED_NOT_HYPERPARAMETERS: dict[str, str] = {
     "diffusion.sample_steps": _NEUTRAL + " (it only sets how sample grids are drawn)",
     "diffusion.cfg_scale": _NEUTRAL + " (it only sets how sample grids are drawn)",
     "sweep": "a setting of tune itself, which no trial reads",
+    "eval": "it sets how a run is measured, not how it trains",
     "coord": "a setting of coord-check, which no trial reads",
     "provenance": "written by transfer, and read by no trial",
     "train.run_dir": _SET_BY_TRIAL, "train.resume": _SET_BY_TRIAL,

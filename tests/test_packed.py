@@ -121,7 +121,7 @@ def test_a_member_that_leaves_does_not_change_the_others(tmp_path):
     class Pruned(Exception):
         pass
 
-    def prune_at_4(step: int, loss: float) -> None:
+    def prune_at_4(step: int, values: dict) -> None:
         if step == 4:
             raise Pruned(f"pruned at {step}")
 
@@ -149,7 +149,7 @@ def test_a_member_that_leaves_does_not_change_the_others(tmp_path):
 def test_a_pack_whose_members_all_leave_at_once_ends_cleanly(tmp_path):
     base = compose(["model=dit-tiny", *SMALL])
 
-    def prune(step: int, loss: float) -> None:
+    def prune(step: int, values: dict) -> None:
         if step == 4:
             raise RuntimeError("stop")
 

@@ -21,9 +21,9 @@ def test_write_report_library(tmp_path):
         assert (md.parent / png).stat().st_size > 10_000
         assert f"]({png})" in text
     assert "## Top 3 trials by value" in text  # the pruned trial has no value: not ranked
-    assert "| trial | value | optim.lr | loss@32 | loss@64 |" in text
+    assert "| trial | validation_loss | optim.lr | w32 | w64 |" in text
     best = min(doc["trials"][:3], key=lambda t: t["value"])
-    first_row = text.split("| trial | value |")[1].splitlines()[2]
+    first_row = text.split("| trial | validation_loss |")[1].splitlines()[2]
     assert first_row.startswith(f"| {best['number']} | {best['value']:.4g} |")
     assert "## Best learning rate per proxy width" in text
 

@@ -203,7 +203,7 @@ def test_a_streamed_pack_trains_as_its_runs_in_memory(shards, tmp_path):
         return compose([*SHORT, *data_args(root, stream), f"train.seed={i}", f"optim.lr={lr}",
                         f"train.run_dir={tmp_path}/{stream}{i}"])
 
-    def prune(step: int, loss: float) -> None:
+    def prune(step: int, values: dict) -> None:
         if step == 6:
             raise RuntimeError("pruned")
 

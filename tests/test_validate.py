@@ -117,6 +117,6 @@ def test_depth_verdict_table_and_figure(tmp_path):
     assert v.drift_octaves == pytest.approx(0.6, abs=0.05)
     md = validation_markdown(verdicts, base_depth=2)
     assert md.splitlines()[0] == ("| depth parametrization | width | depth | best log2 lr (grid) | "
-                                  "best log2 lr (fit) | loss at best | seed std |")
+                                  "best log2 lr (fit) | validation loss at best | seed std |")
     assert "\nbase depth 2\n" in md and "| none | 0.60 | yes | " in md
     assert plot_validation(verdicts, tmp_path / "d.png").stat().st_size > 10_000

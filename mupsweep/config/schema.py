@@ -254,6 +254,34 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What a run measures at each evaluation besides the validation loss (mupsweep/evaluation.py
+    holds the metrics by name). Result-neutral: measuring draws from its own generator, so the
+    run trains the same whatever is measured; in a study's signature, as the values it ranks
+    trials by depend on these keys."""
+
+    # metrics measured at every evaluation after step 0 besides validation_loss (always
+    # measured); a sweep trial adds sweep.objective
+    metrics: list[str] = key(factory=list)
+    # samples generated per measurement (sample_fd, fid); the held-out side is the validation
+    # split. Must exceed the feature dimension, or the covariance has no inverse to speak of
+    samples: int = key(1024, valid=Range(2), cap=IMAGES_CAP)
+    # DDIM / Euler steps of those samples
+    sample_steps: int = key(25, valid=AT_LEAST_1, cap=TIMESTEPS_CAP)
+    # classifier-free guidance scale of those samples (1: none; DiT's FID-50K uses 1.5)
+    cfg_scale: float = key(1.0, valid=NON_NEGATIVE)
+    # the samples' noise and labels: the same seed and weights give the same value
+    seed: int = key(0, valid=SEED)
+    # fid: the standard FID Inception weights (weights-inception-2015-12-05-6726825d.pth), a local
+    # file; nothing is downloaded
+    inception_weights: str | None = key(None, non_empty=True)
+    # sample_fd's feature network (a classifier trained once on the training split) is cached
+    # here, keyed by dataset and split; null: $MUPSWEEP_CACHE_DIR/feature_nets (tune: next to
+    # the study, sweep.out_dir/feature_nets)
+    cache_dir: str | None = key(None, non_empty=True, signature=False)
+
+
+@dataclass
 class CoordCheckConfig:
     widths: list[int] = key(factory=lambda: [32, 64, 128, 256], min_widths=2)
     # training steps recorded (activations of steps 1..steps)
@@ -315,6 +343,9 @@ class SweepConfig:
     pack: int = key(1, valid=AT_LEAST_1, signature=False)
     # None: the default space (log2 lr / init / output mult); [] is refused
     params: list[SweepParam] | None = key(None)
+    # the metric trials are ranked by (mupsweep/evaluation.py: validation_loss, sample_fd,
+    # fid, or one registered by name); the study's direction is the metric's
+    objective: str = key("validation_loss", non_empty=True)
 
 
 @dataclass
@@ -324,6 +355,8 @@ class Config:
     diffusion: DiffusionConfig = section(DiffusionConfig)
     optim: OptimConfig = section(OptimConfig, per_member=True)  # a pack's members: own optimizer
     train: TrainConfig = section(TrainConfig)
+    eval: EvalConfig = section(EvalConfig, neutral=True,
+                               not_hp="it sets how a run is measured, not how it trains")
     # the other commands' sections: no run reads them
     coord: CoordCheckConfig = section(CoordCheckConfig, neutral=True, signature=False,
                                       not_hp="a setting of coord-check, which no trial reads")

@@ -1,14 +1,16 @@
-"""Trials: suggest a trial's HPs, train them at every proxy width, report the validation losses
-to the pruner and record the outcome and cost (`TrialRecord`). `train_trials` trains a group of
+"""Trials: suggest a trial's HPs, train them at every proxy width, report the objective
+(sweep.objective: the validation loss unless another metric is named) to the pruner and record
+the outcome and cost (`TrialRecord`). `train_trials` trains a group of
 K >= 1 trials together (`train.train_group`: K = 1 is one trial alone, K > 1 a pack), width by
 width, in the order of sweep.proxy_widths: at each width the trials still going form one group,
 and a trial pruned or diverged at a width leaves there, exactly where it would stop alone.
 
 Intermediate values (what the pruner sees and optuna-dashboard draws) are the first proxy
-width's validation losses at its own steps: every trial trains the widths in the same order,
+width's objective values at its own steps: every trial trains the widths in the same order,
 so the pruner compares like with like and prunes a bad HP set on the first (cheapest) width;
 under muP a set that is good at the first width stays good at the next. Every width's curve is
-kept in the trial's "curves" user attribute. Step 0 (before any update) is not reported.
+kept in the trial's "curves" user attribute, and every metric measured at each width's last
+step in "metrics". Step 0 (before any update) is not reported.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from optuna.trial import Trial
 from mupsweep.config import Config, SweepParam, check_config, set_by_path
 from mupsweep.data import ImageDataset
 from mupsweep.errors import UserError
+from mupsweep.evaluation import VALIDATION_LOSS, check_metrics, prepare_metrics
 from mupsweep.group_setup import TrainResult, resolve_device
 from mupsweep.parametrize import build_model, make_conditioner
 from mupsweep.rundir import new_run_dir, without_passwords
@@ -38,9 +41,9 @@ from mupsweep.util import first_line
 
 def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path) -> Config:
     """The base config with the trial's values at one proxy width: no checkpoints, no resume
-    (a trial always starts fresh, in a new `run_dir`), no per-step progress bar, and the
-    password of every URL in it hidden (train() and a pack write this config into the trial's
-    run dir)."""
+    (a trial always starts fresh, in a new `run_dir`), no per-step progress bar, the objective
+    among the metrics it measures, and the password of every URL in it hidden (train() and a
+    pack write this config into the trial's run dir)."""
     run_cfg = without_passwords(cfg)  # a copy
     for key, value in hparams.items():
         set_by_path(run_cfg, key, value)
@@ -49,21 +52,31 @@ def trial_config(cfg: Config, hparams: dict[str, Any], width: int, run_dir: Path
     set_by_path(run_cfg, "train.resume", False)
     set_by_path(run_cfg, "train.progress", False)
     set_by_path(run_cfg, "train.run_dir", str(run_dir))
+    if cfg.sweep.objective not in run_cfg.eval.metrics:
+        run_cfg.eval.metrics = [*run_cfg.eval.metrics, cfg.sweep.objective]
+    if cfg.eval.cache_dir is None:  # sample_fd's feature net lives next to the study
+        run_cfg.eval.cache_dir = str(Path(cfg.sweep.out_dir) / "feature_nets")
     check_config(run_cfg)
     return run_cfg
 
 
 class TrialRecord:
     """One trial's record across its proxy widths: its HPs (suggested here), each width's config
-    and pruner reports, the per-width losses and curves, the FLOPs and wall time spent, and why
-    it stopped, written to the trial's user attributes as they come."""
+    and pruner reports, the per-width objective values and curves, every metric at each width's
+    end, the FLOPs and wall time spent, and why it stopped, written to the trial's user
+    attributes as they come."""
 
     def __init__(self, trial: Trial, cfg: Config, params: list[SweepParam]):
         self.trial, self.cfg = trial, cfg
+        self.objective = cfg.sweep.objective
+        # width -> the objective's final value. Stored as "losses", the name it had when the
+        # objective was always the validation loss, so that older studies read the same.
         self.losses: dict[str, float] = {}
+        self.metrics: dict[str, dict[str, float]] = {}  # width -> {metric: final value}
+        self.eval_time_s = 0.0  # spent measuring metrics other than the validation loss
         self.flops = 0.0
         self.wall_time_s = 0.0
-        self.curves: dict[str, dict[int, float]] = {}  # width -> {step: validation loss}
+        self.curves: dict[str, dict[int, float]] = {}  # width -> {step: objective value}
         self.hparams = suggest(trial, params)
         trial.set_user_attr("hparams", self.hparams)
 
@@ -74,29 +87,31 @@ class TrialRecord:
                               f"w{width}")
         return trial_config(self.cfg, self.hparams, width, run_dir)
 
-    def on_eval(self, i: int, width: int, run_cfg: Config) -> Callable[[int, float], None]:
+    def on_eval(self, i: int, width: int, run_cfg: Config) -> Callable[[int, dict[str, float]], None]:
         """The callback of width number i's evaluations. The first proxy width (trained first)
         is the learning curve Optuna sees: reported at its steps, judged by the pruner, drawn
         by optuna-dashboard. Every width's curve is also kept in the trial's user attribute
-        "curves" ({width: {step: loss}}). Reporting each width on one step axis (width i at
+        "curves" ({width: {step: value}}). Reporting each width on one step axis (width i at
         i * (steps + 1) + step) drew a sawtooth, the next width starting high again."""
         start = {}
         curve = self.curves.setdefault(str(width), {})
 
-        def on_eval(step: int, loss: float) -> None:
+        def on_eval(step: int, values: dict[str, float]) -> None:
+            loss = values[VALIDATION_LOSS]
             if step == 0:
                 start["loss"] = loss
                 return
-            curve[step] = loss
+            value = values[self.objective]
+            curve[step] = value
             # A diverged loss is the loop's to flag (with its reason), not the pruner's.
             if not math.isfinite(loss) or loss > run_cfg.train.diverge_factor * start.get("loss", math.inf):
                 return
-            if i > 0:
+            if i > 0 or not math.isfinite(value):
                 return
-            self.trial.report(loss, step)
+            self.trial.report(value, step)
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned by {self.cfg.sweep.pruner} at width {width} "
-                                         f"step {step} (validation loss {loss:.4g})")
+                                         f"step {step} ({self.objective} {value:.4g})")
 
         return on_eval
 
@@ -105,11 +120,14 @@ class TrialRecord:
         self.trial.set_user_attr("curves", self.curves)
         if result.diverged:
             raise optuna.TrialPruned(f"diverged at width {width}: {result.reason}")
-        self.losses[str(width)] = result.validation_loss
+        self.losses[str(width)] = result.metrics[self.objective]
+        self.metrics[str(width)] = result.metrics
+        self.eval_time_s += sum(result.eval_time_s.values())
         self.trial.set_user_attr("losses", self.losses)
+        self.trial.set_user_attr("metrics", self.metrics)
 
     def value(self) -> float:
-        """The objective: the mean final validation loss over the proxy widths."""
+        """The objective: its mean final value over the proxy widths."""
         return sum(self.losses.values()) / len(self.losses)
 
     def failed(self, e: BaseException) -> None:
@@ -123,14 +141,16 @@ class TrialRecord:
         """Record the cost: FLOPs, and wall time (the trial's share of its groups')."""
         self.trial.set_user_attr("flops", self.flops)
         self.trial.set_user_attr("wall_time_s", self.wall_time_s)
+        self.trial.set_user_attr("eval_time_s", self.eval_time_s)
 
 
 def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDataset) -> None:
     """Build what a trial builds before training, at every proxy width, so a config that
     cannot run fails here (one UserError) rather than in every trial of every worker: the
     device, the conditioner (captions, text encoder) and the model on the meta device (no
-    memory, no init cost). Swept int and categorical model.* axes are built at each of their
-    corners (they may change shapes); a float axis only scales values."""
+    memory, no init cost), and the metrics the trials measure. Swept int and categorical
+    model.* axes are built at each of their corners (they may change shapes); a float axis only
+    scales values."""
     resolve_device(cfg.train.device)
     shape_axes = [{p.name: v} for p in params
                   if p.name.startswith("model.") and p.type in ("int", "categorical") for v in corners(p)]
@@ -148,6 +168,8 @@ def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDatas
             except ValueError as e:
                 where = "".join(f" {k}={v}" for k, v in hparams.items())
                 raise UserError(f"model config at proxy width {width}{where}: {e}") from None
+    check_metrics(run_cfg, dataset)
+    prepare_metrics(run_cfg, dataset)  # sample_fd's feature net: once, before the workers
 
 
 def train_trials(records: list[TrialRecord], cfg: Config,

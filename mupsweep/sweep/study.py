@@ -30,6 +30,7 @@ from mupsweep.config import (
     to_dict,
 )
 from mupsweep.errors import UserError
+from mupsweep.evaluation import metric_named
 from mupsweep.rundir import without_passwords
 from mupsweep.sweep.optuna_adapter import set_study_system_attr, study_system_attrs
 from mupsweep.sweep.retry import retry_trial
@@ -37,7 +38,6 @@ from mupsweep.sweep.space import grid, grid_points, point_key, resolved_params, 
 from mupsweep.sweep.storage import open_for_tune, redact_text, storage_spec
 from mupsweep.util import first_line
 
-METRIC_NAME = "validation_loss"  # the objective: mean final validation loss over proxy widths
 # The study's base config: a system attribute, out of `optuna studies` and the dashboard's
 # user attributes (mupsweep.sweep.optuna_adapter.set_study_system_attr says why).
 BASE_CONFIG_ATTR = "mupsweep:base_config"
@@ -225,7 +225,8 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None,
     try:
         study = optuna.create_study(study_name=cfg.sweep.study, storage=storage,
                                     sampler=make_sampler(cfg.sweep, params),
-                                    pruner=make_pruner(cfg.sweep), direction="minimize",
+                                    pruner=make_pruner(cfg.sweep),
+                                    direction=metric_named(cfg.sweep.objective).direction,
                                     load_if_exists=True)
     except UserError:
         raise
@@ -246,10 +247,10 @@ def open_study(cfg: Config, params: list[SweepParam] | None = None,
         study.set_user_attr("parametrization", cfg.model.parametrization)
         study.set_user_attr("proxy_widths", list(cfg.sweep.proxy_widths))
         study.set_user_attr("storage", spec.label)
-    if study.metric_names is None:  # optuna-dashboard says "validation_loss", not "Objective 0"
+    if study.metric_names is None:  # optuna-dashboard says "sample_fd", not "Objective 0"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([METRIC_NAME])
+            study.set_metric_names([cfg.sweep.objective])
     return study
 
 

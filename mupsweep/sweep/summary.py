@@ -3,11 +3,16 @@ readers (`transfer`, `report`, `validate`). Built from a study, written as best.
 (a file, stdin or the study's storage), checked, and read (per-width best lr, whose
 spread is the drift `mupsweep.drift` defines).
 
-    {"study", "storage" (password hidden), "parametrization", "value", "trial", "hparams"
+    {"study", "storage" (password hidden), "parametrization", "objective" (the metric trials
+     are ranked by), "direction" ("minimize" | "maximize"), "value", "trial", "hparams"
      {config key: value}, "proxy_widths", "base_config", "cost" {"flops", "wall_time_s",
-     "n_complete", "n_pruned", "n_failed", "n_interrupted", "n_surplus"}, "trials"
-     [{"number", "state", "value", "hparams", "losses" {width: loss}, "flops", "wall_time_s",
-     "reason"}]}
+     "eval_time_s", "n_complete", "n_pruned", "n_failed", "n_interrupted", "n_surplus"},
+     "trials" [{"number", "state", "value", "hparams", "losses" {width: the objective's value},
+     "metrics" {width: {metric: value}}, "flops", "wall_time_s", "eval_time_s", "reason"}]}
+
+"losses" holds the objective's value at each width whatever the objective is: the name it
+had when the objective was always the validation loss, kept so older summaries read the same.
+A summary without "objective" is a validation loss one.
 """
 
 from __future__ import annotations
@@ -47,14 +52,19 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     """The sweep's result: best trial, its resolved HPs, base config, cost and every trial."""
     attrs = study.user_attrs
     trials = study.get_trials(deepcopy=False)
+    direction = "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+    sign = -1.0 if direction == "maximize" else 1.0
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
+    best = min(complete, key=lambda t: (sign * t.value, t.number)) if complete else None
+    base_config = study_base_config(study)
     rows = []
     for t in trials:
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
                      "hparams": _hparams_of(t), "losses": dict(t.user_attrs.get("losses") or {}),
+                     "metrics": dict(t.user_attrs.get("metrics") or {}),
                      "flops": float(t.user_attrs.get("flops", 0.0)),
                      "wall_time_s": float(t.user_attrs.get("wall_time_s", 0.0)),
+                     "eval_time_s": float(t.user_attrs.get("eval_time_s", 0.0)),
                      "reason": t.user_attrs.get("reason", ""),
                      # the last loss the pruner saw (what a pruned trial reached), or None
                      "last_reported": (t.intermediate_values[max(t.intermediate_values)]
@@ -63,13 +73,16 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
         "study": study.study_name,
         "storage": label_of(study),
         "parametrization": attrs.get("parametrization"),
+        "objective": ((base_config.get("sweep") or {}).get("objective") or "validation_loss"),
+        "direction": direction,
         "value": best.value if best else None,
         "trial": best.number if best else None,
         "hparams": _hparams_of(best) if best else {},
         "proxy_widths": list(attrs.get("proxy_widths") or []),
-        "base_config": study_base_config(study),
+        "base_config": base_config,
         "cost": {"flops": sum(r["flops"] for r in rows),
                  "wall_time_s": sum(r["wall_time_s"] for r in rows),
+                 "eval_time_s": sum(r["eval_time_s"] for r in rows),
                  "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
                  "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
                  # A surplus trial (started after others met the budget) and an interrupted
@@ -138,6 +151,8 @@ def _is_count(value: Any) -> bool:
 # What each field may be: (test, what it must be). None (JSON null) is allowed for every
 # optional field and every trial field; the required ones are REQUIRED_KEYS.
 _OPTIONAL_TOP = {"study": (lambda v: isinstance(v, str), "a string"),
+                 "objective": (lambda v: isinstance(v, str) and v != "", "a metric name"),
+                 "direction": (lambda v: v in ("minimize", "maximize"), '"minimize" or "maximize"'),
                  "storage": (lambda v: isinstance(v, str), "a string"),
                  "value": (_is_number, "a number"),
                  "trial": (_is_count, "a trial number (an integer >= 0)"),
@@ -145,12 +160,15 @@ _OPTIONAL_TOP = {"study": (lambda v: isinstance(v, str), "a string"),
                  "trials": (lambda v: isinstance(v, list), "a list")}
 _COST = {"flops": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
          "wall_time_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+         "eval_time_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
          **{k: (_is_count, "a count (an integer >= 0)") for k in
             ("n_complete", "n_pruned", "n_failed", "n_interrupted", "n_surplus")}}
 _TRIAL = {"number": (_is_count, "an integer >= 0"), "state": (lambda v: isinstance(v, str), "a string"),
           "value": (_is_number, "a number"), "hparams": (lambda v: isinstance(v, dict), "an object"),
           "losses": (lambda v: isinstance(v, dict), "an object"),
+          "metrics": (lambda v: isinstance(v, dict), "an object"),
           "flops": (_is_number, "a number"), "wall_time_s": (_is_number, "a number"),
+          "eval_time_s": (_is_number, "a number"),
           "last_reported": (_is_number, "a number"), "reason": (lambda v: isinstance(v, str), "a string")}
 
 
@@ -235,6 +253,17 @@ def load_summary_from_storage(storage: str, study: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def objective_of(doc: dict[str, Any]) -> str:
+    """The metric a summary's trials are ranked by (older summaries: the validation loss)."""
+    return doc.get("objective") or "validation_loss"
+
+
+def sign_of(doc: dict[str, Any]) -> float:
+    """1 when lower values of the summary's objective are better, -1 when higher are: sign x
+    value is always to be minimized."""
+    return -1.0 if doc.get("direction") == "maximize" else 1.0
+
+
 def complete_trials(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Trials that finished (state COMPLETE) with a finite objective value."""
     out = []
@@ -256,7 +285,8 @@ def width_losses(trial: dict[str, Any], widths: list[int]) -> dict[int, float]:
 
 
 def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each proxy width, the lr of the COMPLETE trial with the lowest loss at that width.
+    """For each proxy width, the lr of the COMPLETE trial with the best objective value ("loss")
+    at that width (the lowest, or the highest for a metric to maximize).
 
     Rows: {"width", "lr", "log2_lr", "loss", "trials"} (trials: how many had a loss there).
     Widths without any usable trial are left out; trials without `hparams["optim.lr"]` are
@@ -264,7 +294,7 @@ def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
     lr, not a fit: a sweep's trials differ in more than the lr (`validate`'s lr-only grid fits
     a parabola, `mupsweep.drift.place_optimum`)."""
     widths = [int(w) for w in doc.get("proxy_widths", [])]
-    rows = []
+    rows, sign = [], sign_of(doc)
     for w in widths:
         best: tuple[float, float] | None = None  # (loss, lr)
         n, lrs = 0, set()
@@ -275,7 +305,7 @@ def lr_by_width(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             n += 1
             lrs.add(float(lr))
-            if best is None or loss < best[0]:
+            if best is None or sign * loss < sign * best[0]:
                 best = (loss, float(lr))
         if best is not None:
             rows.append({"width": w, "lr": best[1], "log2_lr": math.log2(best[1]),

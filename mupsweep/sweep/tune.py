@@ -35,6 +35,7 @@ from mupsweep.completep import why_depth_transfer_fails
 from mupsweep.config import Config
 from mupsweep.data import load_dataset
 from mupsweep.errors import UserError
+from mupsweep.evaluation import metric_named
 from mupsweep.stopping import Interrupted, stop_signals
 from mupsweep.sweep.objective import check_trial_setup
 from mupsweep.sweep.packing import check_pack_settings, pruning_note
@@ -96,6 +97,7 @@ def _run(cfg: Config, workers: int, opened: list[optuna.Study],
          depth_experiment: bool = False) -> optuna.Study:
     """`tune` inside its signal handling; the study goes into `opened` once it exists."""
     params = search_space(cfg)  # validate everything before any process starts
+    metric_named(cfg.sweep.objective)
     why = None if depth_experiment else why_depth_transfer_fails(cfg.model)
     if why:  # a depth sweep, or a study meant to transfer across depth, would mislead
         raise UserError(f"model.depth_parametrization=completep with model.arch={cfg.model.arch}: "
