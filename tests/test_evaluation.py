@@ -214,3 +214,29 @@ def test_fid_names_what_it_lacks_here(tmp_path, cli):
 def test_metric_named_refuses_with_the_list():
     with pytest.raises(UserError, match="the metrics are fid, sample_fd, validation_loss"):
         metric_named("psnr")
+
+
+def test_validate_refuses_a_metric_to_maximize(cli, sample_spread):
+    assert_one_line_error(cli("validate", *FAST, "sweep.objective=sample_spread", "--widths", "32,64"),
+                          "sweep.objective=sample_spread is to be maximized")
+
+
+def test_a_study_resumed_with_another_objective_is_refused(tmp_path):
+    """Values of two metrics must not mix in one study: the objective is in its signature."""
+    out = tmp_path / "sweep"
+    first = run_cli("tune", *FAST, "sweep.n_trials=1", "sweep.proxy_widths=[32]", f"sweep.out_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli("tune", *FAST, "sweep.n_trials=2", "sweep.proxy_widths=[32]", f"sweep.out_dir={out}",
+                    "sweep.objective=sample_fd")
+    assert_one_line_error(again, "was run with another config", "sweep.objective")
+
+
+def test_ddp_ranks_measure_one_value(tmp_path):
+    """Under torchrun every rank measures and rank 0's value stands: two ranks finish with
+    the metric recorded once per evaluation, finite."""
+    proc = run_cli("train", *FAST, "eval.metrics=[sample_fd]", "--nproc-per-node", "2",
+                   f"train.run_dir={tmp_path / 'ddp'}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+             if "sample_fd" in line]
+    assert len(evals) == 2 and all(math.isfinite(r["sample_fd"]) for r in evals)
