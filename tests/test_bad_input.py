@@ -6,6 +6,7 @@ code as `mupsweep ...` without an interpreter start per case."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,13 @@ def test_a_runs_own_config_file_trains(cli, tmp_path, run_config):
     proc = cli("train", "--config", str(run_config), f"train.run_dir={tmp_path}/again", "--json")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "again" / "last.pt").exists()
+
+
+def test_a_config_written_before_the_eval_section_trains(cli, tmp_path, run_config):
+    """A config.yaml from before `eval` existed (no such section) takes its defaults."""
+    old = yaml.safe_load(run_config.read_text())
+    del old["eval"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    proc = cli("train", "--config", str(tmp_path / "old.yaml"), f"train.run_dir={tmp_path}/old", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["metrics"].keys() == {"validation_loss"}

@@ -317,13 +317,19 @@ def _missing_option_message(e: Any, config_dir: str | Path | None) -> str:
     return f"unknown {group} {name!r}{'; ' + hint if hint else ' '}(options: {', '.join(options)})"
 
 
+# Sections added after mupsweep first wrote configs: a file written before one of them lacks
+# it and takes its defaults (`eval`: what a run measures besides the validation loss).
+SECTIONS_ADDED_SINCE = ("eval",)
+
+
 def _check_resolved(base: Any, path: Path) -> None:
     """A --config file is a whole resolved config (from `transfer`, or a run's config.yaml):
     an empty or cut-off file would otherwise train the defaults in silence. Sections are
     written in schema order with provenance last, so a truncated file lacks provenance."""
     if not isinstance(base, DictConfig):
         raise UserError(f"config file {path} is not a mapping of config sections")
-    missing = [f.name for f in dataclasses.fields(Config) if f.name not in base]
+    missing = [f.name for f in dataclasses.fields(Config)
+               if f.name not in base and f.name not in SECTIONS_ADDED_SINCE]
     if missing:
         raise UserError(f"config file {path} is not a complete resolved config: missing "
                         f"{', '.join(missing)} (write one with `mupsweep transfer`, or use a "
