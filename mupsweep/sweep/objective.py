@@ -168,8 +168,10 @@ def check_trial_setup(cfg: Config, params: list[SweepParam], dataset: ImageDatas
             except ValueError as e:
                 where = "".join(f" {k}={v}" for k, v in hparams.items())
                 raise UserError(f"model config at proxy width {width}{where}: {e}") from None
-    check_metrics(run_cfg, dataset)
-    prepare_metrics(run_cfg, dataset)  # sample_fd's feature net: once, before the workers
+    # every width's trial measures the same metrics, so the first width's config stands for all
+    first = trial_config(cfg, {}, cfg.sweep.proxy_widths[0], Path(cfg.sweep.out_dir) / "trials")
+    check_metrics(first, dataset)
+    prepare_metrics(first, dataset)  # sample_fd's feature net: once, before the workers
 
 
 def train_trials(records: list[TrialRecord], cfg: Config,
