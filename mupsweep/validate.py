@@ -244,9 +244,14 @@ def grid_configs(cfg: Config, parametrization: str, widths: list[int], depths: l
     """The grid studies of one parametrization: along width one study that trains every width
     per trial; along depth one study per (width, depth) shape."""
     if depths is None:
-        return [grid_config(cfg, parametrization, log2_lrs, seeds, widths, cfg.sweep.study, out)]
-    return [depth_grid_config(cfg, parametrization, w, d, base_depth, log2_lrs, seeds, out)
-            for w, d in zip(widths, depths, strict=True)]
+        runs = [grid_config(cfg, parametrization, log2_lrs, seeds, widths, cfg.sweep.study, out)]
+    else:
+        runs = [depth_grid_config(cfg, parametrization, w, d, base_depth, log2_lrs, seeds, out)
+                for w, d in zip(widths, depths, strict=True)]
+    if cfg.eval.cache_dir is None:  # one sample_fd feature net for all the grids, not one each
+        for run in runs:
+            run.eval.cache_dir = str(out / "feature_nets")
+    return runs
 
 
 def grid_config(cfg: Config, parametrization: str, log2_lrs: list[float], seeds: list[int],

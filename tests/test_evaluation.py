@@ -35,6 +35,7 @@ from mupsweep.sample_quality import (
 from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import tune
 from mupsweep.train import train
+from mupsweep.validate import grid_configs
 
 # A short run that measures sample_fd cheaply: 256 samples of 10 DDIM steps.
 FAST = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=12",
@@ -219,6 +220,21 @@ def test_metric_named_refuses_with_the_list():
 def test_validate_refuses_a_metric_to_maximize(cli, sample_spread):
     assert_one_line_error(cli("validate", *FAST, "sweep.objective=sample_spread", "--widths", "32,64"),
                           "sweep.objective=sample_spread is to be maximized")
+
+
+def test_validate_grids_share_one_feature_net(tmp_path):
+    """Every grid of a validate run (each parametrization, each depth shape) reads one cached
+    feature net beside them, not one trained per grid; a cache the user names stands."""
+    cfg = compose([*FAST, "sweep.objective=sample_fd"])
+    out = tmp_path / "validate"
+    width_grids = [run for par in ("sp", "mup")
+                   for run in grid_configs(cfg, par, [32, 64], None, [-8.0, -7.0], [0], out)]
+    depth_grids = grid_configs(cfg, "completep", [32, 32], [2, 4], [-8.0, -7.0], [0], out, 2)
+    assert {r.sweep.out_dir for r in width_grids + depth_grids} == {
+        str(out / "sp"), str(out / "mup"), str(out / "completep-w32-d2"), str(out / "completep-w32-d4")}
+    assert {r.eval.cache_dir for r in width_grids + depth_grids} == {str(out / "feature_nets")}
+    named = compose([*FAST, f"eval.cache_dir={tmp_path / 'mine'}"])
+    assert grid_configs(named, "mup", [32], None, [-8.0], [0], out)[0].eval.cache_dir == str(tmp_path / "mine")
 
 
 def test_a_study_resumed_with_another_objective_is_refused(tmp_path):

@@ -277,7 +277,7 @@ class EvalConfig:
     inception_weights: str | None = key(None, non_empty=True)
     # sample_fd's feature network (a classifier trained once on the training split) is cached
     # here, keyed by dataset and split; null: $MUPSWEEP_CACHE_DIR/feature_nets (tune: next to
-    # the study, sweep.out_dir/feature_nets)
+    # the study, sweep.out_dir/feature_nets; validate: one beside all its grids)
     cache_dir: str | None = key(None, non_empty=True, signature=False)
 
 
