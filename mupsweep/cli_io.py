@@ -299,3 +299,5 @@ def say_verdicts(run_grids: Callable[[], Any], json_out: bool) -> None:
         raise typer.Exit(1)
     err.print(Path(result.table_md).read_text(), highlight=False)
     err.print(f"figure {result.figure}", highlight=False)
+    if result.loss_figure:
+        err.print(f"figure {result.loss_figure}", highlight=False)

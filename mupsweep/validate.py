@@ -12,6 +12,8 @@ it, the loss there and its seed noise; per parametrization: the drift of the fit
 is better"). Only what can be judged is: a grid with missing points is refused (re-run to
 complete it), an optimum on the grid edge is reported as such, never as a drift. Written:
 STEM.png, STEM.md and STEM_PAR.csv, STEM = `validate` (width) or `validate_depth` (depth).
+Grids ranked by another sweep.objective are judged by the validation loss too, from the same
+runs (every trial records it): a second table in STEM.md and STEM_validation_loss.png.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mupsweep.config import Config, SweepParam, check_config
 from mupsweep.coordcheck import gate
 from mupsweep.drift import drift_octaves, place_optimum
 from mupsweep.errors import UserError
-from mupsweep.evaluation import metric_named
+from mupsweep.evaluation import VALIDATION_LOSS, metric_named
 from mupsweep.plots import pyplot
 from mupsweep.sweep.packing import packs_by_default
 from mupsweep.sweep.space import LOG2_SUFFIX, MAX_TRAINABLE_LR, grid_points, point_key, search_space
@@ -96,13 +98,19 @@ class ValidationResult:
     table_md: str | None = None
     # grid ("mup", or "completep w64 d4" along depth) -> why it was not judged (missing points)
     incomplete: dict[str, str] = field(default_factory=dict)
+    # when the grids rank by another metric: the same runs judged by the validation loss,
+    # which every trial records (so the two answers come from one set of runs)
+    loss_verdicts: dict[str, Verdict] = field(default_factory=dict)
+    loss_figure: str | None = None
 
     def summary(self) -> dict:
         head = {"figure": self.figure, "table": self.table_md}
         if self.axis is DEPTH:
             head["base_depth"] = self.base_depth
+        by_loss = {VALIDATION_LOSS: {p: v.summary() for p, v in self.loss_verdicts.items()},
+                   f"{VALIDATION_LOSS}_figure": self.loss_figure} if self.loss_verdicts else {}
         return {**head, "incomplete": self.incomplete,
-                **{p: v.summary() for p, v in self.verdicts.items()}}
+                **{p: v.summary() for p, v in self.verdicts.items()}, **by_loss}
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,8 +151,9 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
     grids = {par: grid_configs(cfg, par, widths, depths, log2_lrs, seeds, out, result.base_depth)
              for par in parametrizations or axis.parametrizations}  # all checked before training
     out.mkdir(parents=True, exist_ok=True)
+    also_by_loss = cfg.sweep.objective != VALIDATION_LOSS
     for par, runs in grids.items():
-        tables = []
+        docs = []
         for run in runs:
             if axis is WIDTH:  # depth grids train as sweep.pack says
                 run.sweep.pack = default_pack(run, workers) if pack is None else pack
@@ -152,19 +161,33 @@ def validate(cfg: Config, widths: list[int], log2_lrs: list[float], seeds: list[
             if why:  # a grid with missing points is never judged
                 result.incomplete[grid_name(run, axis)] = why
                 continue
-            table = loss_table(doc)
-            tables.append(table.assign(depth=run.model.depth) if axis is DEPTH else table)
-        if len(tables) < len(runs):
+            docs.append((run, doc))
+        if len(docs) < len(runs):
             continue
-        result.verdicts[par] = judge(pd.concat(tables, ignore_index=True), par, axis,
-                                     cfg.sweep.objective)
+        result.verdicts[par] = judge(grids_table(docs, axis), par, axis, cfg.sweep.objective)
         atomic_write_text(out / f"{axis.stem}_{par}.csv", result.verdicts[par].table.to_csv(index=False))
+        if also_by_loss:
+            result.loss_verdicts[par] = judge(grids_table(docs, axis, VALIDATION_LOSS), par, axis)
     if result.incomplete:
         return result
     result.figure = str(plot_validation(result.verdicts, out / f"{axis.stem}.png"))
     md = validation_markdown(result.verdicts, result.base_depth)
+    if also_by_loss:
+        result.loss_figure = str(plot_validation(result.loss_verdicts,
+                                                 out / f"{axis.stem}_{VALIDATION_LOSS}.png"))
+        md += (f"\nThe same runs judged by {VALIDATION_LOSS} (figure {Path(result.loss_figure).name}):\n\n"
+               + validation_markdown(result.loss_verdicts, result.base_depth))
     result.table_md = str(atomic_write_text(out / f"{axis.stem}.md", md))
     return result
+
+
+def grids_table(docs: list[tuple[Config, dict]], axis: Axis, metric: str | None = None) -> pd.DataFrame:
+    """One parametrization's `loss_table`s (one grid along width, one per shape along depth)
+    as one table; metric: as in loss_table."""
+    tables = [loss_table(doc, metric) for _, doc in docs]
+    if axis is DEPTH:
+        tables = [t.assign(depth=run.model.depth) for (run, _), t in zip(docs, tables, strict=True)]
+    return pd.concat(tables, ignore_index=True)
 
 
 def default_pack(run: Config, workers: int) -> int:
@@ -353,8 +376,10 @@ def why_incomplete(study, params: list[SweepParam], trials_csv: Path) -> str | N
 # --------------------------------------------------------------------------------------------
 
 
-def loss_table(doc: dict) -> pd.DataFrame:
-    """One row per (trial, width): log2_lr, seed, loss (NaN where that run diverged).
+def loss_table(doc: dict, metric: str | None = None) -> pd.DataFrame:
+    """One row per (trial, width): log2_lr, seed, loss (NaN where that run diverged). "loss" is
+    the study's objective, or with `metric` that metric's final value (every trial records the
+    final value of each metric it measured).
 
     Trials that did not finish (FAIL: an error, a dead worker, a surplus trial) are left out:
     a width they never reached did not diverge. A point run twice counts once (the first)."""
@@ -369,6 +394,8 @@ def loss_table(doc: dict) -> pd.DataFrame:
             continue
         seen.add(point)
         losses = trial.get("losses") or {}
+        if metric is not None:
+            losses = {w: values.get(metric) for w, values in (trial.get("metrics") or {}).items()}
         for width in doc["proxy_widths"]:
             loss = losses.get(str(width))
             ok = loss is not None and math.isfinite(loss)

@@ -35,7 +35,7 @@ from mupsweep.sample_quality import (
 from mupsweep.sweep.summary import study_summary
 from mupsweep.sweep.tune import tune
 from mupsweep.train import train
-from mupsweep.validate import grid_configs
+from mupsweep.validate import grid_configs, validate
 
 # A short run that measures sample_fd cheaply: 256 samples of 10 DDIM steps.
 FAST = ["model=dit-tiny", "model.depth=2", "train.samples=0", "train.steps=12",
@@ -235,6 +235,29 @@ def test_validate_grids_share_one_feature_net(tmp_path):
     assert {r.eval.cache_dir for r in width_grids + depth_grids} == {str(out / "feature_nets")}
     named = compose([*FAST, f"eval.cache_dir={tmp_path / 'mine'}"])
     assert grid_configs(named, "mup", [32], None, [-8.0], [0], out)[0].eval.cache_dir == str(tmp_path / "mine")
+
+
+def test_validate_by_another_metric_judges_the_validation_loss_too(tmp_path):
+    """A grid ranked by a sample metric is judged twice from one set of runs: by the metric
+    and by the validation loss every trial recorded; each size's best is its own metric's."""
+    register_metric(Metric("sample_level", "minimize",
+                           lambda inputs: float(generate_samples(inputs).abs().mean())))
+    try:
+        cfg = compose([*FAST, "sweep.objective=sample_level", "eval.samples=32", f"sweep.out_dir={tmp_path}"])
+        result = validate(cfg, [32, 64], [-11.0, -9.0, -7.0], [0], ("sp",))
+    finally:
+        METRICS.pop("sample_level")
+    doc = json.loads((tmp_path / "sp" / "best.json").read_text())
+    for metric, verdict in (("sample_level", result.verdicts["sp"]), ("validation_loss", result.loss_verdicts["sp"])):
+        assert verdict.objective == metric
+        for row in verdict.best.itertuples():
+            values = {t["hparams"]["optim.lr"]: t["metrics"][str(row.width)][metric] for t in doc["trials"]}
+            assert row.loss_at_best == min(values.values())
+            assert 2.0 ** row.best_log2_lr == min(values, key=values.get)
+    assert result.summary()["validation_loss"]["sp"]["objective"] == "validation_loss"
+    assert (tmp_path / "validate_validation_loss.png").stat().st_size > 0
+    md = (tmp_path / "validate.md").read_text()
+    assert "sample level at best" in md and "The same runs judged by validation_loss" in md
 
 
 def test_a_study_resumed_with_another_objective_is_refused(tmp_path):
