@@ -469,6 +469,8 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
     n = len(verdicts) + (axis is DEPTH)
     fig, panels = plt.subplots(1, n, figsize=(5.2 * n, 4), squeeze=False)
     lr_panels = panels[0][:len(verdicts)]
+    for ax in lr_panels[1:]:  # shared before plotting, so the range covers every panel's curves
+        ax.sharey(lr_panels[0])
     for ax, (par, v) in zip(lr_panels, verdicts.items(), strict=True):
         colors = plt.cm.viridis(np.linspace(0.1, 0.9, len(v.best)))
         for color, size in zip(colors, v.best.itertuples(), strict=True):
@@ -486,8 +488,8 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
         ax.set_xlabel("log2 learning rate")
         ax.set_yscale("log")
         if ax is not lr_panels[0]:
-            ax.sharey(lr_panels[0])
             ax.tick_params(axis="y", which="both", labelleft=False)
+    lr_panels[0].set_ylim(*_loss_range(verdicts))
     lr_panels[0].set_ylabel(_label(verdicts))
     lr_panels[-1].legend(fontsize=8)
     if axis is DEPTH:
@@ -498,6 +500,18 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _loss_range(verdicts: dict[str, Verdict], headroom: float = 3.0) -> tuple[float, float]:
+    """The shared y range: every curve's lowest point, and up to `headroom` x the worst size's
+    optimum; a run near divergence above it leaves the chart rather than flattening the
+    curves around the optima, which are what the figure is for."""
+    means = pd.concat([v.table.groupby([*v.axis.shape, "log2_lr"])["loss"].mean() for v in verdicts.values()])
+    means = means[np.isfinite(means)]
+    worst_best = max(v.best["loss_at_best"].max() for v in verdicts.values())
+    if means.empty or not np.isfinite(worst_best) or means.min() <= 0:
+        return (None, None)  # nothing to frame on a log scale: matplotlib's own range
+    return means.min() / 1.05, min(means.max(), headroom * worst_best) * 1.05
 
 
 def _label(verdicts: dict[str, Verdict]) -> str:

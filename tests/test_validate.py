@@ -15,6 +15,7 @@ from conftest import run_cli
 from mupsweep.drift import drift_octaves, parabola_vertex
 from mupsweep.validate import (
     DEPTH,
+    _loss_range,
     best_lr_per_size,
     judge,
     loss_table,
@@ -120,3 +121,19 @@ def test_depth_verdict_table_and_figure(tmp_path):
                                   "best log2 lr (fit) | validation loss at best | seed std |")
     assert "\nbase depth 2\n" in md and "| none | 0.60 | yes | " in md
     assert plot_validation(verdicts, tmp_path / "d.png").stat().st_size > 10_000
+
+
+def test_the_figure_frames_every_panel_and_not_a_blown_up_point():
+    """The panels share one y range that holds every curve's lowest point (the second panel's
+    included, which a range copied from the first once cut off) and stops at 3x the worst
+    size's optimum, so one run near divergence does not flatten the curves around the optima."""
+    def bowl(floor: float, blowup: float) -> pd.DataFrame:
+        return pd.DataFrame([{"width": w, "log2_lr": e, "seed": 0,
+                              "loss": blowup if e == -4.0 else floor / w ** 0.1 + 0.01 * (e + 7) ** 2}
+                             for w in (32, 128) for e in (-9.0, -8.0, -7.0, -6.0, -5.0, -4.0)])
+    verdicts = {"mup": judge(bowl(0.2, 0.5), "mup"), "sp": judge(bowl(0.1, 40.0), "sp")}
+    low, high = _loss_range(verdicts)
+    lowest = min(v.table["loss"].min() for v in verdicts.values())
+    assert low < lowest == verdicts["sp"].table["loss"].min()
+    worst_best = max(v.best["loss_at_best"].max() for v in verdicts.values())
+    assert 3 * worst_best < high < 10 and high == pytest.approx(3 * worst_best * 1.05)
