@@ -502,7 +502,7 @@ def plot_validation(verdicts: dict[str, Verdict], path: Path) -> Path:
     return path
 
 
-def _loss_range(verdicts: dict[str, Verdict], headroom: float = 3.0) -> tuple[float, float]:
+def _loss_range(verdicts: dict[str, Verdict], headroom: float = 3.0) -> tuple[float | None, float | None]:
     """The shared y range: every curve's lowest point, and up to `headroom` x the worst size's
     optimum; a run near divergence above it leaves the chart rather than flattening the
     curves around the optima, which are what the figure is for."""
